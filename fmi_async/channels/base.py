@@ -1,0 +1,205 @@
+"""What every channel provides, and the matching layer they deliver into.
+
+A channel moves opaque :class:`~fmi_async.wire.Payload` objects for a message
+*key* between two peers.  It knows nothing of collectives.  Direct channels
+deliver into the receiving peer's :class:`Mailbox`, which matches messages by
+``(source, key)`` like MPI matches ``(source, tag)``: an early message for
+another key waits in its own queue and never blocks anybody else.
+
+Mediated channels (storage) may override :meth:`Channel.recv` to fetch from
+their backend, and add ``put``/``get``/``delete`` for one-to-many exchange.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from ..config import Config
+from ..errors import ClosedError, CommTimeout
+from ..wire import Key, Payload
+
+__all__ = ["Channel", "ChannelStats", "Mailbox", "describe_key"]
+
+logger = logging.getLogger(__name__)
+
+
+def describe_key(key: Key) -> str:
+    """Human-readable key for error messages: ``tag 3`` or ``bcast #5 step 2``."""
+    if len(key) >= 2 and key[0] == "u":
+        return f"tag {key[1]}"
+    if len(key) >= 3 and key[0] == "c":
+        return f"collective #{key[1]} step {key[2:]}"
+    return repr(key)
+
+
+@dataclass
+class ChannelStats:
+    """What a channel carried; dollars are filled in by the cost model."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    pairs: dict[int, str] = field(default_factory=dict)  # peer -> "direct" / "relayed" / ...
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "messages_sent": self.messages_sent,
+            "bytes_sent": self.bytes_sent,
+            "messages_received": self.messages_received,
+            "bytes_received": self.bytes_received,
+            "requests": dict(self.requests),
+            "seconds": round(self.seconds, 6),
+            "pairs": dict(self.pairs),
+        }
+
+
+class Mailbox:
+    """One peer's inbox, matched by ``(source, key)``; FIFO per match."""
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        self._queues: dict[tuple[int, Key], deque[Payload]] = {}
+        self._waiters: dict[tuple[int, Key], deque[asyncio.Future[Payload]]] = {}
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Mailbox peer={self.owner} queued={sum(len(q) for q in self._queues.values())} "
+            f"waiting={sum(len(w) for w in self._waiters.values())}>"
+        )
+
+    def deliver(self, src: int, key: Key, payload: Payload) -> None:
+        match = (src, key)
+        waiters = self._waiters.get(match)
+        while waiters:
+            fut = waiters.popleft()
+            if not waiters:
+                del self._waiters[match]
+            if not fut.done():
+                fut.set_result(payload)
+                return
+        self._queues.setdefault(match, deque()).append(payload)
+
+    async def take(self, src: int, key: Key, timeout: float | None, channel: str) -> Payload:
+        match = (src, key)
+        queue = self._queues.get(match)
+        if queue:
+            payload = queue.popleft()
+            if not queue:
+                del self._queues[match]
+            return payload
+        if self._error is not None:
+            raise self._error
+        fut: asyncio.Future[Payload] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(match, deque()).append(fut)
+        try:
+            if timeout is None:
+                return await fut
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise CommTimeout(
+                f"peer {self.owner} waited {timeout:.3g}s for a message from peer {src} "
+                f"({describe_key(key)}) on channel {channel}; the peer never sent it"
+            ) from None
+        finally:
+            waiters = self._waiters.get(match)
+            if waiters is not None and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[match]
+
+    def fail(self, exc: BaseException) -> None:
+        """Wake every waiter with ``exc`` (channel broke or was closed)."""
+        self._error = exc
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(exc)
+        self._waiters.clear()
+
+    def fail_source(self, src: int, exc: BaseException) -> None:
+        """Wake the waiters for one source (its connection broke)."""
+        for (s, _), waiters in list(self._waiters.items()):
+            if s == src:
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)
+
+    def pending(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+
+class Channel(abc.ABC):
+    """A way to move payloads between the peers of one communicator."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Literal["direct", "mediated"]]
+
+    def __init__(
+        self,
+        peer_id: int,
+        num_peers: int,
+        comm_name: str,
+        run_id: str,
+        config: Config,
+        mailbox: Mailbox,
+    ) -> None:
+        self.peer_id = peer_id
+        self.num_peers = num_peers
+        self.comm_name = comm_name
+        self.run_id = run_id
+        self.config = config
+        self.options = config.options(self.name)
+        self.mailbox = mailbox
+        self.stats = ChannelStats()
+        self._state: Literal["new", "open", "closed"] = "new"
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} peer={self.peer_id}/{self.num_peers} "
+            f"comm={self.comm_name!r} {self._state}>"
+        )
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ClosedError(f"channel {self.name} of peer {self.peer_id} is {self._state}")
+
+    async def open(self) -> None:
+        self._state = "open"
+
+    async def close(self) -> None:
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        self.mailbox.fail(ClosedError(f"channel {self.name} of peer {self.peer_id} was closed"))
+
+    @abc.abstractmethod
+    async def send(self, dst: int, key: Key, payload: Payload) -> None:
+        """Deliver ``payload`` to peer ``dst`` under ``key``; returns when buffers may be reused."""
+
+    async def recv(self, src: int, key: Key, timeout: float | None) -> Payload:
+        """The next payload from ``src`` under ``key``, waiting at most ``timeout`` seconds."""
+        self._check_open()
+        start = time.perf_counter()
+        payload = await self.mailbox.take(src, key, timeout, self.name)
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.messages_received += 1
+        self.stats.bytes_received += payload.nbytes
+        return payload
+
+    def _count_send(self, payload: Payload) -> None:
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += payload.nbytes

@@ -1,0 +1,80 @@
+"""In-process channel: peers that share one event loop.
+
+Used by :func:`fmi_async.local_peers` (tests, notebooks, one web service).
+Payload buffers are copied on send, so a sender may reuse its arrays at once,
+exactly as with a network channel.  An optional latency/bandwidth model
+(``backends.Memory.latency`` seconds, ``bandwidth`` bytes/s) delays delivery to
+simulate a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..config import Config
+from ..errors import ArgumentError, ClosedError
+from ..wire import Key, Payload
+from .base import Channel, Mailbox
+
+__all__ = ["MemoryChannel", "MemoryHub"]
+
+
+class MemoryHub:
+    """The shared switchboard of one group of in-process peers."""
+
+    def __init__(self, num_peers: int) -> None:
+        self.num_peers = num_peers
+        self.mailboxes: dict[int, Mailbox] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryHub peers={len(self.mailboxes)}/{self.num_peers}>"
+
+
+class MemoryChannel(Channel):
+    name = "memory"
+    kind = "direct"
+
+    def __init__(
+        self,
+        peer_id: int,
+        num_peers: int,
+        comm_name: str,
+        run_id: str,
+        config: Config,
+        mailbox: Mailbox,
+        hub: MemoryHub | None = None,
+    ) -> None:
+        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
+        if hub is None:
+            raise ArgumentError(
+                "the memory channel connects peers of one process; create them with "
+                "fmi.local_peers(n), or enable another backend"
+            )
+        if hub.num_peers != num_peers:
+            raise ArgumentError(f"memory hub has {hub.num_peers} peers, communicator {num_peers}")
+        self.hub = hub
+        self.latency = float(self.options.get("latency", 0.0))
+        self.bandwidth = float(self.options.get("bandwidth", 0.0))
+
+    async def open(self) -> None:
+        self.hub.mailboxes[self.peer_id] = self.mailbox
+        await super().open()
+
+    async def close(self) -> None:
+        self.hub.mailboxes.pop(self.peer_id, None)
+        await super().close()
+
+    async def send(self, dst: int, key: Key, payload: Payload) -> None:
+        self._check_open()
+        start = time.perf_counter()
+        box = self.hub.mailboxes.get(dst)
+        if box is None:
+            raise ClosedError(f"peer {dst} is not open on the memory channel")
+        owned = payload.copy()
+        delay = self.latency + (payload.nbytes / self.bandwidth if self.bandwidth else 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        box.deliver(self.peer_id, key, owned)
+        self._count_send(payload)
+        self.stats.seconds += time.perf_counter() - start

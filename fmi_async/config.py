@@ -1,0 +1,182 @@
+"""Configuration: FMI's ``config/fmi.json`` format plus our extensions.
+
+FMI's file has two sections, ``backends`` (``S3``, ``Redis``, ``Direct``, each
+with ``enabled`` and backend options) and ``model`` (performance and price
+parameters per backend).  It loads unchanged.  Our extensions:
+
+* more backends: ``Memory``, ``TCP`` (alias of FMI's ``Direct``), ``UDP``,
+  ``DynamoDB``, ``MPI``;
+* top-level keys: ``timeout`` (seconds, the default deadline of every
+  operation), ``serializer`` (``"msgpack"`` or ``"pickle"``), ``channel`` (the
+  preferred point-to-point channel), ``security.secret`` (shared secret for
+  joins and peer proofs), ``limits`` (frame limits, see :class:`fmi_async.wire.Limits`).
+
+Backend names are case-insensitive and normalized to lower case
+(``direct`` becomes ``tcp``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .wire import SERIALIZERS, Limits
+
+__all__ = ["Config", "BACKEND_ALIASES", "KNOWN_BACKENDS"]
+
+BACKEND_ALIASES: dict[str, str] = {
+    "direct": "tcp",
+    "tcp": "tcp",
+    "udp": "udp",
+    "memory": "memory",
+    "redis": "redis",
+    "s3": "s3",
+    "dynamodb": "dynamodb",
+    "mpi": "mpi",
+}
+KNOWN_BACKENDS = frozenset(BACKEND_ALIASES.values())
+_TOP_LEVEL = {"backends", "model", "timeout", "serializer", "channel", "security", "limits"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated configuration shared by every peer of a job."""
+
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timeout: float = 60.0
+    serializer: str = "msgpack"
+    channel: str | None = None
+    secret: bytes | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, source: Config | Mapping[str, Any] | str | os.PathLike[str] | None) -> Config:
+        """Load from a Config, a dict, a JSON file path, or a JSON string."""
+        if source is None:
+            return cls()
+        if isinstance(source, Config):
+            return source
+        if isinstance(source, Mapping):
+            return cls.from_dict(source)
+        text = os.fspath(source)
+        if text.lstrip().startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"config JSON is malformed: {exc}") from exc
+            return cls.from_dict(data)
+        path = Path(text)
+        try:
+            raw = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, origin=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "config") -> Config:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{origin}: the top level must be a JSON object")
+        unknown = set(data) - _TOP_LEVEL
+        if unknown:
+            raise ConfigError(
+                f"{origin}: unknown key(s) {sorted(unknown)}; expected some of {sorted(_TOP_LEVEL)}"
+            )
+        backends = _normalize_section(data.get("backends", {}), origin, "backends")
+        for name, opts in backends.items():
+            enabled = opts.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise ConfigError(f"{origin}: backends.{name}.enabled must be true or false")
+        model = _normalize_section(data.get("model", {}), origin, "model")
+        timeout = data.get("timeout", 60.0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ConfigError(f"{origin}: timeout must be a positive number of seconds")
+        serializer = data.get("serializer", "msgpack")
+        if serializer not in SERIALIZERS:
+            raise ConfigError(f"{origin}: serializer must be one of {SERIALIZERS}")
+        channel = data.get("channel")
+        if channel is not None:
+            channel = _backend_name(channel, origin)
+        security = data.get("security", {})
+        if not isinstance(security, Mapping):
+            raise ConfigError(f"{origin}: security must be an object")
+        secret = security.get("secret")
+        if secret is not None and not isinstance(secret, str):
+            raise ConfigError(f"{origin}: security.secret must be a string")
+        limits_raw = data.get("limits", {})
+        try:
+            limits = Limits(**limits_raw)
+        except TypeError as exc:
+            raise ConfigError(f"{origin}: limits: {exc}") from exc
+        return cls(
+            backends=backends,
+            model=model,
+            timeout=float(timeout),
+            serializer=serializer,
+            channel=channel,
+            secret=secret.encode() if secret is not None else None,
+            limits=limits,
+        )
+
+    # ---------------------------------------------------------------- queries
+
+    def enabled(self) -> list[str]:
+        """Names of enabled backends, in a fixed order shared by every peer."""
+        return sorted(n for n, o in self.backends.items() if o.get("enabled", True))
+
+    def options(self, backend: str) -> dict[str, Any]:
+        return dict(self.backends.get(_backend_name(backend, "config"), {}))
+
+    def with_backend(self, name: str, **options: Any) -> Config:
+        """A copy with one backend enabled (and options merged)."""
+        key = _backend_name(name, "config")
+        backends = {k: dict(v) for k, v in self.backends.items()}
+        merged = {**backends.get(key, {}), **options}
+        merged.setdefault("enabled", True)
+        backends[key] = merged
+        return replace(self, backends=backends)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "backends": self.backends,
+            "model": self.model,
+            "timeout": self.timeout,
+            "serializer": self.serializer,
+        }
+        if self.channel:
+            out["channel"] = self.channel
+        if self.secret is not None:
+            out["security"] = {"secret": self.secret.decode()}
+        return out
+
+
+def _backend_name(name: Any, origin: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKEND_ALIASES:
+        raise ConfigError(
+            f"{origin}: unknown backend {name!r}; known backends are "
+            "S3, Redis, Direct/TCP, UDP, Memory, DynamoDB, MPI"
+        )
+    return BACKEND_ALIASES[name.lower()]
+
+
+def _normalize_section(section: Any, origin: str, what: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{origin}: {what} must be an object keyed by backend name")
+    out: dict[str, dict[str, Any]] = {}
+    for name, opts in section.items():
+        key = _backend_name(name, f"{origin}: {what}")
+        if not isinstance(opts, Mapping):
+            raise ConfigError(f"{origin}: {what}.{name} must be an object")
+        out[key] = dict(opts)
+    return out

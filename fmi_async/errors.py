@@ -1,0 +1,105 @@
+"""One exception hierarchy for the whole library.
+
+Every error the library raises is an :class:`FMIError`.  Families subclass the
+matching built-in where one fits, so ``except TimeoutError`` or
+``except ValueError`` keep working (``CommTimeout`` *is* a ``TimeoutError``);
+none of them shadows a built-in name.
+
+"You closed it" (:class:`ClosedError`), "it broke" (:class:`BrokenChannelError`)
+and "the other side ended the stream" (:class:`EndOfStream`) are distinct.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FMIError",
+    "ConfigError",
+    "ArgumentError",
+    "RootError",
+    "SizeMismatchError",
+    "ShapeMismatchError",
+    "OperatorError",
+    "SerializationError",
+    "ProtocolError",
+    "CommTimeout",
+    "PeerError",
+    "PlanMismatchError",
+    "ChannelError",
+    "ClosedError",
+    "BrokenChannelError",
+    "EndOfStream",
+    "BackendError",
+    "AuthenticationError",
+]
+
+
+class FMIError(Exception):
+    """Root of every error raised by fmi-async."""
+
+
+class ConfigError(FMIError, ValueError):
+    """The configuration is missing, malformed or inconsistent."""
+
+
+class ArgumentError(FMIError, ValueError):
+    """A call was made with arguments that cannot work; raised before anything is sent."""
+
+
+class RootError(ArgumentError):
+    """The ``root`` of a rooted collective is not a peer of the communicator."""
+
+
+class SizeMismatchError(ArgumentError):
+    """A list or array does not have the length the operation needs."""
+
+
+class ShapeMismatchError(ArgumentError):
+    """Values combined by a reduction have different shapes or dtypes."""
+
+
+class OperatorError(FMIError, TypeError):
+    """The reduction operator is unknown or cannot be applied to the values."""
+
+
+class SerializationError(FMIError, TypeError):
+    """A value cannot be carried by the configured serializer."""
+
+
+class ProtocolError(FMIError):
+    """Bytes on the wire do not form a valid frame or message."""
+
+
+class CommTimeout(FMIError, TimeoutError):
+    """An operation did not complete before its deadline."""
+
+
+class PeerError(FMIError):
+    """A peer failed, disappeared or reported an error."""
+
+
+class PlanMismatchError(FMIError):
+    """Two peers chose different plans (algorithm, shapes) for the same collective."""
+
+
+class ChannelError(FMIError):
+    """Base of the channel families."""
+
+
+class ClosedError(ChannelError):
+    """The channel or communicator was closed by this process."""
+
+
+class BrokenChannelError(ChannelError, ConnectionError):
+    """The channel broke: the connection was reset, a backend failed."""
+
+
+class EndOfStream(ChannelError):
+    """The peer closed its side of the stream cleanly."""
+
+
+class BackendError(ChannelError):
+    """A storage backend (Redis, S3, DynamoDB) returned an error."""
+
+
+class AuthenticationError(FMIError, PermissionError):
+    """A peer or join failed to prove knowledge of the shared secret."""

@@ -1,0 +1,532 @@
+"""Sans-IO serialization and stream framing.
+
+Nothing here touches a socket.  :func:`dumps` turns a Python value into a
+:class:`Payload`: a small msgpack *header* plus a list of raw *buffers*.  numpy
+arrays (and large ``bytes``) travel out-of-band as buffers, so their data is
+never copied into the header.  :func:`loads` is the inverse.
+
+Stream channels frame a ``(key, payload)`` message as::
+
+    prefix  16 bytes  !4sBBHII  magic b"FMIw", version, flags, key length,
+                                header length, buffer count
+    key     msgpack array of str/int (the routing key)
+    header  msgpack value
+    lengths buffer count x !Q
+    buffers raw bytes, one after another
+
+:class:`FrameReader` parses that format incrementally.  It hands out the
+memory the next bytes should be written to (``get_buffer``), which is exactly
+what :class:`asyncio.BufferedProtocol` asks for: large buffers are received
+straight into their final, preallocated ``bytearray``.  Every length is checked
+against :class:`Limits` before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError, SerializationError
+
+__all__ = [
+    "Buffer",
+    "Key",
+    "Limits",
+    "Payload",
+    "FrameReader",
+    "dumps",
+    "loads",
+    "encode_frame",
+    "encode_key",
+    "decode_key",
+    "SERIALIZERS",
+]
+
+Buffer = bytes | bytearray | memoryview
+Key = tuple[str | int, ...]
+
+MAGIC: Final = b"FMIw"
+VERSION: Final = 1
+PREFIX = struct.Struct("!4sBBHII")
+LENGTH = struct.Struct("!Q")
+SERIALIZERS: Final = ("msgpack", "pickle")
+
+# msgpack extension codes used by the msgpack serializer.
+_EXT_NDARRAY: Final = 1
+_EXT_NPSCALAR: Final = 2
+_EXT_TUPLE: Final = 3
+_EXT_OOB_BYTES: Final = 4
+_EXT_BIGINT: Final = 5
+_EXT_COMPLEX: Final = 6
+
+# bytes at least this long travel out-of-band instead of inside the header.
+OOB_BYTES_THRESHOLD: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Upper bounds enforced on every frame and header before allocation."""
+
+    max_key: int = 4096
+    max_header: int = 64 * 1024 * 1024
+    max_buffers: int = 65536
+    max_total: int = 16 * 1024**3
+
+    def check_payload(self, header_len: int, lengths: Sequence[int]) -> None:
+        if header_len > self.max_header:
+            raise ProtocolError(
+                f"header of {header_len} bytes exceeds the limit of {self.max_header} "
+                "(raise Limits.max_header if this is intended)"
+            )
+        if len(lengths) > self.max_buffers:
+            raise ProtocolError(
+                f"{len(lengths)} buffers exceed the limit of {self.max_buffers} per message"
+            )
+        total = header_len + sum(lengths)
+        if total > self.max_total:
+            raise ProtocolError(
+                f"message of {total} bytes exceeds the limit of {self.max_total} "
+                "(raise Limits.max_total if this is intended)"
+            )
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A serialized value: msgpack/pickle header plus out-of-band buffers."""
+
+    header: bytes
+    buffers: tuple[Buffer, ...] = ()
+    serializer: str = "msgpack"
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(_buflen(b) for b in self.buffers)
+
+    def copy(self) -> Payload:
+        """A payload that owns its memory (the sender may reuse its arrays)."""
+        return Payload(self.header, tuple(bytearray(b) for b in self.buffers), self.serializer)
+
+
+def _buflen(buf: Buffer) -> int:
+    return memoryview(buf).nbytes
+
+
+def _flat(buf: Buffer) -> memoryview:
+    view = memoryview(buf)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    return view
+
+
+# ---------------------------------------------------------------- serialization
+
+
+def dumps(value: Any, serializer: str = "msgpack") -> Payload:
+    """Serialize ``value``; raises :class:`SerializationError` for what cannot travel."""
+    if serializer == "msgpack":
+        return _dumps_msgpack(value)
+    if serializer == "pickle":
+        return _dumps_pickle(value)
+    raise SerializationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
+
+
+def loads(payload: Payload) -> Any:
+    """Deserialize a payload; malformed input raises :class:`ProtocolError`."""
+    if payload.serializer == "msgpack":
+        return _loads_msgpack(payload)
+    if payload.serializer == "pickle":
+        return _loads_pickle(payload)
+    raise ProtocolError(f"unknown serializer {payload.serializer!r}")
+
+
+class _OOB:
+    """Marks a large bytes-like value that must travel out-of-band."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: Buffer) -> None:
+        self.buf = buf
+
+
+def _mark_large_bytes(value: Any) -> Any:
+    """Wrap large bytes-like values (msgpack would inline them) in :class:`_OOB`.
+
+    Containers are rebuilt only where something inside them changed.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if memoryview(value).nbytes >= OOB_BYTES_THRESHOLD or not isinstance(value, bytes):
+            return _OOB(value)
+        return value
+    if isinstance(value, list):
+        items = [_mark_large_bytes(v) for v in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    if isinstance(value, tuple):
+        items = [_mark_large_bytes(v) for v in value]
+        if any(a is not b for a, b in zip(items, value)):
+            return tuple(items)
+        return value
+    if isinstance(value, dict):
+        pairs = {k: _mark_large_bytes(v) for k, v in value.items()}
+        return pairs if any(pairs[k] is not v for k, v in value.items()) else value
+    return value
+
+
+def _dumps_msgpack(value: Any) -> Payload:
+    buffers: list[Buffer] = []
+    value = _mark_large_bytes(value)
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject:
+                raise SerializationError(
+                    "numpy arrays of dtype object cannot travel with the msgpack serializer; "
+                    "use a numeric dtype or serializer='pickle'"
+                )
+            arr = np.ascontiguousarray(obj)
+            dtype: Any = arr.dtype.descr if arr.dtype.fields is not None else arr.dtype.str
+            buffers.append(_flat(arr.data) if arr.nbytes else b"")
+            meta = [dtype, list(arr.shape), len(buffers) - 1]
+            return msgpack.ExtType(_EXT_NDARRAY, _pack(meta))
+        if isinstance(obj, np.generic):
+            if obj.dtype.hasobject:
+                raise SerializationError(f"numpy object scalar {obj!r} cannot travel")
+            return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, _pack(list(obj)))
+        if isinstance(obj, list):
+            return list(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        if isinstance(obj, bool):
+            return bool(obj)
+        if isinstance(obj, int):
+            return msgpack.ExtType(_EXT_BIGINT, str(int(obj)).encode())
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, complex):
+            return msgpack.ExtType(_EXT_COMPLEX, _pack([obj.real, obj.imag]))
+        if isinstance(obj, _OOB):
+            buffers.append(_flat(obj.buf))
+            return msgpack.ExtType(_EXT_OOB_BYTES, _pack(len(buffers) - 1))
+        raise SerializationError(
+            f"values of type {type(obj).__name__} cannot travel with the msgpack serializer; "
+            "send None, bool, int, float, complex, str, bytes, list, tuple, dict or numpy "
+            "values, or pass serializer='pickle'"
+        )
+
+    def _pack(obj: Any) -> bytes:
+        return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+
+    try:
+        header = _pack(value)
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot serialize {type(value).__name__}: {exc}") from exc
+    return Payload(header, tuple(buffers), "msgpack")
+
+
+def _loads_msgpack(payload: Payload) -> Any:
+    buffers = payload.buffers
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == _EXT_NDARRAY:
+            dtype, shape, index = _unpack(data)
+            buf = _buffer(index)
+            dt = np.dtype([tuple(f) for f in dtype] if isinstance(dtype, list) else dtype)
+            if dt.hasobject:
+                raise ProtocolError("object dtype in a msgpack frame")
+            count = 1
+            for s in shape:
+                count *= int(s)
+            if count * dt.itemsize != _buflen(buf):
+                raise ProtocolError(
+                    f"array of shape {tuple(shape)} and dtype {dt} needs "
+                    f"{count * dt.itemsize} bytes, buffer has {_buflen(buf)}"
+                )
+            if count == 0:
+                return np.empty(tuple(shape), dtype=dt)
+            if memoryview(buf).readonly:
+                buf = bytearray(buf)
+            return np.frombuffer(buf, dtype=dt).reshape(tuple(shape))
+        if code == _EXT_NPSCALAR:
+            dtype, raw = _unpack(data)
+            dt = np.dtype(dtype)
+            if dt.hasobject or len(raw) != dt.itemsize:
+                raise ProtocolError("malformed numpy scalar")
+            return np.frombuffer(raw, dtype=dt)[0]
+        if code == _EXT_TUPLE:
+            return tuple(_unpack(data))
+        if code == _EXT_OOB_BYTES:
+            return bytes(_buffer(_unpack(data)))
+        if code == _EXT_BIGINT:
+            return int(data.decode())
+        if code == _EXT_COMPLEX:
+            real, imag = _unpack(data)
+            return complex(real, imag)
+        raise ProtocolError(f"unknown msgpack extension code {code}")
+
+    def _buffer(index: Any) -> Buffer:
+        if not isinstance(index, int) or not 0 <= index < len(buffers):
+            raise ProtocolError(f"header refers to buffer {index!r}; frame has {len(buffers)}")
+        return buffers[index]
+
+    def _unpack(data: bytes) -> Any:
+        return msgpack.unpackb(
+            data, ext_hook=ext_hook, raw=False, strict_map_key=False, use_list=True
+        )
+
+    try:
+        return _unpack(payload.header)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types on garbage input
+        raise ProtocolError(f"malformed message header: {type(exc).__name__}: {exc}") from exc
+
+
+def _dumps_pickle(value: Any) -> Payload:
+    buffers: list[Buffer] = []
+
+    def callback(buf: pickle.PickleBuffer) -> None:
+        buffers.append(buf.raw())
+
+    try:
+        header = pickle.dumps(value, protocol=5, buffer_callback=callback)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle {type(value).__name__}: {exc}") from exc
+    return Payload(header, tuple(buffers), "pickle")
+
+
+def _loads_pickle(payload: Payload) -> Any:
+    try:
+        return pickle.loads(payload.header, buffers=[bytearray(b) if memoryview(b).readonly else b for b in payload.buffers])
+    except Exception as exc:
+        raise ProtocolError(f"malformed pickle message: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- keys and frames
+
+_SERIALIZER_FLAGS: Final = {"msgpack": 0, "pickle": 1}
+_FLAG_SERIALIZERS: Final = {v: k for k, v in _SERIALIZER_FLAGS.items()}
+
+
+def encode_key(key: Key) -> bytes:
+    return msgpack.packb(list(key), use_bin_type=True)
+
+
+def decode_key(data: bytes) -> Key:
+    try:
+        key = msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise ProtocolError(f"malformed message key: {exc}") from exc
+    if not isinstance(key, list) or not all(
+        isinstance(k, (str, int)) and not isinstance(k, bool) for k in key
+    ):
+        raise ProtocolError(f"message key must be an array of str/int, got {key!r}")
+    return tuple(key)
+
+
+def encode_frame(key: Key, payload: Payload, limits: Limits = DEFAULT_LIMITS) -> list[Buffer]:
+    """The buffers to write, in order, for one framed message (no data copies)."""
+    kbytes = encode_key(key)
+    if len(kbytes) > limits.max_key:
+        raise ProtocolError(f"message key of {len(kbytes)} bytes exceeds {limits.max_key}")
+    lengths = [_buflen(b) for b in payload.buffers]
+    limits.check_payload(len(payload.header), lengths)
+    head = b"".join(
+        [
+            PREFIX.pack(
+                MAGIC,
+                VERSION,
+                _SERIALIZER_FLAGS[payload.serializer],
+                len(kbytes),
+                len(payload.header),
+                len(lengths),
+            ),
+            kbytes,
+            payload.header,
+            b"".join(LENGTH.pack(n) for n in lengths),
+        ]
+    )
+    return [head, *(_flat(b) for b in payload.buffers if _buflen(b))]
+
+
+class FrameReader:
+    """Incremental parser of framed messages, written for ``BufferedProtocol``.
+
+    Call :meth:`get_buffer` for the memory to receive into, then
+    :meth:`buffer_updated` with the number of bytes written; completed messages
+    accumulate and are taken with :meth:`pop_frames`.  :meth:`feed` does both
+    steps for bytes already in hand (tests, fuzzing).  Large out-of-band
+    buffers are received directly into their own ``bytearray``.
+    """
+
+    _STAGING = 256 * 1024
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._staging = bytearray(self._STAGING)
+        self._r = 0  # read position in staging
+        self._w = 0  # write position in staging
+        self._frames: list[tuple[Key, Payload]] = []
+        self._direct = False  # next bytes go straight into _target
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._need_body = 0
+        self._body_done = False
+        self._prefix: tuple[int, int, int, int] | None = None  # flags, klen, hlen, nbufs
+        self._key: Key = ()
+        self._header = b""
+        self._lengths: list[int] = []
+        self._bufs: list[bytearray] = []
+        self._target: bytearray | None = None
+        self._filled = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        return self._prefix is not None or self._w > self._r
+
+    def pop_frames(self) -> list[tuple[Key, Payload]]:
+        frames, self._frames = self._frames, []
+        return frames
+
+    def get_buffer(self) -> memoryview:
+        if self._direct:
+            assert self._target is not None
+            return memoryview(self._target)[self._filled :]
+        if self._r == self._w:
+            self._r = self._w = 0
+        need = self._need_body or PREFIX.size
+        if len(self._staging) - self._r < need:
+            # Compact, and grow for a large header (bounded by Limits).
+            data = self._staging[self._r : self._w]
+            size = max(self._STAGING, need)
+            self._staging = bytearray(size)
+            self._staging[: len(data)] = data
+            self._r, self._w = 0, len(data)
+        if self._w == len(self._staging):
+            # Full of a partial item smaller than `need`?  Cannot happen: grown above.
+            raise ProtocolError("frame reader staging buffer overflow")
+        return memoryview(self._staging)[self._w :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._direct:
+            self._filled += nbytes
+            self._after_buffer_progress()
+        else:
+            self._w += nbytes
+        self._parse()
+
+    def feed(self, data: Buffer) -> list[tuple[Key, Payload]]:
+        view = _flat(data)
+        while view.nbytes:
+            dest = self.get_buffer()
+            n = min(dest.nbytes, view.nbytes)
+            dest[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+        return self.pop_frames()
+
+    def eof(self) -> None:
+        """The stream ended: raise if it ended inside a frame."""
+        if self.mid_frame:
+            raise ProtocolError("stream ended in the middle of a frame (truncated message)")
+
+    # -- parsing ------------------------------------------------------------
+
+    def _avail(self) -> int:
+        return self._w - self._r
+
+    def _parse(self) -> None:
+        while not self._direct:
+            if self._prefix is None:
+                if self._avail() < PREFIX.size:
+                    return
+                self._parse_prefix()
+            elif self._need_body >= 0 and not self._body_done:
+                if self._avail() < self._need_body:
+                    return
+                self._parse_body()
+            elif len(self._bufs) < len(self._lengths):
+                if not self._fill_buffer():
+                    return
+            else:
+                self._complete()
+
+    def _parse_prefix(self) -> None:
+        magic, version, flags, klen, hlen, nbufs = PREFIX.unpack_from(self._staging, self._r)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad frame magic {magic!r}; is the peer an fmi-async peer?")
+        if version != VERSION:
+            raise ProtocolError(f"frame version {version}, this side speaks {VERSION}")
+        if flags not in _FLAG_SERIALIZERS:
+            raise ProtocolError(f"unknown frame flags {flags}")
+        if klen > self._limits.max_key:
+            raise ProtocolError(f"key of {klen} bytes exceeds {self._limits.max_key}")
+        if hlen > self._limits.max_header:
+            raise ProtocolError(
+                f"header of {hlen} bytes exceeds the limit of {self._limits.max_header}"
+            )
+        if nbufs > self._limits.max_buffers:
+            raise ProtocolError(f"{nbufs} buffers exceed the limit of {self._limits.max_buffers}")
+        self._r += PREFIX.size
+        self._prefix = (flags, klen, hlen, nbufs)
+        self._need_body = klen + hlen + LENGTH.size * nbufs
+
+    def _parse_body(self) -> None:
+        assert self._prefix is not None
+        _, klen, hlen, nbufs = self._prefix
+        r = self._r
+        self._key = decode_key(bytes(self._staging[r : r + klen]))
+        self._header = bytes(self._staging[r + klen : r + klen + hlen])
+        off = r + klen + hlen
+        lengths = [LENGTH.unpack_from(self._staging, off + LENGTH.size * i)[0] for i in range(nbufs)]
+        self._r += self._need_body
+        self._need_body = 0
+        self._body_done = True
+        self._limits.check_payload(hlen, lengths)
+        self._lengths = lengths
+
+    def _fill_buffer(self) -> bool:
+        """Move staged bytes into the current buffer; False when more must arrive."""
+        if self._target is None:
+            self._target = bytearray(self._lengths[len(self._bufs)])
+            self._filled = 0
+        take = min(self._avail(), len(self._target) - self._filled)
+        if take:
+            end = self._filled + take
+            self._target[self._filled : end] = self._staging[self._r : self._r + take]
+            self._r += take
+            self._filled = end
+        if self._filled == len(self._target):
+            self._bufs.append(self._target)
+            self._target = None
+            return True
+        # Staging is drained; the rest of this buffer is received in place.
+        self._direct = True
+        return False
+
+    def _after_buffer_progress(self) -> None:
+        assert self._target is not None
+        if self._filled == len(self._target):
+            self._bufs.append(self._target)
+            self._target = None
+            self._direct = False
+
+    def _complete(self) -> None:
+        assert self._prefix is not None
+        serializer = _FLAG_SERIALIZERS[self._prefix[0]]
+        self._frames.append((self._key, Payload(self._header, tuple(self._bufs), serializer)))
+        self._reset_message()

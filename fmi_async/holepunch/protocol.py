@@ -1,0 +1,467 @@
+"""Sans-IO rendezvous protocol: messages, their encoding, and join proofs.
+
+Nothing here touches a socket; the server, the client and the TCP channel's
+hello all drive these functions with bytes they read themselves.  That keeps
+the protocol testable (and fuzzable) with byte strings alone.
+
+Every message on the wire is::
+
+    magic    3 bytes  b"FMR"
+    version  1 byte   PROTOCOL_VERSION
+    length   u32      length of the body, network order, at most ``max_body``
+    body     msgpack map with a "type" field and the fields of that type
+
+A receiver rejects a wrong magic, an unknown version, an oversize or
+malformed body, an unknown type and any field of the wrong type with a
+:class:`~fmi_async.errors.ProtocolError`, before allocating anything large.
+
+Message types (requests -> answers):
+
+* ``register`` (comm, run_id, peer, addr, proof) -> ``ok`` or ``error``
+* ``lookup``   (comm, run_id, peer, timeout, proof) -> ``peer`` or ``error``
+* ``hello``    (comm, run_id, peer, dst, proof): first message of a direct
+  connection between two peers, so the receiver knows who is talking.
+
+Every request may carry an ``id`` which the answer echoes; a client that
+pipelines several requests on one connection matches answers by it.
+
+Proofs: when a shared secret is configured, ``proof`` is
+HMAC-SHA256(secret, canonical fields) where the canonical fields are a
+msgpack array that starts with the message type, so a proof for one kind of
+message can never be replayed as another.  Verification uses
+:func:`hmac.compare_digest`.  Later NAT traversal messages (endpoint reports,
+UDP punching, pairing arbitration) are added as further types on the same
+envelope; the version byte changes only if the envelope itself changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import struct
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Final, Literal
+
+import msgpack
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAGIC",
+    "HEADER_SIZE",
+    "MAX_BODY",
+    "Address",
+    "Message",
+    "Register",
+    "Lookup",
+    "Hello",
+    "PeerInfo",
+    "Ok",
+    "Error",
+    "ErrorCode",
+    "Decoder",
+    "encode",
+    "parse_header",
+    "decode_body",
+    "compute_proof",
+    "sign",
+    "verify",
+]
+
+logger = logging.getLogger(__name__)
+
+MAGIC: Final = b"FMR"
+PROTOCOL_VERSION: Final = 1
+_HEADER = struct.Struct("!3sBI")
+HEADER_SIZE: Final = _HEADER.size
+MAX_BODY: Final = 16 * 1024
+"""Default limit of one body: requests are tiny, so anything bigger is an attack or a bug."""
+
+_MAX_NAME = 256  # comm names and run ids
+_PROOF_LEN = hashlib.sha256().digest_size
+
+Address = tuple[str, int]
+ErrorCode = Literal["auth", "timeout", "bad_request", "overloaded", "not_found", "internal"]
+_ERROR_CODES: Final = frozenset(
+    ("auth", "timeout", "bad_request", "overloaded", "not_found", "internal")
+)
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _str(body: dict[str, Any], name: str, limit: int = _MAX_NAME) -> str:
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise ProtocolError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise ProtocolError(f"field {name!r} is longer than {limit} characters")
+    return value
+
+
+def _uint(body: dict[str, Any], name: str, limit: int = 2**31 - 1) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise ProtocolError(f"field {name!r} must be an integer in [0, {limit}], got {value!r}")
+    return value
+
+
+def _opt_uint(body: dict[str, Any], name: str) -> int | None:
+    return None if body.get(name) is None else _uint(body, name, 2**32 - 1)
+
+
+def _addr(body: dict[str, Any], name: str) -> Address:
+    value = body.get(name)
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not isinstance(value[0], str)
+        or len(value[0]) > _MAX_NAME
+        or not isinstance(value[1], int)
+        or isinstance(value[1], bool)
+        or not 0 <= value[1] <= 65535
+    ):
+        raise ProtocolError(f"field {name!r} must be [host, port], got {value!r}")
+    return (value[0], value[1])
+
+
+def _proof(body: dict[str, Any]) -> bytes | None:
+    value = body.get("proof")
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or len(value) != _PROOF_LEN:
+        raise ProtocolError(f"field 'proof' must be {_PROOF_LEN} bytes")
+    return value
+
+
+def _opt_seconds(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not 0 <= value <= 86400.0
+    ):
+        raise ProtocolError(f"field {name!r} must be seconds in [0, 86400], got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of every message; ``id`` lets answers be matched to requests."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Message:
+        raise NotImplementedError
+
+    def signed_fields(self) -> list[Any] | None:
+        """The fields a proof covers, or None for messages that carry no proof."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Register(Message):
+    """A peer announces the address other peers can reach it at."""
+
+    TYPE: ClassVar[str] = "register"
+    comm: str
+    run_id: str
+    peer: int
+    addr: Address
+    proof: bytes | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "addr": list(self.addr),
+            "proof": self.proof,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Register:
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "peer"),
+            _addr(body, "addr"),
+            _proof(body),
+            _opt_uint(body, "id"),
+        )
+
+    def signed_fields(self) -> list[Any]:
+        return [self.TYPE, self.comm, self.run_id, self.peer, self.addr[0], self.addr[1]]
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup(Message):
+    """Ask for a peer's address; the server waits up to ``timeout`` for it to register."""
+
+    TYPE: ClassVar[str] = "lookup"
+    comm: str
+    run_id: str
+    peer: int
+    timeout: float | None = None
+    proof: bytes | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "timeout": self.timeout,
+            "proof": self.proof,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Lookup:
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "peer"),
+            _opt_seconds(body, "timeout"),
+            _proof(body),
+            _opt_uint(body, "id"),
+        )
+
+    def signed_fields(self) -> list[Any]:
+        # The timeout is not covered: it only bounds how long this caller waits.
+        return [self.TYPE, self.comm, self.run_id, self.peer]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message on a direct peer-to-peer connection: who is talking, to whom."""
+
+    TYPE: ClassVar[str] = "hello"
+    comm: str
+    run_id: str
+    peer: int
+    dst: int
+    proof: bytes | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "dst": self.dst,
+            "proof": self.proof,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Hello:
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "peer"),
+            _uint(body, "dst"),
+            _proof(body),
+        )
+
+    def signed_fields(self) -> list[Any]:
+        return [self.TYPE, self.comm, self.run_id, self.peer, self.dst]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo(Message):
+    """Answer to a lookup: where ``peer`` can be reached."""
+
+    TYPE: ClassVar[str] = "peer"
+    peer: int
+    addr: Address
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peer": self.peer, "addr": list(self.addr), "id": self.id}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> PeerInfo:
+        return cls(_uint(body, "peer"), _addr(body, "addr"), _opt_uint(body, "id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Message):
+    """Answer to a register.
+
+    ``observed`` is the address the server saw the request come from (the
+    public endpoint behind a NAT); ``ttl`` is how long the registration lives
+    unless renewed.
+    """
+
+    TYPE: ClassVar[str] = "ok"
+    observed: Address | None = None
+    ttl: float | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        observed = list(self.observed) if self.observed is not None else None
+        return {"observed": observed, "ttl": self.ttl, "id": self.id}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Ok:
+        observed = None if body.get("observed") is None else _addr(body, "observed")
+        return cls(observed, _opt_seconds(body, "ttl"), _opt_uint(body, "id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A request failed; ``message`` tells the user what to fix."""
+
+    TYPE: ClassVar[str] = "error"
+    code: ErrorCode
+    message: str
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "id": self.id}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Error:
+        code = _str(body, "code", 32)
+        if code not in _ERROR_CODES:
+            raise ProtocolError(f"unknown error code {code!r}")
+        message = _str(body, "message", 4096)
+        return cls(code, message, _opt_uint(body, "id"))  # type: ignore[arg-type]
+
+
+_TYPES: Final[dict[str, type[Message]]] = {
+    cls.TYPE: cls for cls in (Register, Lookup, Hello, PeerInfo, Ok, Error)
+}
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(message: Message, max_body: int = MAX_BODY) -> bytes:
+    """The bytes of one message, envelope included."""
+    body = {"type": message.TYPE, **message.to_body()}
+    data: bytes = msgpack.packb(body, use_bin_type=True)
+    if len(data) > max_body:
+        raise ProtocolError(f"{message.TYPE} message of {len(data)} bytes exceeds {max_body}")
+    return _HEADER.pack(MAGIC, PROTOCOL_VERSION, len(data)) + data
+
+
+def parse_header(data: bytes | bytearray | memoryview, max_body: int = MAX_BODY) -> int:
+    """Validate the fixed envelope header and return the body length."""
+    if len(data) != HEADER_SIZE:
+        raise ProtocolError(f"envelope header must be {HEADER_SIZE} bytes, got {len(data)}")
+    magic, version, length = _HEADER.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(
+            f"bad rendezvous magic {magic!r}; is the other side an fmi-async peer or server?"
+        )
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"rendezvous protocol version {version}, this side speaks {PROTOCOL_VERSION}; "
+            "run the same fmi-async version everywhere"
+        )
+    if length > max_body:
+        raise ProtocolError(f"rendezvous message of {length} bytes exceeds the limit of {max_body}")
+    return int(length)
+
+
+def decode_body(data: bytes | bytearray | memoryview) -> Message:
+    """Parse one body (without envelope) into a message."""
+    try:
+        body = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises many types on garbage input
+        raise ProtocolError(f"malformed rendezvous message: {type(exc).__name__}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError("a rendezvous message body must be a map")
+    kind = body.get("type")
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown rendezvous message type {kind!r}")
+    return cls.from_body(body)
+
+
+class Decoder:
+    """Incremental decoder: feed bytes as they arrive, get whole messages back.
+
+    After a :class:`ProtocolError` the stream is out of sync for good, so the
+    decoder stays failed and every later :meth:`feed` raises again.
+    """
+
+    def __init__(self, max_body: int = MAX_BODY) -> None:
+        self.max_body = max_body
+        self._buf = bytearray()
+        self._need: int | None = None  # body length once the header is parsed
+        self._failed: ProtocolError | None = None
+
+    def __repr__(self) -> str:
+        state = "failed" if self._failed else f"buffered={len(self._buf)}"
+        return f"<Decoder {state}>"
+
+    @property
+    def mid_message(self) -> bool:
+        """True if the bytes seen so far end inside a message."""
+        return bool(self._buf) or self._need is not None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        if self._failed is not None:
+            raise self._failed
+        self._buf += data
+        out: list[Message] = []
+        try:
+            while True:
+                if self._need is None:
+                    if len(self._buf) < HEADER_SIZE:
+                        break
+                    self._need = parse_header(self._buf[:HEADER_SIZE], self.max_body)
+                    del self._buf[:HEADER_SIZE]
+                if len(self._buf) < self._need:
+                    break
+                body = self._buf[: self._need]
+                del self._buf[: self._need]
+                self._need = None
+                out.append(decode_body(body))
+        except ProtocolError as exc:
+            self._failed = exc
+            self._buf.clear()
+            raise
+        return out
+
+
+# ---------------------------------------------------------------- proofs
+
+
+def compute_proof(secret: bytes, fields: list[Any]) -> bytes:
+    """HMAC-SHA256 of the canonical msgpack encoding of ``fields``."""
+    data = msgpack.packb(fields, use_bin_type=True)
+    return hmac.new(secret, data, hashlib.sha256).digest()
+
+
+def sign(message: Message, secret: bytes | None) -> Message:
+    """``message`` with its proof filled in (unchanged without a secret or proof field)."""
+    fields = message.signed_fields()
+    if secret is None or fields is None:
+        return message
+    return replace(message, proof=compute_proof(secret, fields))  # type: ignore[call-arg]
+
+
+def verify(message: Message, secret: bytes | None) -> bool:
+    """True if ``message`` may be trusted under ``secret`` (anything goes without one)."""
+    if secret is None:
+        return True
+    fields = message.signed_fields()
+    proof = getattr(message, "proof", None)
+    if fields is None or proof is None:
+        return False
+    return hmac.compare_digest(proof, compute_proof(secret, fields))

@@ -1,0 +1,76 @@
+"""Shared fixtures: event loop choice and groups of communicators per channel.
+
+Set ``FMI_TEST_LOOP=uvloop`` to run the suite on uvloop (CI runs the
+collective suite a second time that way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pytest
+
+import fmi_async as fmi
+
+pytest_plugins = [
+    p
+    for p in ("tests.storage_servers",)
+    if importlib.util.find_spec(p) is not None
+]
+
+LOOP = os.environ.get("FMI_TEST_LOOP", "asyncio")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    if LOOP == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"fmi-async event loop: {LOOP}"
+
+
+GroupFactory = Callable[..., AbstractAsyncContextManager[list[fmi.Communicator]]]
+
+
+@asynccontextmanager
+async def tcp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
+    """n communicators over the TCP channel, found through a rendezvous server."""
+    from fmi_async.holepunch.server import RendezvousServer
+
+    server = RendezvousServer()
+    await server.start("127.0.0.1", 0)
+    host, port = server.address[:2]
+    config = fmi.Config.from_dict(
+        {"backends": {"TCP": {"enabled": True, "host": host, "port": port}},
+         "security": {"secret": "test-secret"}}
+    )
+    run_id = uuid.uuid4().hex[:12]
+    comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]
+    try:
+        await asyncio.gather(*(c.open() for c in comms))
+        yield comms
+    finally:
+        await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
+        await server.close()
+
+
+GROUPS: dict[str, GroupFactory] = {
+    "memory": fmi.local_peers,
+    "tcp": tcp_group,
+}
+
+
+@pytest.fixture(params=sorted(GROUPS))
+def group(request: pytest.FixtureRequest) -> GroupFactory:
+    """A factory: ``async with group(n, timeout=...) as comms``, for every direct channel."""
+    return GROUPS[request.param]

@@ -140,11 +140,7 @@ def _opt_seconds(body: dict[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not 0 <= value <= 86400.0
-    ):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 86400.0:
         raise ProtocolError(f"field {name!r} must be seconds in [0, 86400], got {value!r}")
     return float(value)
 

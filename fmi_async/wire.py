@@ -191,7 +191,7 @@ def _dumps_msgpack(value: Any) -> Payload:
                     "numpy arrays of dtype object cannot travel with the msgpack serializer; "
                     "use a numeric dtype or serializer='pickle'"
                 )
-            arr = np.ascontiguousarray(obj)
+            arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
             dtype: Any = arr.dtype.descr if arr.dtype.fields is not None else arr.dtype.str
             buffers.append(_flat(arr.data) if arr.nbytes else b"")
             meta = [dtype, list(arr.shape), len(buffers) - 1]

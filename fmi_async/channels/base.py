@@ -34,7 +34,7 @@ def describe_key(key: Key) -> str:
     if len(key) >= 2 and key[0] == "u":
         return f"tag {key[1]}"
     if len(key) >= 3 and key[0] == "c":
-        return f"collective #{key[1]} step {key[2:]}"
+        return f"collective #{key[1]} step {'/'.join(str(k) for k in key[2:])}"
     return repr(key)
 
 

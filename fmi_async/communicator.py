@@ -214,7 +214,8 @@ class Communicator:
             raise ArgumentError(f"{what} must be an int peer id, got {peer!r}")
         if not 0 <= peer < self.num_peers:
             raise ArgumentError(
-                f"{what} {peer} is out of range: this communicator has peers 0..{self.num_peers - 1}"
+                f"{what} {peer} is out of range: "
+                f"this communicator has peers 0..{self.num_peers - 1}"
             )
 
     def _check_root(self, root: int, op: str) -> None:
@@ -334,8 +335,13 @@ class Communicator:
         dumps(value, self.config.serializer)
 
     async def bcast(
-        self, value: Any = None, root: int = 0, *, timeout: float | None = None,
-        channel: str | None = None, algorithm: str | None = None,
+        self,
+        value: Any = None,
+        root: int = 0,
+        *,
+        timeout: float | None = None,
+        channel: str | None = None,
+        algorithm: str | None = None,
     ) -> Any:
         self._check_root(root, "bcast")
         if self.peer_id == root:
@@ -348,7 +354,11 @@ class Communicator:
         await self._run(ctx, direct.barrier(ctx))
 
     async def gather(
-        self, value: Any, root: int = 0, *, timeout: float | None = None,
+        self,
+        value: Any,
+        root: int = 0,
+        *,
+        timeout: float | None = None,
         channel: str | None = None,
     ) -> list[Any] | None:
         self._check_root(root, "gather")
@@ -357,8 +367,12 @@ class Communicator:
         return await self._run(ctx, direct.gather(ctx, value, root))
 
     async def scatter(
-        self, values: Sequence[Any] | None = None, root: int = 0, *,
-        timeout: float | None = None, channel: str | None = None,
+        self,
+        values: Sequence[Any] | None = None,
+        root: int = 0,
+        *,
+        timeout: float | None = None,
+        channel: str | None = None,
     ) -> Any:
         self._check_root(root, "scatter")
         items: list[Any] | None = None
@@ -369,29 +383,52 @@ class Communicator:
         return await self._run(ctx, direct.scatter(ctx, items, root))
 
     async def reduce(
-        self, value: Any, op: OpLike = "SUM", root: int = 0, *, timeout: float | None = None,
-        channel: str | None = None, algorithm: str | None = None,
+        self,
+        value: Any,
+        op: OpLike = "SUM",
+        root: int = 0,
+        *,
+        timeout: float | None = None,
+        channel: str | None = None,
+        algorithm: str | None = None,
     ) -> Any:
         self._check_root(root, "reduce")
         oper = as_op(op)
         self._serializable(value)
         is_array, nbytes, sig = self._array_signature(value)
         ctx = self._begin(
-            "reduce", timeout, nbytes=nbytes, operator=oper, is_array=is_array,
-            signature=sig, channel=channel, algorithm=algorithm,
+            "reduce",
+            timeout,
+            nbytes=nbytes,
+            operator=oper,
+            is_array=is_array,
+            signature=sig,
+            channel=channel,
+            algorithm=algorithm,
         )
         return await self._run(ctx, direct.reduce(ctx, value, oper, root))
 
     async def allreduce(
-        self, value: Any, op: OpLike = "SUM", *, timeout: float | None = None,
-        channel: str | None = None, algorithm: str | None = None,
+        self,
+        value: Any,
+        op: OpLike = "SUM",
+        *,
+        timeout: float | None = None,
+        channel: str | None = None,
+        algorithm: str | None = None,
     ) -> Any:
         oper = as_op(op)
         self._serializable(value)
         is_array, nbytes, sig = self._array_signature(value)
         ctx = self._begin(
-            "allreduce", timeout, nbytes=nbytes, operator=oper, is_array=is_array,
-            signature=sig, channel=channel, algorithm=algorithm,
+            "allreduce",
+            timeout,
+            nbytes=nbytes,
+            operator=oper,
+            is_array=is_array,
+            signature=sig,
+            channel=channel,
+            algorithm=algorithm,
         )
         alg = ctx.plan.split("/")[2]
         return await self._run(ctx, direct.allreduce(ctx, value, oper, alg))
@@ -404,7 +441,10 @@ class Communicator:
         return await self._run(ctx, direct.allgather(ctx, value))
 
     async def alltoall(
-        self, values: Sequence[Any], *, timeout: float | None = None,
+        self,
+        values: Sequence[Any],
+        *,
+        timeout: float | None = None,
         channel: str | None = None,
     ) -> list[Any]:
         items = self._check_list(values, "alltoall")
@@ -413,7 +453,11 @@ class Communicator:
         return await self._run(ctx, direct.alltoall(ctx, items))
 
     async def reduce_scatter(
-        self, value: Any, op: OpLike = "SUM", *, timeout: float | None = None,
+        self,
+        value: Any,
+        op: OpLike = "SUM",
+        *,
+        timeout: float | None = None,
         channel: str | None = None,
     ) -> Any:
         """Reduce element-wise across peers; peer ``i`` gets part ``i``.
@@ -436,25 +480,35 @@ class Communicator:
         return await self._run(ctx, direct.reduce_scatter(ctx, parts, oper))
 
     async def scan(
-        self, value: Any, op: OpLike = "SUM", *, timeout: float | None = None,
+        self,
+        value: Any,
+        op: OpLike = "SUM",
+        *,
+        timeout: float | None = None,
         channel: str | None = None,
     ) -> Any:
         """Inclusive prefix reduction: peer ``i`` gets ``op(v0, ..., vi)``."""
         oper = as_op(op)
         self._serializable(value)
-        is_array, nbytes, sig = self._array_signature(value)
-        ctx = self._begin("scan", timeout, operator=oper, is_array=is_array, signature=sig,
-                          channel=channel)
+        is_array, _nbytes, sig = self._array_signature(value)
+        ctx = self._begin(
+            "scan", timeout, operator=oper, is_array=is_array, signature=sig, channel=channel
+        )
         return await self._run(ctx, direct.scan(ctx, value, oper))
 
     async def exscan(
-        self, value: Any, op: OpLike = "SUM", *, timeout: float | None = None,
+        self,
+        value: Any,
+        op: OpLike = "SUM",
+        *,
+        timeout: float | None = None,
         channel: str | None = None,
     ) -> Any:
         """Exclusive prefix reduction: peer ``i`` gets ``op(v0, ..., v(i-1))``; peer 0 ``None``."""
         oper = as_op(op)
         self._serializable(value)
-        is_array, nbytes, sig = self._array_signature(value)
-        ctx = self._begin("exscan", timeout, operator=oper, is_array=is_array, signature=sig,
-                          channel=channel)
+        is_array, _nbytes, sig = self._array_signature(value)
+        ctx = self._begin(
+            "exscan", timeout, operator=oper, is_array=is_array, signature=sig, channel=channel
+        )
         return await self._run(ctx, direct.exscan(ctx, value, oper))

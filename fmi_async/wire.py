@@ -168,10 +168,10 @@ def _mark_large_bytes(value: Any) -> Any:
         return value
     if isinstance(value, list):
         items = [_mark_large_bytes(v) for v in value]
-        return items if any(a is not b for a, b in zip(items, value)) else value
+        return items if any(a is not b for a, b in zip(items, value, strict=False)) else value
     if isinstance(value, tuple):
         items = [_mark_large_bytes(v) for v in value]
-        if any(a is not b for a, b in zip(items, value)):
+        if any(a is not b for a, b in zip(items, value, strict=False)):
             return tuple(items)
         return value
     if isinstance(value, dict):
@@ -226,7 +226,8 @@ def _dumps_msgpack(value: Any) -> Payload:
         )
 
     def _pack(obj: Any) -> bytes:
-        return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+        packed: bytes = msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+        return packed
 
     try:
         header = _pack(value)
@@ -310,7 +311,10 @@ def _dumps_pickle(value: Any) -> Payload:
 
 def _loads_pickle(payload: Payload) -> Any:
     try:
-        return pickle.loads(payload.header, buffers=[bytearray(b) if memoryview(b).readonly else b for b in payload.buffers])
+        return pickle.loads(
+            payload.header,
+            buffers=[bytearray(b) if memoryview(b).readonly else b for b in payload.buffers],
+        )
     except Exception as exc:
         raise ProtocolError(f"malformed pickle message: {type(exc).__name__}: {exc}") from exc
 
@@ -322,7 +326,8 @@ _FLAG_SERIALIZERS: Final = {v: k for k, v in _SERIALIZER_FLAGS.items()}
 
 
 def encode_key(key: Key) -> bytes:
-    return msgpack.packb(list(key), use_bin_type=True)
+    packed: bytes = msgpack.packb(list(key), use_bin_type=True)
+    return packed
 
 
 def decode_key(data: bytes) -> Key:
@@ -492,7 +497,9 @@ class FrameReader:
         self._key = decode_key(bytes(self._staging[r : r + klen]))
         self._header = bytes(self._staging[r + klen : r + klen + hlen])
         off = r + klen + hlen
-        lengths = [LENGTH.unpack_from(self._staging, off + LENGTH.size * i)[0] for i in range(nbufs)]
+        lengths = [
+            LENGTH.unpack_from(self._staging, off + LENGTH.size * i)[0] for i in range(nbufs)
+        ]
         self._r += self._need_body
         self._need_body = 0
         self._body_done = True

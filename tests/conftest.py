@@ -18,11 +18,7 @@ import pytest
 
 import fmi_async as fmi
 
-pytest_plugins = [
-    p
-    for p in ("tests.storage_servers",)
-    if importlib.util.find_spec(p) is not None
-]
+pytest_plugins = [p for p in ("tests.storage_servers",) if importlib.util.find_spec(p) is not None]
 
 LOOP = os.environ.get("FMI_TEST_LOOP", "asyncio")
 
@@ -51,8 +47,10 @@ async def tcp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicato
     await server.start("127.0.0.1", 0)
     host, port = server.address[:2]
     config = fmi.Config.from_dict(
-        {"backends": {"TCP": {"enabled": True, "host": host, "port": port}},
-         "security": {"secret": "test-secret"}}
+        {
+            "backends": {"TCP": {"enabled": True, "host": host, "port": port}},
+            "security": {"secret": "test-secret"},
+        }
     )
     run_id = uuid.uuid4().hex[:12]
     comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]

@@ -82,7 +82,7 @@ def assert_same(got: Any, want: Any, where: str = "") -> None:
     elif isinstance(want, (list, tuple)):
         assert type(got) is type(want), f"{where}: {type(got)} != {type(want)}"
         assert len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=False)):
             assert_same(g, w, f"{where}[{i}]")
     elif isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), f"{where}: {got} != {want}"

@@ -121,8 +121,9 @@ async def test_allreduce_ring(group, size: int) -> None:
             want = reference_fold(fmi.SUM, values)
             got = await each(
                 comms,
-                lambda c: c.allreduce(values[c.rank], op=fmi.MAX if n == 1 else fmi.SUM,
-                                      algorithm="ring"),
+                lambda c: c.allreduce(
+                    values[c.rank], op=fmi.MAX if n == 1 else fmi.SUM, algorithm="ring"
+                ),
             )
             ref = reference_fold(fmi.MAX, values) if n == 1 else want
             for r, g in enumerate(got):

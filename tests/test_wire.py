@@ -34,15 +34,18 @@ scalars = (
     | st.complex_numbers(allow_nan=False)
 )
 arrays = hnp.arrays(
-    dtype=st.sampled_from([np.int8, np.int64, np.uint16, np.float32, np.float64, np.bool_,
-                           np.complex128]),
+    dtype=st.sampled_from(
+        [np.int8, np.int64, np.uint16, np.float32, np.float64, np.bool_, np.complex128]
+    ),
     shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5),
 )
 values = st.recursive(
     scalars | arrays,
-    lambda children: st.lists(children, max_size=4)
-    | st.tuples(children, children)
-    | st.dictionaries(st.text(max_size=5) | st.integers(-5, 5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=5) | st.integers(-5, 5), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -55,7 +58,7 @@ def same(a: object, b: object) -> None:
         assert isinstance(b, float) and math.isnan(b)
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             same(x, y)
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys()
@@ -120,9 +123,7 @@ def test_numpy_scalars_keep_their_type() -> None:
         assert type(out) is type(v) and out == v
 
 
-@pytest.mark.parametrize(
-    "bad", [object(), {1, 2}, np.array([object()], dtype=object), lambda: 0]
-)
+@pytest.mark.parametrize("bad", [object(), {1, 2}, np.array([object()], dtype=object), lambda: 0])
 def test_unserializable_values_raise_serialization_error(bad: object) -> None:
     with pytest.raises(SerializationError):
         dumps(bad)

@@ -21,7 +21,7 @@ import logging
 from typing import Any, Protocol
 
 from ..channels.base import Channel
-from ..errors import CommTimeout, PlanMismatchError, ProtocolError
+from ..errors import ArgumentError, CommTimeout, PlanMismatchError, ProtocolError
 from ..wire import Payload, dumps, loads
 
 __all__ = ["CollectiveContext", "MediatedChannel", "Step"]
@@ -132,8 +132,10 @@ class CollectiveContext:
 
     def _mediated(self) -> MediatedChannel:
         if not hasattr(self.channel, "put") or not hasattr(self.channel, "get"):
-            raise TypeError(f"channel {self.channel.name} has no put/get")
-        return self.channel  # type: ignore[return-value]
+            raise ArgumentError(
+                f"channel {self.channel.name} is not a storage channel (it has no put/get)"
+            )
+        return self.channel
 
     async def put(self, step: Step, value: Any) -> None:
         await self._mediated().put(self.key(step), self.pack(value))

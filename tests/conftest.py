@@ -21,14 +21,21 @@ import fmi_async as fmi
 pytest_plugins = [p for p in ("tests.storage_servers",) if importlib.util.find_spec(p) is not None]
 
 LOOP = os.environ.get("FMI_TEST_LOOP", "asyncio")
+BOTH_LOOPS = {"test_collectives.py"}
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
-    if LOOP == "uvloop":
+    """The collective suite runs on both loops; the rest on FMI_TEST_LOOP (default asyncio)."""
+    factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
+    try:
         import uvloop
-
-        return {"uvloop": uvloop.new_event_loop}
-    return {"asyncio": asyncio.new_event_loop}
+    except ImportError:
+        return factories
+    if item.path.name in BOTH_LOOPS:
+        factories["uvloop"] = uvloop.new_event_loop
+    elif LOOP == "uvloop":
+        factories = {"uvloop": uvloop.new_event_loop}
+    return factories
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -260,7 +260,8 @@ class Communicator:
         payload = dumps(value, self.config.serializer)
         t = self.timeout if timeout is None else timeout
         try:
-            await asyncio.wait_for(chan.send(dst, ("u", tag), payload), t)
+            async with asyncio.timeout(t):
+                await chan.send(dst, ("u", tag), payload)
         except TimeoutError:
             raise CommTimeout(
                 f"send to peer {dst} (tag {tag}) on channel {chan.name} did not complete in {t}s"

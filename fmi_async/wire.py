@@ -17,7 +17,7 @@ Stream channels frame a ``(key, payload)`` message as::
 :class:`FrameReader` parses that format incrementally.  It hands out the
 memory the next bytes should be written to (``get_buffer``), which is exactly
 what :class:`asyncio.BufferedProtocol` asks for: large buffers are received
-straight into their final, preallocated ``bytearray``.  Every length is checked
+straight into their final, preallocated memory.  Every length is checked
 against :class:`Limits` before anything is allocated.
 """
 
@@ -367,6 +367,16 @@ def encode_frame(key: Key, payload: Payload, limits: Limits = DEFAULT_LIMITS) ->
     return [head, *(_flat(b) for b in payload.buffers if _buflen(b))]
 
 
+def _allocate(nbytes: int) -> memoryview:
+    """Writable memory for one received buffer, *not* zero-filled.
+
+    ``bytearray(n)`` writes n zero bytes first, which for a 64 MiB array costs
+    as much as receiving it; ``numpy.empty`` only reserves the pages, and the
+    kernel fills them once, with the received data.
+    """
+    return memoryview(np.empty(nbytes, dtype=np.uint8)).cast("B")
+
+
 class FrameReader:
     """Incremental parser of framed messages, written for ``BufferedProtocol``.
 
@@ -374,7 +384,7 @@ class FrameReader:
     :meth:`buffer_updated` with the number of bytes written; completed messages
     accumulate and are taken with :meth:`pop_frames`.  :meth:`feed` does both
     steps for bytes already in hand (tests, fuzzing).  Large out-of-band
-    buffers are received directly into their own ``bytearray``.
+    buffers are received directly into their own memory (see :func:`_allocate`).
     """
 
     _STAGING = 256 * 1024
@@ -395,8 +405,8 @@ class FrameReader:
         self._key: Key = ()
         self._header = b""
         self._lengths: list[int] = []
-        self._bufs: list[bytearray] = []
-        self._target: bytearray | None = None
+        self._bufs: list[memoryview] = []
+        self._target: memoryview | None = None
         self._filled = 0
 
     @property
@@ -509,12 +519,12 @@ class FrameReader:
     def _fill_buffer(self) -> bool:
         """Move staged bytes into the current buffer; False when more must arrive."""
         if self._target is None:
-            self._target = bytearray(self._lengths[len(self._bufs)])
+            self._target = _allocate(self._lengths[len(self._bufs)])
             self._filled = 0
         take = min(self._avail(), len(self._target) - self._filled)
         if take:
             end = self._filled + take
-            self._target[self._filled : end] = self._staging[self._r : self._r + take]
+            self._target[self._filled : end] = memoryview(self._staging)[self._r : self._r + take]
             self._r += take
             self._filled = end
         if self._filled == len(self._target):

@@ -50,7 +50,7 @@ async def tcp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicato
     """n communicators over the TCP channel, found through a rendezvous server."""
     from fmi_async.holepunch.server import RendezvousServer
 
-    server = RendezvousServer()
+    server = RendezvousServer(secret=b"test-secret")
     await server.start("127.0.0.1", 0)
     host, port = server.address[:2]
     config = fmi.Config.from_dict(

@@ -62,6 +62,15 @@ class ChannelStats:
         }
 
 
+class _Expired(Exception):
+    """Internal: a mailbox wait ran out of time."""
+
+
+def _expire(fut: asyncio.Future[Payload]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
 class Mailbox:
     """One peer's inbox, matched by ``(source, key)``; FIFO per match."""
 
@@ -99,18 +108,24 @@ class Mailbox:
             return payload
         if self._error is not None:
             raise self._error
-        fut: asyncio.Future[Payload] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Payload] = loop.create_future()
         self._waiters.setdefault(match, deque()).append(fut)
+        # A timer that fails the future is much cheaper than asyncio.wait_for,
+        # which wraps the wait in a new task on Python 3.11.
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, _expire, fut)
         try:
-            if timeout is None:
-                return await fut
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
+            return await fut
+        except _Expired:
             raise CommTimeout(
                 f"peer {self.owner} waited {timeout:.3g}s for a message from peer {src} "
                 f"({describe_key(key)}) on channel {channel}; the peer never sent it"
             ) from None
         finally:
+            if timer is not None:
+                timer.cancel()
             waiters = self._waiters.get(match)
             if waiters is not None and fut in waiters:
                 waiters.remove(fut)

@@ -72,7 +72,9 @@ async def fmi_worker(args: argparse.Namespace) -> dict[str, Any]:
                         await comm.send(ping, other)
                         await comm.recv(other)
                     if rep:
-                        out.setdefault("samples", []).append((time.perf_counter() - t0) / args.iters)
+                        out.setdefault("samples", []).append(
+                            (time.perf_counter() - t0) / args.iters
+                        )
                 else:
                     for _ in range(args.iters):
                         await comm.send(await comm.recv(other), other)
@@ -84,7 +86,9 @@ async def fmi_worker(args: argparse.Namespace) -> dict[str, Any]:
                     await comm.send(arr, other)
                     await comm.recv(other)  # tiny ack: the array has fully arrived
                     if rep:
-                        out.setdefault("samples", []).append(arr.nbytes / (time.perf_counter() - t0))
+                        out.setdefault("samples", []).append(
+                            arr.nbytes / (time.perf_counter() - t0)
+                        )
                 else:
                     got = await comm.recv(other)
                     assert got.nbytes == arr.nbytes
@@ -220,12 +224,16 @@ def result_of(proc: subprocess.Popen[str], timeout: float = 600) -> dict[str, An
     raise SystemExit(f"benchmark worker printed no result: {out!r}")
 
 
-def run_pair(kind: str, mode: str, loop: str, common: list[str], rendezvous: str) -> list[dict[str, Any]]:
+def run_pair(
+    kind: str, mode: str, loop: str, common: list[str], rendezvous: str
+) -> list[dict[str, Any]]:
     base = ["--kind", kind, "--mode", mode, "--loop", loop, *common]
     if kind == "fmi":
         run_id = uuid.uuid4().hex[:8]
-        procs = [spawn([*base, "--peer", str(p), "--rendezvous", rendezvous, "--run-id", run_id])
-                 for p in (0, 1)]
+        procs = [
+            spawn([*base, "--peer", str(p), "--rendezvous", rendezvous, "--run-id", run_id])
+            for p in (0, 1)
+        ]
         return [result_of(p) for p in procs]
     server = spawn([*base, "--peer", "1"])
     assert server.stdout is not None
@@ -235,7 +243,9 @@ def run_pair(kind: str, mode: str, loop: str, common: list[str], rendezvous: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", default="fmi", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="rtt", help=argparse.SUPPRESS)
@@ -255,13 +265,17 @@ def main() -> None:
         return
 
     iters, reps = (200, 3) if args.quick else (2000, 7)
-    print(f"fmi-async p2p benchmark: medians of {reps} repetitions, loopback TCP, "
-          f"{os.cpu_count()} cores, python {sys.version.split()[0]}")
+    print(
+        f"fmi-async p2p benchmark: medians of {reps} repetitions, loopback TCP, "
+        f"{os.cpu_count()} cores, python {sys.version.split()[0]}"
+    )
     with Rendezvous() as rendezvous:
         for loop in args.loops.split(","):
             rtt = ["--iters", str(iters), "--reps", str(reps)]
             fmi_rtt = statistics.median(run_pair("fmi", "rtt", loop, rtt, rendezvous)[0]["samples"])
-            raw_rtt = statistics.median(run_pair("raw-rtt", "rtt", loop, rtt, rendezvous)[0]["samples"])
+            raw_rtt = statistics.median(
+                run_pair("raw-rtt", "rtt", loop, rtt, rendezvous)[0]["samples"]
+            )
             bw = ["--reps", str(reps), "--nbytes", str(64 << 20)]
             fmi_bw = statistics.median(run_pair("fmi", "bw", loop, bw, rendezvous)[0]["samples"])
             raw_bw = statistics.median(run_pair("raw-bw", "bw", loop, bw, rendezvous)[0]["samples"])
@@ -269,12 +283,18 @@ def main() -> None:
             mem = run_pair("fmi", "mem", loop, ["--nbytes", str(size)], rendezvous)
             growth = (mem[0]["growth"] + mem[1]["growth"]) / size
             print(f"\n[{loop}]")
-            print(f"  round trip, {SMALL} B    fmi {fmi_rtt * 1e6:8.1f} us   raw streams "
-                  f"{raw_rtt * 1e6:8.1f} us   ratio {fmi_rtt / raw_rtt:5.2f}  (target <= 1.3)")
-            print(f"  throughput, 64 MiB   fmi {fmi_bw / 1e9:8.2f} GB/s raw sockets "
-                  f"{raw_bw / 1e9:8.2f} GB/s ratio {fmi_bw / raw_bw:5.2f}  (target >= 0.8)")
-            print(f"  peak memory, 256 MiB sender {mem[0]['growth'] / 2**20:6.0f} MiB + receiver "
-                  f"{mem[1]['growth'] / 2**20:6.0f} MiB = {growth:4.2f}x the array (target < 2.5)")
+            print(
+                f"  round trip, {SMALL} B    fmi {fmi_rtt * 1e6:8.1f} us   raw streams "
+                f"{raw_rtt * 1e6:8.1f} us   ratio {fmi_rtt / raw_rtt:5.2f}  (target <= 1.3)"
+            )
+            print(
+                f"  throughput, 64 MiB   fmi {fmi_bw / 1e9:8.2f} GB/s raw sockets "
+                f"{raw_bw / 1e9:8.2f} GB/s ratio {fmi_bw / raw_bw:5.2f}  (target >= 0.8)"
+            )
+            print(
+                f"  peak memory, 256 MiB sender {mem[0]['growth'] / 2**20:6.0f} MiB + receiver "
+                f"{mem[1]['growth'] / 2**20:6.0f} MiB = {growth:4.2f}x the array (target < 2.5)"
+            )
 
 
 if __name__ == "__main__":

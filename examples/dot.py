@@ -28,10 +28,13 @@ async def main(comm: fmi.Communicator) -> float | None:
     total = await comm.reduce(partial, op=fmi.SUM, root=0)
     if comm.rank == 0:
         assert slices is not None
-        reference = float(np.dot(np.concatenate([s[0] for s in slices]),
-                                 np.concatenate([s[1] for s in slices])))
-        print(f"dot product of two {n}-vectors on {comm.size} peers: {total:.6f} "
-              f"(numpy: {reference:.6f})")
+        reference = float(
+            np.dot(np.concatenate([s[0] for s in slices]), np.concatenate([s[1] for s in slices]))
+        )
+        print(
+            f"dot product of two {n}-vectors on {comm.size} peers: {total:.6f} "
+            f"(numpy: {reference:.6f})"
+        )
         if not np.isclose(total, reference, rtol=1e-9):
             raise SystemExit("distributed dot product disagrees with numpy")
     return total

@@ -1,6 +1,6 @@
 """Hello, allreduce: every peer contributes its rank; everyone learns the sum.
 
-    fmi run -n 4 examples/hello_allreduce.py
+fmi run -n 4 examples/hello_allreduce.py
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ async def main(comm: fmi.Communicator) -> int:
     total = await comm.allreduce(comm.rank + 1)
     everyone = await comm.allgather(f"peer {comm.rank}")
     expected = comm.size * (comm.size + 1) // 2
-    print(f"peer {comm.rank}/{comm.size}: sum of 1..{comm.size} = {total} (from {len(everyone)} peers)")
+    print(f"peer {comm.rank}/{comm.size}: sum of 1..{comm.size} = {total}", end=" ")
+    print(f"(from {len(everyone)} peers)")
     if total != expected:
         raise SystemExit(f"wrong result {total}, expected {expected}")
     if comm.rank == 0:

@@ -258,13 +258,19 @@ class Communicator:
         self._check_tag(tag)
         chan = self._channel()
         payload = dumps(value, self.config.serializer)
-        t = self.timeout if timeout is None else timeout
+        if timeout is None:
+            # No wrapper timer on the common path: a send only waits on flow
+            # control or a backend request, and every channel bounds those
+            # waits itself with the configured timeout.
+            await chan.send(dst, ("u", tag), payload)
+            return
         try:
-            async with asyncio.timeout(t):
+            async with asyncio.timeout(timeout):
                 await chan.send(dst, ("u", tag), payload)
         except TimeoutError:
             raise CommTimeout(
-                f"send to peer {dst} (tag {tag}) on channel {chan.name} did not complete in {t}s"
+                f"send to peer {dst} (tag {tag}) on channel {chan.name} did not complete "
+                f"in {timeout}s"
             ) from None
 
     async def recv(self, src: int, tag: int | str = 0, *, timeout: float | None = None) -> Any:

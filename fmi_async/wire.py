@@ -374,7 +374,7 @@ def _allocate(nbytes: int) -> memoryview:
     as much as receiving it; ``numpy.empty`` only reserves the pages, and the
     kernel fills them once, with the received data.
     """
-    return memoryview(np.empty(nbytes, dtype=np.uint8)).cast("B")
+    return np.empty(nbytes, dtype=np.uint8).data.cast("B")
 
 
 class FrameReader:

@@ -151,10 +151,13 @@ async def test_bad_destination() -> None:
             await send(chans[0], 5, 1)
 
 
-async def test_large_array_byte_exact_and_bounded_memory() -> None:
-    """64 MiB: the receiver allocates it once; the sender adds about one chunk."""
+@pytest.mark.parametrize(
+    "mib", [64, pytest.param(256, marks=pytest.mark.slow)], ids=["64MiB", "256MiB"]
+)
+async def test_large_array_byte_exact_and_bounded_memory(mib: int) -> None:
+    """The receiver allocates the array once; the sender adds about one chunk."""
     async with tcp_peers(2) as (chans, _):
-        arr = np.random.default_rng(1).integers(0, 2**63, 8 * MiB, dtype=np.int64)
+        arr = np.random.default_rng(1).integers(0, 2**63, mib * MiB // 8, dtype=np.int64)
         tracemalloc.start()
         try:
             base = tracemalloc.get_traced_memory()[0]

@@ -218,7 +218,7 @@ class _Receiver(asyncio.BufferedProtocol):
                 return
             self.reader.buffer_updated(nbytes)
         except ProtocolError as exc:
-            self._fail(f"peer {self.src}: {exc}")
+            self._fail(f"peer {self.src}: {exc}" if self.src is not None else f"bad hello: {exc}")
             return
         assert self.src is not None
         for key, payload in self.reader.pop_frames():
@@ -390,8 +390,8 @@ class TCPChannel(Channel):
         for sender in senders:
             if sender.transport is not None:
                 sender.transport.close()  # flushes what small sends left in the buffer
-        if senders:
-            await asyncio.wait([s.lost for s in senders], timeout=self.connect_timeout)
+        if senders:  # a peer that does not read must not hold up our close for long
+            await asyncio.wait([s.lost for s in senders], timeout=min(self.connect_timeout, 5.0))
         for sender in senders:
             if sender.transport is not None and not sender.lost.done():
                 sender.transport.abort()

@@ -262,3 +262,17 @@ async def test_many_concurrent_clients(server: RendezvousServer) -> None:
     await asyncio.gather(*(client.register("W", "r", i, (LOOPBACK, 1000 + i)) for i in range(n)))
     addrs = await asyncio.wait_for(asyncio.gather(*lookups), 10.0)
     assert addrs == [(LOOPBACK, 1000 + i) for i in range(n)]
+
+
+async def test_internal_failure_answers_and_server_survives(
+    server: RendezvousServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(msg: p.Lookup) -> p.Message:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(server, "_lookup", broken)
+    client = client_for(server)
+    with pytest.raises(BrokenChannelError, match="rendezvous server failed"):
+        await client.lookup("W", "r", 0, 0.1)
+    assert "failed to handle" in caplog.text
+    await client.register("W", "r", 0, (LOOPBACK, 1))  # still serving

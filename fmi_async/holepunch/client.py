@@ -75,7 +75,7 @@ class RendezvousClient:
         comm: str,
         run_id: str,
         peer: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - the server waits, not this task
+        timeout: float | None = None,
     ) -> p.Address:
         """The address of ``peer``, waiting up to ``timeout`` seconds for it to register."""
         wait = self.timeout if timeout is None else timeout

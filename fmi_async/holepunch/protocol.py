@@ -83,10 +83,8 @@ _MAX_NAME = 256  # comm names and run ids
 _PROOF_LEN = hashlib.sha256().digest_size
 
 Address = tuple[str, int]
-ErrorCode = Literal["auth", "timeout", "bad_request", "overloaded", "not_found", "internal"]
-_ERROR_CODES: Final = frozenset(
-    ("auth", "timeout", "bad_request", "overloaded", "not_found", "internal")
-)
+ErrorCode = Literal["auth", "timeout", "bad_request", "overloaded", "internal"]
+_ERROR_CODES: Final = frozenset(("auth", "timeout", "bad_request", "overloaded", "internal"))
 
 
 # ---------------------------------------------------------------- field checks

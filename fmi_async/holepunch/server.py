@@ -213,7 +213,11 @@ class RendezvousServer:
                 await asyncio.wait_for(writer.drain(), self.idle_timeout)
                 return
             for message in messages:
-                answer = await self._handle(message, observed)
+                try:
+                    answer = await self._handle(message, observed)
+                except Exception:  # a bug here must not take the server down
+                    logger.exception("rendezvous: failed to handle %r", message)
+                    answer = p.Error("internal", "the rendezvous server failed; see its log")
                 writer.write(p.encode(answer))
                 await asyncio.wait_for(writer.drain(), self.idle_timeout)
 

@@ -1,0 +1,157 @@
+"""What the S3 and DynamoDB channels share: the client and the error boundary.
+
+Clients come from :mod:`aioboto3` with credentials from the usual AWS chain
+(environment, shared config files, container or instance role); the config
+file never holds secrets.  Backend options read here:
+
+``region`` (or FMI's ``s3_region``)
+    AWS region; default from the environment (``AWS_DEFAULT_REGION``).
+``endpoint_url``
+    another endpoint than AWS's (a moto server, MinIO, LocalStack, a VPC endpoint).
+``profile``
+    a named profile of the shared AWS config files.
+``max_pool_connections``, ``connect_timeout``, ``read_timeout``, ``max_attempts``
+    the HTTP pool size, per-request deadlines (seconds) and botocore's own
+    retries of throttled or failed requests ("standard" retry mode).
+
+:func:`map_aws_errors` is the one place where botocore and transport errors
+become fmi errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import ClientError as HTTPTransportError
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+from ..errors import BackendError, BrokenChannelError, ConfigError, FMIError
+from .base import ChannelStats
+from .storage import option_number
+
+__all__ = ["aws_client", "error_code", "map_aws_errors"]
+
+logger = logging.getLogger(__name__)
+
+_CREDENTIAL_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidAccessKeyId",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+    }
+)
+_THROTTLE_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "SlowDown",
+        "ThrottlingException",
+    }
+)
+
+
+def error_code(exc: ClientError) -> str:
+    """The service's error code (``NoSuchKey``, ``ResourceNotFoundException``...)."""
+    error: dict[str, Any] = exc.response.get("Error", {})
+    return str(error.get("Code", ""))
+
+
+def aws_client(service: str, options: dict[str, Any], backend: str) -> Any:
+    """An async context manager yielding an aiobotocore client for ``service``."""
+    try:
+        import aioboto3
+    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
+        raise ConfigError(
+            f"the {backend} channel needs aioboto3: pip install 'fmi-async[aws]'"
+        ) from exc
+    region = options.get("region", options.get("s3_region"))
+    profile = options.get("profile")
+    for label, value in (("region", region), ("profile", profile)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"backends.{backend}.{label} must be a string, got {value!r}")
+    endpoint = options.get("endpoint_url")
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise ConfigError(f"backends.{backend}.endpoint_url must be a URL string")
+    # A plain botocore Config: aiobotocore converts it to its own subclass.
+    config = BotoConfig(
+        max_pool_connections=int(
+            option_number(options, "max_pool_connections", backend, 32, minimum=1)
+        ),
+        connect_timeout=option_number(options, "connect_timeout", backend, 10, minimum=0.1),
+        read_timeout=option_number(options, "read_timeout", backend, 60, minimum=0.1),
+        retries={
+            "mode": "standard",
+            "max_attempts": int(option_number(options, "max_attempts", backend, 4, minimum=1)),
+        },
+    )
+    session = aioboto3.Session(profile_name=profile)
+    return session.client(service, region_name=region, endpoint_url=endpoint, config=config)
+
+
+@contextlib.contextmanager
+def map_aws_errors(stats: ChannelStats, operation: str, where: str) -> Iterator[None]:
+    """Count one ``operation`` request and turn its failures into fmi errors.
+
+    ``where`` names the bucket or table for the message.  Callers that expect
+    a particular service error (a missing object while polling) catch
+    ``ClientError`` inside this block, before it is converted.
+    """
+    stats.requests[operation] += 1
+    try:
+        yield
+    except FMIError:
+        raise
+    except ClientError as exc:
+        code = error_code(exc)
+        detail = exc.response.get("Error", {}).get("Message", "") or str(exc)
+        if code in _CREDENTIAL_CODES:
+            hint = (
+                "check the AWS credentials (environment, profile or role) and that their "
+                f"policy allows {operation} on {where}"
+            )
+        elif code in _THROTTLE_CODES:
+            hint = (
+                "the service throttled requests beyond botocore's retries; raise the "
+                "table's capacity or max_attempts, or use fewer concurrent peers"
+            )
+        elif code in ("NoSuchBucket", "ResourceNotFoundException"):
+            hint = f"{where} does not exist; create it or enable create_bucket/create_table"
+        else:
+            hint = "see the AWS error code above"
+        raise BackendError(f"{operation} on {where} failed: {code}: {detail}; {hint}") from exc
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise ConfigError(
+            f"{operation} on {where}: no usable AWS credentials ({exc}); set "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or run with a role"
+        ) from exc
+    except NoRegionError as exc:
+        raise ConfigError(
+            f"{operation} on {where}: no AWS region; set the backend's region option "
+            "or AWS_DEFAULT_REGION"
+        ) from exc
+    except (BotoConnectionError, HTTPClientError, HTTPTransportError, OSError) as exc:
+        raise BrokenChannelError(
+            f"{operation} on {where}: cannot reach the service ({exc}); check endpoint_url, "
+            "the network and the region"
+        ) from exc
+    except BotoCoreError as exc:
+        raise BackendError(f"{operation} on {where} failed: {exc}") from exc

@@ -1,0 +1,487 @@
+"""What the storage-backed ("mediated") channels share.
+
+Redis, S3 and DynamoDB channels differ in how they store bytes and how a
+reader learns that an object exists; they agree on everything else, which
+lives here:
+
+* **Names.**  Every stored name starts with ``fmi/<comm_name>/<run_id>/``, so
+  two runs or two communicators on one bucket, table or database never read
+  each other's data.  Key parts are percent-quoted and prefixed by type, so
+  ``("u", 3)`` and ``("u", "3")`` never share a name, and no part can contain
+  the ``/`` separator.
+* **Encoding.**  A stored object is exactly one stream frame of
+  :mod:`fmi_async.wire` (prefix, key, header, buffers), so the limits checked
+  on the wire are checked on storage too, and the stored key is verified on
+  the way back.  :func:`join_range` cuts it into pieces for backends with an
+  object or item size limit without joining the whole message first.
+* **Matching.**  ``send``/``recv`` match by ``(source, key)`` like MPI: the
+  sender numbers the messages it sends per ``(destination, key)`` and stores
+  each under its own name; the receiver asks for the next number it has not
+  consumed, so repeated sends with one key arrive in order.
+* **Lifetime.**  A peer remembers every name it stored and its :meth:`close`
+  deletes them (in batches).  A receiver deletes a message once it has read it.
+  A peer that dies before closing leaves objects that expire: a TTL on every
+  Redis key and DynamoDB item, a bucket lifecycle rule on S3.
+
+``close`` deletes objects other peers may not have read yet; the communicator
+must reach a barrier before closing its channels (as MPI_Finalize does).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import quote
+
+from ..config import Config
+from ..errors import ArgumentError, ClosedError, CommTimeout, ConfigError, ProtocolError
+from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
+from .backoff import Backoff, poll_until
+from .base import Channel, Mailbox, describe_key
+
+__all__ = [
+    "MediatedChannel",
+    "bounded_gather",
+    "chunk_bounds",
+    "join_range",
+    "key_component",
+    "option_number",
+    "storage_prefix",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL = 3600
+
+T = TypeVar("T")
+
+
+def storage_prefix(comm_name: str, run_id: str) -> str:
+    """``fmi/<comm>/<run>``: the namespace of one run of one communicator."""
+    return f"fmi/{quote(comm_name, safe='')}/{quote(run_id, safe='')}"
+
+
+def key_component(part: str | int) -> str:
+    """One key part as a name segment: ints as decimal, strings quoted behind ``~``."""
+    if isinstance(part, bool) or not isinstance(part, (str, int)):
+        raise ArgumentError(f"message key parts must be str or int, got {part!r}")
+    if isinstance(part, int):
+        return str(part)
+    return "~" + quote(part, safe="")
+
+
+def chunk_bounds(nbytes: int, size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each ``size``-byte piece of ``nbytes`` bytes (the last shorter)."""
+    if size <= 0:
+        raise ArgumentError(f"chunk size must be positive, got {size}")
+    return [(start, min(start + size, nbytes)) for start in range(0, max(nbytes, 1), size)]
+
+
+def join_range(frames: Sequence[Buffer], start: int, end: int) -> bytes:
+    """Bytes ``start:end`` of the concatenation of ``frames``, without joining all of them.
+
+    Pieces of a large message (S3 parts, DynamoDB items, Redis chunks) are
+    built one at a time from the caller's buffers, so a 64 MiB array never
+    needs a second full copy, and independent pieces can be built by
+    concurrent tasks.
+    """
+    pieces: list[memoryview] = []
+    offset = 0
+    for frame in frames:
+        view = memoryview(frame).cast("B")
+        lo, hi = max(start - offset, 0), min(end - offset, view.nbytes)
+        if lo < hi:
+            pieces.append(view[lo:hi])
+        offset += view.nbytes
+        if offset >= end:
+            break
+    return b"".join(pieces)
+
+
+async def bounded_gather(factories: Sequence[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    """Run the coroutines ``factories`` make, at most ``limit`` at once, results in order.
+
+    The first failure cancels the others and is raised as it is (not wrapped
+    in an ExceptionGroup), so the channel's error mapping stays visible.
+    """
+    semaphore = asyncio.Semaphore(max(1, limit))
+
+    async def one(factory: Callable[[], Awaitable[T]]) -> T:
+        async with semaphore:
+            return await factory()
+
+    tasks = [asyncio.ensure_future(one(f)) for f in factories]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def option_number(
+    options: dict[str, Any],
+    name: str,
+    backend: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    maximum: float | None = None,
+) -> float:
+    """A numeric backend option, checked, with a message naming the config key."""
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"backends.{backend}.{name} must be a number, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum:g}" if maximum is not None else ""
+        raise ConfigError(
+            f"backends.{backend}.{name} must be at least {minimum:g}{upper}, got {value!r}"
+        )
+    return float(value)
+
+
+@dataclass
+class _LockEntry:
+    lock: asyncio.Lock
+    users: int = 0
+
+
+class MediatedChannel(Channel):
+    """A channel whose peers exchange data through shared storage.
+
+    Beyond :class:`~fmi_async.channels.base.Channel`'s point-to-point
+    ``send``/``recv``, a mediated channel stores objects that many peers read:
+    :meth:`put` once, :meth:`get` by any number of peers, :meth:`delete`.
+
+    Subclasses implement three primitives (:meth:`_store`, :meth:`_load`,
+    :meth:`_remove`); this class turns them into polling ``recv``/``get``
+    bounded by a :class:`~fmi_async.channels.backoff.Backoff`.  A backend that
+    can block on the server (Redis) overrides the operations instead.
+
+    Options every mediated backend reads: ``ttl`` (seconds stored objects
+    live when nobody deletes them), ``max_timeout`` (FMI's key: milliseconds a
+    receive waits when the caller gives no timeout; default the config's
+    ``timeout``), and the backoff keys of :meth:`Backoff.from_options`.
+    """
+
+    kind: ClassVar[Literal["direct", "mediated"]] = "mediated"
+
+    def __init__(
+        self,
+        peer_id: int,
+        num_peers: int,
+        comm_name: str,
+        run_id: str,
+        config: Config,
+        mailbox: Mailbox,
+    ) -> None:
+        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
+        self.prefix = storage_prefix(comm_name, run_id)
+        self.ttl = int(option_number(self.options, "ttl", self.name, DEFAULT_TTL, minimum=1))
+        if "max_timeout" in self.options:
+            max_ms = option_number(self.options, "max_timeout", self.name, 0, minimum=1)
+            self.max_wait = max_ms / 1000.0
+        else:
+            self.max_wait = config.timeout
+        self.backoff = Backoff.from_options(self.options, self.name)
+        self._owned: set[str] = set()
+        self._send_seq: dict[tuple[int, Key], int] = {}
+        self._recv_seq: dict[tuple[int, Key], int] = {}
+        self._recv_locks: dict[tuple[int, Key], _LockEntry] = {}
+        self._send_locks: dict[tuple[int, Key], _LockEntry] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} peer={self.peer_id}/{self.num_peers} "
+            f"{self.location()} prefix={self.prefix!r} owned={len(self._owned)} {self._state}>"
+        )
+
+    # ---------------------------------------------------------------- backend hooks
+
+    @abc.abstractmethod
+    def location(self) -> str:
+        """Where the data lives, for messages: ``s3://bucket``, ``redis://host:port/0``."""
+
+    @abc.abstractmethod
+    async def _store(self, name: str, frames: Sequence[Buffer], nbytes: int) -> None:
+        """Store the concatenation of ``frames`` under ``name``, visible all at once."""
+
+    @abc.abstractmethod
+    async def _load(self, name: str, consume: bool) -> list[Buffer] | None:
+        """One attempt to read ``name``: its pieces in order, or None if it does not exist yet.
+
+        ``consume`` is true when a receive will delete ``name`` right after
+        (a backend may note what it needs for that delete).
+        """
+
+    @abc.abstractmethod
+    async def _remove(self, names: Collection[str]) -> None:
+        """Delete every stored piece of ``names``; missing names are not an error."""
+
+    async def _shutdown(self) -> None:
+        """Release clients and connections (after the final deletes)."""
+
+    async def list_run(self) -> list[str]:
+        """Every stored name of this run and communicator (all peers): for tests and cleanup."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its objects")
+
+    # ---------------------------------------------------------------- names
+
+    def object_name(self, key: Key) -> str:
+        """Where :meth:`put` stores ``key``."""
+        return self._checked(f"{self.prefix}/obj/{_encode_key(key)}")
+
+    def message_name(self, src: int, dst: int, key: Key, seq: int | None = None) -> str:
+        """Where message number ``seq`` from ``src`` to ``dst`` under ``key`` lives.
+
+        Without ``seq``: the name of the whole ``(src, dst, key)`` stream (a
+        Redis list).
+        """
+        name = f"{self.prefix}/msg/{src}/{dst}/{_encode_key(key)}"
+        return self._checked(name if seq is None else f"{name}/{seq}")
+
+    max_name_bytes: ClassVar[int] = 1024
+
+    def _checked(self, name: str) -> str:
+        if len(name.encode()) > self.max_name_bytes:
+            raise ArgumentError(
+                f"storage name of {len(name.encode())} bytes exceeds the {self.max_name_bytes} "
+                f"{self.name} allows; use a shorter communicator name, run id or message key"
+            )
+        return name
+
+    # ---------------------------------------------------------------- helpers
+
+    def _encode(self, key: Key, payload: Payload) -> tuple[list[Buffer], int]:
+        frames = encode_frame(key, payload, self.config.limits)
+        return frames, sum(memoryview(f).nbytes for f in frames)
+
+    def _decode(self, parts: Iterable[Buffer], name: str, key: Key) -> Payload:
+        reader = FrameReader(self.config.limits)
+        frames: list[tuple[Key, Payload]] = []
+        for part in parts:
+            frames.extend(reader.feed(part))
+        reader.eof()
+        if len(frames) != 1 or frames[0][0] != tuple(key):
+            found = [k for k, _ in frames]
+            raise ProtocolError(
+                f"stored object {name!r} on {self.location()} holds messages {found}, expected one "
+                f"for key {key!r}; is another program writing under the prefix {self.prefix!r}?"
+            )
+        return frames[0][1]
+
+    def _deadline(self, timeout: float | None) -> tuple[float, float]:
+        """``(loop deadline, seconds)`` of a wait; ``None`` means the configured maximum."""
+        wait = self.max_wait if timeout is None else max(0.0, float(timeout))
+        return asyncio.get_running_loop().time() + wait, wait
+
+    def _timeout(self, what: str, waited: float, hint: str) -> CommTimeout:
+        return CommTimeout(
+            f"peer {self.peer_id} waited {waited:.3g}s for {what} on channel {self.name} "
+            f"({self.location()}, prefix {self.prefix!r}); {hint}"
+        )
+
+    @contextlib.asynccontextmanager
+    async def _open_deadline(self) -> AsyncIterator[None]:
+        """Bound ``open`` by the config's timeout, with a message that says what to check."""
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                yield
+        except CommTimeout:
+            raise
+        except TimeoutError:
+            raise CommTimeout(
+                f"peer {self.peer_id} could not open channel {self.name} ({self.location()}) "
+                f"within {self.config.timeout:g}s; check that the service is reachable "
+                "(host, port, endpoint_url, network) and responding"
+            ) from None
+
+    def _check_peer(self, peer: int, role: str) -> None:
+        if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < self.num_peers:
+            raise ArgumentError(f"{role} {peer!r} is not a peer of a group of {self.num_peers}")
+
+    def _check_open(self) -> None:
+        # Also refuse while close() deletes: a poll that outlives close() must
+        # stop instead of using a client that is being released.
+        super()._check_open()
+        if self._closing:
+            raise ClosedError(f"channel {self.name} of peer {self.peer_id} is closing")
+
+    async def _attempt(self, name: str, consume: bool) -> list[Buffer] | None:
+        self._check_open()
+        return await self._load(name, consume)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(
+        self, locks: dict[tuple[int, Key], _LockEntry], match: tuple[int, Key], deadline: float
+    ) -> AsyncIterator[None]:
+        """One operation at a time per (peer, key), in call order (asyncio locks are FIFO).
+
+        Receives take sequence numbers in the order they were posted; a
+        backend without sequence numbers (Redis) also orders its sends this way.
+        """
+        entry = locks.get(match)
+        if entry is None:
+            entry = locks[match] = _LockEntry(asyncio.Lock())
+        entry.users += 1
+        try:
+            async with asyncio.timeout_at(deadline):
+                await entry.lock.acquire()
+            try:
+                yield
+            finally:
+                entry.lock.release()
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del locks[match]
+
+    def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Run a best-effort cleanup without making the caller wait; close() awaits it."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                logger.warning("%r: %s failed (the objects expire by TTL): %s", self, what, exc)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---------------------------------------------------------------- channel API
+
+    async def send(self, dst: int, key: Key, payload: Payload) -> None:
+        self._check_open()
+        self._check_peer(dst, "destination")
+        match = (dst, key)
+        seq = self._send_seq.get(match, 0)
+        self._send_seq[match] = seq + 1
+        name = self.message_name(self.peer_id, dst, key, seq)
+        start = time.perf_counter()
+        frames, nbytes = self._encode(key, payload)
+        self._owned.add(name)
+        await self._store(name, frames, nbytes)
+        self._count_send(payload)
+        self.stats.seconds += time.perf_counter() - start
+
+    async def recv(self, src: int, key: Key, timeout: float | None) -> Payload:
+        self._check_open()
+        self._check_peer(src, "source")
+        start = time.perf_counter()
+        deadline, wait = self._deadline(timeout)
+        match = (src, key)
+        seq = self._recv_seq.get(match, 0)
+        name = self.message_name(src, self.peer_id, key, seq)
+        try:
+            async with self._exclusive(self._recv_locks, match, deadline):
+                seq = self._recv_seq.get(match, 0)
+                name = self.message_name(src, self.peer_id, key, seq)
+                parts = await poll_until(lambda: self._attempt(name, True), deadline, self.backoff)
+                if parts is not None:
+                    self._recv_seq[match] = seq + 1
+        except TimeoutError:
+            parts = None
+        if parts is None:
+            raise self._timeout(
+                f"message #{seq} from peer {src} ({describe_key(key)})",
+                wait,
+                f"check that peer {src} sent it to peer {self.peer_id} with the same "
+                "communicator name, run id and backend",
+            )
+        self._in_background(self._remove([name]), f"deleting consumed message {name!r}")
+        payload = self._decode(parts, name, key)
+        self.stats.messages_received += 1
+        self.stats.bytes_received += payload.nbytes
+        self.stats.seconds += time.perf_counter() - start
+        return payload
+
+    async def put(self, key: Key, payload: Payload) -> None:
+        """Store one object under ``key`` that any number of peers may :meth:`get`."""
+        self._check_open()
+        start = time.perf_counter()
+        name = self.object_name(key)
+        frames, nbytes = self._encode(key, payload)
+        self._owned.add(name)
+        await self._store(name, frames, nbytes)
+        self._count_send(payload)
+        self.stats.seconds += time.perf_counter() - start
+
+    async def get(self, key: Key, timeout: float | None) -> Payload:
+        """The object stored under ``key``, waiting until it exists (non-destructive)."""
+        self._check_open()
+        start = time.perf_counter()
+        deadline, wait = self._deadline(timeout)
+        name = self.object_name(key)
+        parts = await poll_until(lambda: self._attempt(name, False), deadline, self.backoff)
+        if parts is None:
+            raise self._get_timeout(key, wait)
+        payload = self._decode(parts, name, key)
+        self.stats.messages_received += 1
+        self.stats.bytes_received += payload.nbytes
+        self.stats.seconds += time.perf_counter() - start
+        return payload
+
+    def _get_timeout(self, key: Key, wait: float) -> CommTimeout:
+        return self._timeout(
+            f"object {describe_key(key)}",
+            wait,
+            "check that the peer meant to put it did so under the same key, communicator "
+            "name, run id and backend, and that it did not fail first",
+        )
+
+    async def delete(self, keys: Iterable[Key]) -> None:
+        """Delete the objects :meth:`put` stored under ``keys`` (missing ones are ignored)."""
+        self._check_open()
+        names = [self.object_name(k) for k in keys]
+        if names:
+            await self._remove(names)
+            self._owned.difference_update(names)
+
+    async def close(self) -> None:
+        """Delete everything this peer stored in this run, then release the backend.
+
+        Idempotent.  If the deletes fail, the error is raised after the
+        clients are released; what remains expires by TTL.
+        """
+        if self._state != "open":
+            await super().close()
+            return
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                if self._background:
+                    await asyncio.gather(*self._background, return_exceptions=True)
+                if self._owned:
+                    await self._remove(sorted(self._owned))
+                    self._owned.clear()
+        finally:
+            try:
+                await self._shutdown()
+            finally:
+                await super().close()
+
+
+def _encode_key(key: Key) -> str:
+    if not isinstance(key, tuple) or not key:
+        raise ArgumentError(f"message keys are non-empty tuples of str/int, got {key!r}")
+    return "/".join(key_component(part) for part in key)

@@ -423,20 +423,23 @@ async def test_stalled_receiver_hits_send_deadline() -> None:
 async def test_cancelled_send_invalidates_connection_then_reconnects() -> None:
     async with tcp_peers(2) as (chans, _):
         await send(chans[0], 1, "first")
+        assert await recv(chans[1], 0) == "first"
         first = chans[0]._senders[1]
+        (receiver,) = chans[1]._incoming
+        assert receiver.transport is not None
+        receiver.transport.pause_reading()  # so the next send cannot finish
         task = asyncio.create_task(send(chans[0], 1, np.ones(32 * MiB // 8), tag=1))
-        for _ in range(100):  # until the frame is partly written
+        for _ in range(200):  # until the frame is partly written
             if first._paused:
                 break
-            await asyncio.sleep(0.001)
-        assert first._paused
+            await asyncio.sleep(0.01)
+        assert first._paused and not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not first.usable  # half a frame went out: that stream is unusable
         await send(chans[0], 1, "after cancel", tag=2)  # new connection, clean stream
         assert chans[0]._senders[1] is not first
-        assert await recv(chans[1], 0) == "first"
         assert await recv(chans[1], 0, tag=2) == "after cancel"
 
 

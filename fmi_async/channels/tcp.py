@@ -138,7 +138,10 @@ class _Sender(asyncio.Protocol):
             return
         self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self._waiter, timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that races with the resume, and a cancelled send must stop.
+            async with asyncio.timeout(timeout):
+                await self._waiter
         except TimeoutError:
             raise CommTimeout(
                 f"peer {self.dst} did not read for {timeout:.3g}s while peer "
@@ -429,10 +432,8 @@ class TCPChannel(Channel):
         self._check_open()
         loop = asyncio.get_running_loop()
         try:
-            _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _Sender(self, dst), host, port),
-                self.connect_timeout,
-            )
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await loop.create_connection(lambda: _Sender(self, dst), host, port)
         except TimeoutError:
             raise CommTimeout(
                 f"peer {self.peer_id} could not connect to peer {dst} at {host}:{port} within "

@@ -91,9 +91,8 @@ class RendezvousClient:
         signed = p.sign(request, self.secret)
         deadline = time.monotonic() + deadline_s
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.timeout
-            )
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
         except TimeoutError:
             raise BrokenChannelError(
                 f"cannot reach {self._where}: no answer within {self.timeout:.3g}s; "
@@ -123,7 +122,8 @@ class RendezvousClient:
             if remaining <= 0:
                 raise self._timeout(request)
             try:
-                data = await asyncio.wait_for(reader.read(65536), remaining)
+                async with asyncio.timeout(remaining):
+                    data = await reader.read(65536)
             except TimeoutError:
                 raise self._timeout(request) from None
             if not data:

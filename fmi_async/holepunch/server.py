@@ -199,7 +199,8 @@ class RendezvousServer:
         decoder = p.Decoder()
         while True:
             try:
-                data = await asyncio.wait_for(reader.read(65536), self.idle_timeout)
+                async with asyncio.timeout(self.idle_timeout):
+                    data = await reader.read(65536)
             except TimeoutError:
                 logger.debug("rendezvous: closing idle connection from %s", observed)
                 return
@@ -210,7 +211,8 @@ class RendezvousServer:
             except ProtocolError as exc:
                 logger.warning("rendezvous: bad message from %s: %s", observed, exc)
                 writer.write(p.encode(p.Error("bad_request", str(exc))))
-                await asyncio.wait_for(writer.drain(), self.idle_timeout)
+                async with asyncio.timeout(self.idle_timeout):
+                    await writer.drain()
                 return
             for message in messages:
                 try:
@@ -219,7 +221,8 @@ class RendezvousServer:
                     logger.exception("rendezvous: failed to handle %r", message)
                     answer = p.Error("internal", "the rendezvous server failed; see its log")
                 writer.write(p.encode(answer))
-                await asyncio.wait_for(writer.drain(), self.idle_timeout)
+                async with asyncio.timeout(self.idle_timeout):
+                    await writer.drain()
 
     async def _handle(self, message: p.Message, observed: p.Address | None) -> p.Message:
         if isinstance(message, p.Register):
@@ -269,7 +272,8 @@ class RendezvousServer:
         self._waiters.setdefault(key, set()).add(fut)
         self._pending += 1
         try:
-            addr = await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                addr = await fut
         except TimeoutError:
             return p.Error(
                 "timeout",

@@ -470,6 +470,25 @@ async def test_repr_shows_connections() -> None:
         assert "in=[0]" in repr(chans[1]) and "listen=127.0.0.1:" in repr(chans[1])
 
 
+def assert_nodelay(chans: list[TCPChannel]) -> None:
+    transports = [s.transport for c in chans for s in c._senders.values()]
+    transports += [r.transport for c in chans for r in c._incoming]
+    assert transports
+    for transport in transports:
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_nodelay_on_every_socket() -> None:
+    async with tcp_peers(2) as (chans, _):
+        await send(chans[0], 1, 1)
+        await send(chans[1], 0, 1)
+        await recv(chans[0], 1)
+        await recv(chans[1], 0)
+        assert_nodelay(chans)
+
+
 # ---------------------------------------------------------------- uvloop
 
 
@@ -482,6 +501,7 @@ async def _scenario() -> None:
         assert np.array_equal(await recv(chans[1], 0), big)
         assert await recv(chans[1], 2) == "small"
         assert await recv(chans[0], 1) == {"x": 1}
+        assert_nodelay(chans)
         reader, writer = await raw_connection(chans[1])
         writer.write(b"junk" * 10)
         assert await closed_by_peer(reader)

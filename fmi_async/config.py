@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,8 @@ class Config:
             out["channel"] = self.channel
         if self.secret is not None:
             out["security"] = {"secret": self.secret.decode()}
+        if self.limits != Limits():
+            out["limits"] = asdict(self.limits)
         return out
 
 

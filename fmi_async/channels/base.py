@@ -79,6 +79,7 @@ class Mailbox:
         self._queues: dict[tuple[int, Key], deque[Payload]] = {}
         self._waiters: dict[tuple[int, Key], deque[asyncio.Future[Payload]]] = {}
         self._error: BaseException | None = None
+        self._source_errors: dict[int, BaseException] = {}
 
     def __repr__(self) -> str:
         return (
@@ -108,6 +109,8 @@ class Mailbox:
             return payload
         if self._error is not None:
             raise self._error
+        if src in self._source_errors:
+            raise self._source_errors[src]
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Payload] = loop.create_future()
         self._waiters.setdefault(match, deque()).append(fut)
@@ -142,12 +145,19 @@ class Mailbox:
         self._waiters.clear()
 
     def fail_source(self, src: int, exc: BaseException) -> None:
-        """Wake the waiters for one source (its connection broke)."""
+        """Its connection broke: wake the waiters for ``src`` and fail later receives
+        from it at once (messages already queued are still delivered), until
+        :meth:`clear_source` says it is back."""
+        self._source_errors[src] = exc
         for (s, _), waiters in list(self._waiters.items()):
             if s == src:
                 for fut in waiters:
                     if not fut.done():
                         fut.set_exception(exc)
+
+    def clear_source(self, src: int) -> None:
+        """``src`` reconnected: receives from it wait normally again."""
+        self._source_errors.pop(src, None)
 
     def pending(self) -> int:
         return sum(len(q) for q in self._queues.values())

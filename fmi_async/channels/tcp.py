@@ -244,6 +244,7 @@ class _Receiver(asyncio.BufferedProtocol):
             return
         assert isinstance(message, hp.Hello)
         self.src = message.peer
+        self.channel.mailbox.clear_source(message.peer)
         self.reader = FrameReader(self.channel.config.limits)
         if self._timer is not None:
             self._timer.cancel()

@@ -325,12 +325,35 @@ _SERIALIZER_FLAGS: Final = {"msgpack": 0, "pickle": 1}
 _FLAG_SERIALIZERS: Final = {v: k for k, v in _SERIALIZER_FLAGS.items()}
 
 
+# Keys repeat (a tag, a collective step), so both directions are cached;
+# the caches are cleared when they fill, which bounds their memory.
+_KEY_CACHE_SIZE: Final = 4096
+_encoded_keys: dict[Key, bytes] = {}
+_decoded_keys: dict[bytes, Key] = {}
+
+
 def encode_key(key: Key) -> bytes:
-    packed: bytes = msgpack.packb(list(key), use_bin_type=True)
+    packed = _encoded_keys.get(key)
+    if packed is None:
+        packed = msgpack.packb(list(key), use_bin_type=True)
+        assert isinstance(packed, bytes)
+        if len(_encoded_keys) >= _KEY_CACHE_SIZE:
+            _encoded_keys.clear()
+        _encoded_keys[key] = packed
     return packed
 
 
 def decode_key(data: bytes) -> Key:
+    key = _decoded_keys.get(data)
+    if key is None:
+        key = _decode_key(data)
+        if len(_decoded_keys) >= _KEY_CACHE_SIZE:
+            _decoded_keys.clear()
+        _decoded_keys[data] = key
+    return key
+
+
+def _decode_key(data: bytes) -> Key:
     try:
         key = msgpack.unpackb(data, raw=False)
     except Exception as exc:
@@ -347,20 +370,20 @@ def encode_frame(key: Key, payload: Payload, limits: Limits = DEFAULT_LIMITS) ->
     kbytes = encode_key(key)
     if len(kbytes) > limits.max_key:
         raise ProtocolError(f"message key of {len(kbytes)} bytes exceeds {limits.max_key}")
+    header = payload.header
+    flags = _SERIALIZER_FLAGS[payload.serializer]
+    if not payload.buffers:  # the common small message: one bytes object
+        if len(header) > limits.max_header:
+            limits.check_payload(len(header), ())
+        prefix = PREFIX.pack(MAGIC, VERSION, flags, len(kbytes), len(header), 0)
+        return [prefix + kbytes + header]
     lengths = [_buflen(b) for b in payload.buffers]
-    limits.check_payload(len(payload.header), lengths)
+    limits.check_payload(len(header), lengths)
     head = b"".join(
         [
-            PREFIX.pack(
-                MAGIC,
-                VERSION,
-                _SERIALIZER_FLAGS[payload.serializer],
-                len(kbytes),
-                len(payload.header),
-                len(lengths),
-            ),
+            PREFIX.pack(MAGIC, VERSION, flags, len(kbytes), len(header), len(lengths)),
             kbytes,
-            payload.header,
+            header,
             b"".join(LENGTH.pack(n) for n in lengths),
         ]
     )

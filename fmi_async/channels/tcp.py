@@ -123,6 +123,11 @@ class _Sender(asyncio.Protocol):
             self.lost.set_result(None)
 
     @property
+    def ready(self) -> bool:
+        """Usable, and nothing of an earlier frame is still waiting to be written."""
+        return self.usable and not self._paused
+
+    @property
     def usable(self) -> bool:
         return self.error is None and self.transport is not None and not self.transport.is_closing()
 
@@ -416,6 +421,21 @@ class TCPChannel(Channel):
         else:
             buffers = encode_frame(key, payload, self.config.limits)
             nbytes = sum(memoryview(b).nbytes for b in buffers)
+            sender = self._senders.get(dst)
+            lock = self._locks.get(dst)
+            if (
+                nbytes <= _SMALL
+                and sender is not None
+                and sender.ready
+                and (lock is None or not lock.locked())
+            ):
+                # Fast path for the common small message on an idle connection:
+                # one write, no lock, no await.
+                assert sender.transport is not None
+                sender.transport.write(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+                self._count_send(payload)
+                self.stats.seconds += time.perf_counter() - start
+                return
             lock = self._locks.setdefault(dst, asyncio.Lock())
             async with lock:  # frames to one destination never interleave
                 sender = await self._connection(dst)

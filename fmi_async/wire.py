@@ -373,7 +373,7 @@ def encode_frame(key: Key, payload: Payload, limits: Limits = DEFAULT_LIMITS) ->
     header = payload.header
     flags = _SERIALIZER_FLAGS[payload.serializer]
     if not payload.buffers:  # the common small message: one bytes object
-        if len(header) > limits.max_header:
+        if len(header) > limits.max_header or len(header) > limits.max_total:
             limits.check_payload(len(header), ())
         prefix = PREFIX.pack(MAGIC, VERSION, flags, len(kbytes), len(header), 0)
         return [prefix + kbytes + header]

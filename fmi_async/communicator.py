@@ -7,9 +7,9 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -28,13 +28,14 @@ from .errors import (
     SizeMismatchError,
 )
 from .ops import Op, as_op
+from .selection.cost import channel_cost
+from .selection.model import CostModel, load_models
 from .selection.plan import Hint, Plan, plan
 from .wire import dumps, loads
 
 __all__ = ["Communicator", "P2P_PREFERENCE"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Which enabled channel carries point-to-point traffic when the config does
 # not name one: fastest kinds first.
@@ -89,6 +90,10 @@ class Communicator:
         self._seq = 0
         self._state = "new"
         self._collectives: Counter[str] = Counter()
+        self._predicted_seconds = 0.0
+        self._predicted_usd = 0.0
+        self._models = CostModel(load_models(self.config.model), faas_memory_mb=faas_memory)
+        self._opened_at: float | None = None
 
     # ---------------------------------------------------------------- life cycle
 
@@ -145,6 +150,7 @@ class Communicator:
         else:
             self._p2p = next(self._channels[n] for n in P2P_PREFERENCE if n in self._channels)
         self._state = "open"
+        self._opened_at = time.perf_counter()
         logger.debug("%r opened", self)
 
     async def close(self) -> None:
@@ -197,14 +203,36 @@ class Communicator:
         return self._hint
 
     def stats(self) -> dict[str, Any]:
-        """Per-channel messages, bytes, requests and seconds; collectives by plan."""
+        """What each channel carried and cost, which plans ran, and the model's predictions.
+
+        ``channels[name]["usd"]`` prices the channel's counted requests, bytes
+        and infrastructure share with the cost model; ``cost["faas_usd"]`` is
+        this function's own GB-seconds since the communicator opened.
+        """
+        channels: dict[str, Any] = {}
+        total = 0.0
+        for name, chan in self._channels.items():
+            entry = chan.stats.as_dict()
+            entry["usd"] = channel_cost(chan.kind, chan.stats, self._models.channel(name))
+            total += entry["usd"]
+            channels[name] = entry
+        elapsed = 0.0 if self._opened_at is None else time.perf_counter() - self._opened_at
+        faas = self._models.faas_cost(elapsed, 1)
         return {
             "peer": self.peer_id,
             "num_peers": self.num_peers,
             "comm_name": self.comm_name,
             "hint": self._hint.value,
-            "channels": {n: c.stats.as_dict() for n, c in self._channels.items()},
+            "channels": channels,
             "collectives": dict(self._collectives),
+            "predicted": {"seconds": self._predicted_seconds, "usd": self._predicted_usd},
+            "cost": {
+                "channels_usd": total,
+                "faas_usd": faas,
+                "total_usd": total + faas,
+                "faas_memory_mb": self.faas_memory,
+                "seconds_open": elapsed,
+            },
         }
 
     # ---------------------------------------------------------------- validation
@@ -291,51 +319,75 @@ class Communicator:
         *,
         nbytes: int | None = None,
         operator: Op | None = None,
-        is_array: bool = False,
-        signature: str = "",
+        value: Any = None,
+        root: int = 0,
         algorithm: str | None = None,
         channel: str | None = None,
-    ) -> CollectiveContext:
-        """Everything synchronous before the first await: the sequence number is taken here,
-        so collectives started together (``asyncio.gather``) are numbered in call order."""
-        chan = self._channel(channel)
-        chosen: Plan = plan(
+    ) -> tuple[CollectiveContext, Plan]:
+        """Everything synchronous before the first await: the plan is chosen and the
+        sequence number taken here, so collectives started together
+        (``asyncio.gather``) are numbered in call order on every peer."""
+        if self._state != "open":
+            raise ClosedError(f"{self!r} is not open; use `async with comm:` or await comm.open()")
+        is_array, elements, signature = False, None, ""
+        if isinstance(value, np.ndarray):
+            is_array, elements = True, int(value.size)
+            nbytes = int(value.nbytes)
+            signature = f"{value.dtype.str}{list(value.shape)}"
+        chosen = plan(
             op,
             nbytes=nbytes,
             num_peers=self.num_peers,
-            channel=chan.name,
+            channels=[(name, chan.kind) for name, chan in self._channels.items()],
+            models=self._models,
             operator=operator,
             is_array=is_array,
+            elements=elements,
+            root=root,
             signature=signature,
             hint=self._hint,
+            channel=channel,
             algorithm=algorithm,
         )
         self._seq += 1
-        self._collectives[f"{op}/{chosen.channel}/{chosen.algorithm}"] += 1
-        logger.debug("peer %d: %s #%d plan %s", self.peer_id, op, self._seq, chosen.ident)
-        return CollectiveContext(
+        self._collectives[f"{op}/{chosen.channel}/{chosen.family}:{chosen.algorithm}"] += 1
+        self._predicted_seconds += chosen.seconds
+        self._predicted_usd += chosen.usd
+        logger.debug(
+            "peer %d: %s #%d plan %s (predicted %.3gs, $%.3g)",
+            self.peer_id,
+            op,
+            self._seq,
+            chosen.ident,
+            chosen.seconds,
+            chosen.usd,
+        )
+        ctx = CollectiveContext(
             rank=self.peer_id,
             size=self.num_peers,
             seq=self._seq,
             op=op,
             plan=chosen.ident,
-            channel=chan,
+            channel=self._channels[chosen.channel],
             deadline=self._deadline(timeout),
             serializer=self.config.serializer,
         )
+        return ctx, chosen
 
-    async def _run(self, ctx: CollectiveContext, coro: Awaitable[T]) -> T:
-        start = time.perf_counter()
-        try:
-            return await coro
-        finally:
-            logger.debug("%r done in %.6fs", ctx, time.perf_counter() - start)
+    async def _run(self, ctx: CollectiveContext, chosen: Plan, *args: Any) -> Any:
+        """Run the chosen algorithm of the chosen family."""
+        if chosen.family == "direct":
+            module: Any = direct
+        else:
+            from .collectives import mediated
 
-    @staticmethod
-    def _array_signature(value: Any) -> tuple[bool, int | None, str]:
-        if isinstance(value, np.ndarray):
-            return True, value.nbytes, f"{value.dtype.str}{list(value.shape)}"
-        return False, None, ""
+            module = mediated
+        fn = getattr(module, chosen.op)
+        if chosen.op == "allreduce" or (
+            chosen.family == "direct" and chosen.op in ("reduce", "scan", "exscan")
+        ):
+            return await fn(ctx, *args, chosen.algorithm)
+        return await fn(ctx, *args)
 
     def _serializable(self, value: Any) -> None:
         """Raise SerializationError now, before any message of the collective is sent."""
@@ -346,48 +398,77 @@ class Communicator:
         value: Any = None,
         root: int = 0,
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
         algorithm: str | None = None,
     ) -> Any:
+        """Peer ``root``'s value, on every peer.
+
+        ``nbytes`` is the size every peer assumes when choosing the plan (only
+        the root knows the real one); give the same value on every peer, or
+        leave it to the default (``fmi_async.selection.plan.DEFAULT_NBYTES``).
+        """
         self._check_root(root, "bcast")
         if self.peer_id == root:
             self._serializable(value)
-        ctx = self._begin("bcast", timeout, channel=channel, algorithm=algorithm)
-        return await self._run(ctx, direct.bcast(ctx, value, root))
+        ctx, chosen = self._begin(
+            "bcast", timeout, nbytes=nbytes, root=root, channel=channel, algorithm=algorithm
+        )
+        return await self._run(ctx, chosen, value, root)
 
-    async def barrier(self, *, timeout: float | None = None, channel: str | None = None) -> None:
-        ctx = self._begin("barrier", timeout, channel=channel)
-        await self._run(ctx, direct.barrier(ctx))
+    async def barrier(
+        self,
+        *,
+        timeout: float | None = None,
+        channel: str | None = None,
+        algorithm: str | None = None,
+    ) -> None:
+        """Return once every peer has entered the barrier."""
+        ctx, chosen = self._begin(
+            "barrier", timeout, nbytes=0, channel=channel, algorithm=algorithm
+        )
+        await self._run(ctx, chosen)
 
     async def gather(
         self,
         value: Any,
         root: int = 0,
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
+        algorithm: str | None = None,
     ) -> list[Any] | None:
+        """Every peer's value, in rank order, on ``root``; ``None`` elsewhere."""
         self._check_root(root, "gather")
         self._serializable(value)
-        ctx = self._begin("gather", timeout, channel=channel)
-        return await self._run(ctx, direct.gather(ctx, value, root))
+        ctx, chosen = self._begin(
+            "gather", timeout, nbytes=nbytes, root=root, channel=channel, algorithm=algorithm
+        )
+        result: list[Any] | None = await self._run(ctx, chosen, value, root)
+        return result
 
     async def scatter(
         self,
         values: Sequence[Any] | None = None,
         root: int = 0,
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
+        algorithm: str | None = None,
     ) -> Any:
+        """Item ``i`` of the root's list, on peer ``i``."""
         self._check_root(root, "scatter")
         items: list[Any] | None = None
         if self.peer_id == root:
             items = self._check_list(values, "scatter")
             self._serializable(items)
-        ctx = self._begin("scatter", timeout, channel=channel)
-        return await self._run(ctx, direct.scatter(ctx, items, root))
+        ctx, chosen = self._begin(
+            "scatter", timeout, nbytes=nbytes, root=root, channel=channel, algorithm=algorithm
+        )
+        return await self._run(ctx, chosen, items, root)
 
     async def reduce(
         self,
@@ -395,77 +476,95 @@ class Communicator:
         op: OpLike = "SUM",
         root: int = 0,
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
         algorithm: str | None = None,
     ) -> Any:
+        """``op`` over every peer's value, in rank order, on ``root``; ``None`` elsewhere."""
         self._check_root(root, "reduce")
         oper = as_op(op)
         self._serializable(value)
-        is_array, nbytes, sig = self._array_signature(value)
-        ctx = self._begin(
+        ctx, chosen = self._begin(
             "reduce",
             timeout,
             nbytes=nbytes,
             operator=oper,
-            is_array=is_array,
-            signature=sig,
+            value=value,
+            root=root,
             channel=channel,
             algorithm=algorithm,
         )
-        return await self._run(ctx, direct.reduce(ctx, value, oper, root))
+        return await self._run(ctx, chosen, value, oper, root)
 
     async def allreduce(
         self,
         value: Any,
         op: OpLike = "SUM",
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
         algorithm: str | None = None,
     ) -> Any:
+        """``op`` over every peer's value, in rank order, on every peer."""
         oper = as_op(op)
         self._serializable(value)
-        is_array, nbytes, sig = self._array_signature(value)
-        ctx = self._begin(
+        ctx, chosen = self._begin(
             "allreduce",
             timeout,
             nbytes=nbytes,
             operator=oper,
-            is_array=is_array,
-            signature=sig,
+            value=value,
             channel=channel,
             algorithm=algorithm,
         )
-        alg = ctx.plan.split("/")[2]
-        return await self._run(ctx, direct.allreduce(ctx, value, oper, alg))
+        return await self._run(ctx, chosen, value, oper)
 
     async def allgather(
-        self, value: Any, *, timeout: float | None = None, channel: str | None = None
+        self,
+        value: Any,
+        *,
+        nbytes: int | None = None,
+        timeout: float | None = None,
+        channel: str | None = None,
+        algorithm: str | None = None,
     ) -> list[Any]:
+        """Every peer's value, in rank order, on every peer."""
         self._serializable(value)
-        ctx = self._begin("allgather", timeout, channel=channel)
-        return await self._run(ctx, direct.allgather(ctx, value))
+        ctx, chosen = self._begin(
+            "allgather", timeout, nbytes=nbytes, channel=channel, algorithm=algorithm
+        )
+        result: list[Any] = await self._run(ctx, chosen, value)
+        return result
 
     async def alltoall(
         self,
         values: Sequence[Any],
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
+        algorithm: str | None = None,
     ) -> list[Any]:
+        """Item ``j`` of peer ``i``'s list becomes item ``i`` of peer ``j``'s result."""
         items = self._check_list(values, "alltoall")
         self._serializable(items)
-        ctx = self._begin("alltoall", timeout, channel=channel)
-        return await self._run(ctx, direct.alltoall(ctx, items))
+        ctx, chosen = self._begin(
+            "alltoall", timeout, nbytes=nbytes, channel=channel, algorithm=algorithm
+        )
+        result: list[Any] = await self._run(ctx, chosen, items)
+        return result
 
     async def reduce_scatter(
         self,
         value: Any,
         op: OpLike = "SUM",
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
+        algorithm: str | None = None,
     ) -> Any:
         """Reduce element-wise across peers; peer ``i`` gets part ``i``.
 
@@ -478,44 +577,64 @@ class Communicator:
             if value.ndim == 0:
                 raise SizeMismatchError("reduce_scatter needs an array with at least one axis")
             parts = list(np.array_split(value, self.num_peers))
-            sig = f"{value.dtype.str}{list(value.shape)}"
         else:
             parts = self._check_list(value, "reduce_scatter")
-            sig = ""
         self._serializable(parts)
-        ctx = self._begin("reduce_scatter", timeout, operator=oper, signature=sig, channel=channel)
-        return await self._run(ctx, direct.reduce_scatter(ctx, parts, oper))
+        ctx, chosen = self._begin(
+            "reduce_scatter",
+            timeout,
+            nbytes=nbytes,
+            operator=oper,
+            value=value if isinstance(value, np.ndarray) else None,
+            channel=channel,
+            algorithm=algorithm,
+        )
+        return await self._run(ctx, chosen, parts, oper)
 
     async def scan(
         self,
         value: Any,
         op: OpLike = "SUM",
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
+        algorithm: str | None = None,
     ) -> Any:
         """Inclusive prefix reduction: peer ``i`` gets ``op(v0, ..., vi)``."""
         oper = as_op(op)
         self._serializable(value)
-        is_array, _nbytes, sig = self._array_signature(value)
-        ctx = self._begin(
-            "scan", timeout, operator=oper, is_array=is_array, signature=sig, channel=channel
+        ctx, chosen = self._begin(
+            "scan",
+            timeout,
+            nbytes=nbytes,
+            operator=oper,
+            value=value,
+            channel=channel,
+            algorithm=algorithm,
         )
-        return await self._run(ctx, direct.scan(ctx, value, oper))
+        return await self._run(ctx, chosen, value, oper)
 
     async def exscan(
         self,
         value: Any,
         op: OpLike = "SUM",
         *,
+        nbytes: int | None = None,
         timeout: float | None = None,
         channel: str | None = None,
+        algorithm: str | None = None,
     ) -> Any:
         """Exclusive prefix reduction: peer ``i`` gets ``op(v0, ..., v(i-1))``; peer 0 ``None``."""
         oper = as_op(op)
         self._serializable(value)
-        is_array, _nbytes, sig = self._array_signature(value)
-        ctx = self._begin(
-            "exscan", timeout, operator=oper, is_array=is_array, signature=sig, channel=channel
+        ctx, chosen = self._begin(
+            "exscan",
+            timeout,
+            nbytes=nbytes,
+            operator=oper,
+            value=value,
+            channel=channel,
+            algorithm=algorithm,
         )
-        return await self._run(ctx, direct.exscan(ctx, value, oper))
+        return await self._run(ctx, chosen, value, oper)

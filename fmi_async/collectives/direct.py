@@ -44,7 +44,6 @@ __all__ = [
     "scan",
     "exscan",
     "barrier",
-    "ALGORITHMS",
 ]
 
 
@@ -86,11 +85,13 @@ async def bcast(ctx: CollectiveContext, value: Any, root: int) -> Any:
 # ------------------------------------------------------------------- reduce
 
 
-async def reduce(ctx: CollectiveContext, value: Any, op: Op, root: int) -> Any:
+async def reduce(
+    ctx: CollectiveContext, value: Any, op: Op, root: int, algorithm: str = "binomial"
+) -> Any:
     size = ctx.size
     if size == 1:
         return value
-    if not op.associative:
+    if algorithm == "linear" or not op.associative:
         values = await gather(ctx, value, root)
         return fold(op, values) if values is not None else None
     # Commutative: tree relative to the root.  Otherwise: tree rooted at rank 0
@@ -270,9 +271,11 @@ async def reduce_scatter(ctx: CollectiveContext, parts: list[Any], op: Op) -> An
 # ------------------------------------------------------------------- scan / exscan
 
 
-async def scan(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+async def scan(
+    ctx: CollectiveContext, value: Any, op: Op, algorithm: str = "recursive_doubling"
+) -> Any:
     size, rank = ctx.size, ctx.rank
-    if not op.associative:
+    if algorithm == "chain" or not op.associative:
         prefix = value if rank == 0 else op(await ctx.recv(rank - 1, "chain"), value)
         if rank + 1 < size:
             await ctx.send(rank + 1, "chain", prefix)
@@ -292,10 +295,12 @@ async def scan(ctx: CollectiveContext, value: Any, op: Op) -> Any:
     return result
 
 
-async def exscan(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+async def exscan(
+    ctx: CollectiveContext, value: Any, op: Op, algorithm: str = "recursive_doubling"
+) -> Any:
     """Exclusive scan; rank 0 gets ``None`` (MPI leaves it undefined)."""
     size, rank = ctx.size, ctx.rank
-    if not op.associative:
+    if algorithm == "chain" or not op.associative:
         prefix = None if rank == 0 else await ctx.recv(rank - 1, "chain")
         if rank + 1 < size:
             await ctx.send(rank + 1, "chain", value if prefix is None else op(prefix, value))
@@ -326,18 +331,3 @@ async def barrier(ctx: CollectiveContext) -> None:
     while dist < size:
         await ctx.sendrecv((rank + dist) % size, None, (rank - dist) % size, dist)
         dist <<= 1
-
-
-ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "bcast": ("binomial",),
-    "reduce": ("binomial", "linear"),
-    "allreduce": ("recursive_doubling", "ring", "linear"),
-    "gather": ("binomial",),
-    "scatter": ("binomial",),
-    "allgather": ("bruck",),
-    "alltoall": ("pairwise",),
-    "reduce_scatter": ("pairwise",),
-    "scan": ("recursive_doubling", "chain"),
-    "exscan": ("recursive_doubling", "chain"),
-    "barrier": ("dissemination",),
-}

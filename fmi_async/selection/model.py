@@ -1,0 +1,313 @@
+"""Performance and dollar-cost models of the channels, in units a reader can check.
+
+Every number here is in SI units: seconds, bytes per second, US dollars.
+FMI's ``model`` section (overhead in milliseconds, bandwidth in MB/s, prices
+in dollars) is converted on load (:func:`from_fmi`).
+
+A channel's model has
+
+* ``overhead`` -- seconds per message (direct channels) or per request
+  (storage), independent of size;
+* ``bandwidth`` -- bytes per second of one stream; ``aggregate_bandwidth`` --
+  bytes per second the backend serves to many concurrent readers in total;
+* ``request_prices`` -- dollars per request, by the request kind the channel
+  counts in ``stats.requests`` (S3 operation names, DynamoDB capacity units);
+* ``price_per_gb`` -- dollars per GB moved (data transfer);
+* ``infra_per_hour`` -- dollars per hour of infrastructure the channel needs
+  (a Redis node, the rendezvous VM), amortised over ``requests_per_hour``
+  messages or requests of the whole workload (FMI's ``requests_per_hour``).
+
+The function itself costs ``faas_gb_second`` dollars per GB-second of its
+memory for the time it runs, on every peer.
+
+Default prices are AWS list prices, us-east-1, on-demand, as published in
+2025; default performance is FMI's measurements (ICS 2023, section 5) for the
+cloud channels and loopback measurements for memory/TCP.  ``fmi calibrate``
+measures the configured channels and writes the numbers back into the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = [
+    "ChannelModel",
+    "CostModel",
+    "DEFAULT_MODELS",
+    "FAAS_GB_SECOND",
+    "from_fmi",
+    "load_models",
+]
+
+# AWS Lambda, x86, first 6 billion GB-seconds a month: $0.0000166667 per GB-s
+# (aws.amazon.com/lambda/pricing).
+FAAS_GB_SECOND = 0.0000166667
+
+_S3_TIER1 = 0.005 / 1000  # PUT, COPY, POST, LIST: $0.005 per 1,000 (aws.amazon.com/s3/pricing)
+_S3_TIER2 = 0.0004 / 1000  # GET, SELECT and all other requests: $0.0004 per 1,000
+# DynamoDB on-demand after the November 2024 reduction: $0.625 per million write
+# request units (1 KB each), $0.125 per million read request units (4 KB,
+# strongly consistent) (aws.amazon.com/dynamodb/pricing/on-demand).
+_DDB_WRU = 0.625 / 1e6
+_DDB_RRU = 0.125 / 1e6
+
+
+@dataclass(frozen=True)
+class ChannelModel:
+    """What one message or request on a channel costs in seconds and dollars."""
+
+    overhead: float
+    bandwidth: float
+    aggregate_bandwidth: float
+    request_prices: Mapping[str, float] = field(default_factory=dict)
+    # Request kinds one point-to-point message costs, and one stored object
+    # (written once, read by each reader): used by the plan's predictions.
+    message_requests: Mapping[str, float] = field(default_factory=dict)
+    put_requests: Mapping[str, float] = field(default_factory=dict)
+    get_requests: Mapping[str, float] = field(default_factory=dict)
+    price_per_gb: float = 0.0
+    infra_per_hour: float = 0.0
+    requests_per_hour: float = 1000.0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("overhead", "bandwidth", "aggregate_bandwidth", "requests_per_hour"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"model.{name} must be a finite number >= 0, got {value!r}")
+        if self.bandwidth <= 0 or self.aggregate_bandwidth <= 0 or self.requests_per_hour <= 0:
+            raise ConfigError("model bandwidths and requests_per_hour must be positive")
+
+    # -- time --------------------------------------------------------------
+
+    def time(self, nbytes: float) -> float:
+        """Seconds for one message or request of ``nbytes`` on one stream."""
+        return self.overhead + nbytes / self.bandwidth
+
+    def shared_time(self, nbytes: float, readers: int) -> float:
+        """Seconds for ``readers`` peers each reading ``nbytes`` at once."""
+        per_reader = min(self.bandwidth, self.aggregate_bandwidth / max(readers, 1))
+        return self.overhead + nbytes / per_reader
+
+    # -- dollars -------------------------------------------------------------
+
+    def request_cost(self, requests: Mapping[str, float]) -> float:
+        return sum(count * self.request_prices.get(kind, 0.0) for kind, count in requests.items())
+
+    def infra_cost(self, requests: float) -> float:
+        return self.infra_per_hour / self.requests_per_hour * requests
+
+    def transfer_cost(self, nbytes: float) -> float:
+        return nbytes / 1e9 * self.price_per_gb
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("request_prices", "message_requests", "put_requests", "get_requests"):
+            out[key] = dict(out[key])
+        return out
+
+
+def _units(kind: str, nbytes: float, unit: int) -> float:
+    return float(max(1, math.ceil(nbytes / unit)))
+
+
+DEFAULT_MODELS: dict[str, ChannelModel] = {
+    # In-process queues: a copy of the buffers and one event-loop wake-up.
+    "memory": ChannelModel(
+        overhead=10e-6,
+        bandwidth=2e9,
+        aggregate_bandwidth=4e9,
+        message_requests={},
+        source="loopback measurement, 2-core VM",
+    ),
+    # FMI's direct channel (TCPunch) measured on AWS Lambda: 0.34 ms per
+    # message, 400 MB/s.  Infrastructure: the rendezvous server on an EC2
+    # t4g.nano, $0.0042 per hour.  Same-AZ transfer is free.
+    "tcp": ChannelModel(
+        overhead=0.34e-3,
+        bandwidth=400e6,
+        aggregate_bandwidth=400e6,
+        infra_per_hour=0.0042,
+        source="FMI ICS'23 direct channel; EC2 t4g.nano price",
+    ),
+    "udp": ChannelModel(
+        overhead=0.34e-3,
+        bandwidth=200e6,
+        aggregate_bandwidth=200e6,
+        infra_per_hour=0.0042,
+        source="as tcp, half the bandwidth (user-space reliability)",
+    ),
+    "mpi": ChannelModel(
+        overhead=5e-6,
+        bandwidth=5e9,
+        aggregate_bandwidth=5e9,
+        source="typical MPICH on a node",
+    ),
+    # FMI's Redis measurements: 0.5 ms per request, 100 MB/s single and
+    # 400 MB/s aggregate; ElastiCache cache.t4g.micro, $0.016 per hour.
+    "redis": ChannelModel(
+        overhead=0.5e-3,
+        bandwidth=100e6,
+        aggregate_bandwidth=400e6,
+        message_requests={"RPUSH": 1, "BLPOP": 1},
+        put_requests={"SET": 1},
+        get_requests={"GET": 1},
+        infra_per_hour=0.016,
+        source="FMI ICS'23 Redis; ElastiCache t4g.micro price",
+    ),
+    # FMI's S3 measurements: about 40 ms per request, 50 MB/s per stream; S3
+    # scales with readers.  Prices: see _S3_TIER1/_S3_TIER2; deletes are free.
+    "s3": ChannelModel(
+        overhead=40e-3,
+        bandwidth=50e6,
+        aggregate_bandwidth=5e9,
+        request_prices={
+            "PutObject": _S3_TIER1,
+            "CreateMultipartUpload": _S3_TIER1,
+            "UploadPart": _S3_TIER1,
+            "CompleteMultipartUpload": _S3_TIER1,
+            "ListObjectsV2": _S3_TIER1,
+            "GetObject": _S3_TIER2,
+            "HeadObject": _S3_TIER2,
+        },
+        message_requests={"PutObject": 1, "GetObject": 1, "DeleteObjects": 1},
+        put_requests={"PutObject": 1},
+        get_requests={"GetObject": 1},
+        source="FMI ICS'23 S3; S3 Standard list prices",
+    ),
+    # DynamoDB: about 10 ms per request, items of at most 400 KB.
+    "dynamodb": ChannelModel(
+        overhead=10e-3,
+        bandwidth=20e6,
+        aggregate_bandwidth=1e9,
+        request_prices={"write_units": _DDB_WRU, "read_units": _DDB_RRU},
+        message_requests={"PutItem": 1, "GetItem": 1, "DeleteItem": 1},
+        put_requests={"PutItem": 1},
+        get_requests={"GetItem": 1},
+        source="DynamoDB on-demand list prices; latency from AWS documentation",
+    ),
+}
+
+
+def message_requests(name: str, model: ChannelModel, nbytes: float) -> dict[str, float]:
+    """Requests (by kind) one point-to-point message of ``nbytes`` costs on a channel."""
+    out = dict(model.message_requests)
+    if name == "dynamodb":
+        out["write_units"] = _units("w", nbytes, 1024)
+        out["read_units"] = _units("r", nbytes, 4096)
+    return out
+
+
+def object_requests(
+    name: str, model: ChannelModel, nbytes: float, readers: int
+) -> dict[str, float]:
+    """Requests one stored object costs: one put and ``readers`` gets."""
+    out = {k: float(v) for k, v in model.put_requests.items()}
+    for k, v in model.get_requests.items():
+        out[k] = out.get(k, 0.0) + v * readers
+    if name == "dynamodb":
+        out["write_units"] = _units("w", nbytes, 1024)
+        out["read_units"] = _units("r", nbytes, 4096) * readers
+    return out
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Models of every channel plus the function's own price."""
+
+    channels: Mapping[str, ChannelModel]
+    faas_gb_second: float = FAAS_GB_SECOND
+    faas_memory_mb: float = 2048.0
+
+    def channel(self, name: str) -> ChannelModel:
+        try:
+            return self.channels[name]
+        except KeyError:
+            raise ConfigError(f"no performance model for channel {name!r}") from None
+
+    def faas_cost(self, seconds: float, peers: int) -> float:
+        """Dollars of ``peers`` functions waiting ``seconds``."""
+        return seconds * peers * self.faas_memory_mb / 1024.0 * self.faas_gb_second
+
+    def with_memory(self, faas_memory_mb: float) -> CostModel:
+        return replace(self, faas_memory_mb=float(faas_memory_mb))
+
+
+def from_fmi(name: str, section: Mapping[str, Any], base: ChannelModel) -> ChannelModel:
+    """Convert one backend of FMI's ``model`` section (or ours) to a :class:`ChannelModel`.
+
+    Our own keys (``overhead_s``, ``bandwidth_Bps``, ``aggregate_bandwidth_Bps``,
+    ``request_prices``, ``price_per_gb``, ``infra_per_hour``, ``requests_per_hour``)
+    take precedence over FMI's (``overhead`` ms, ``bandwidth``/``bandwidth_single``/
+    ``bandwidth_multiple`` MB/s, ``transfer_price`` $/GB, ``instance_price``/
+    ``vm_price`` $/h, ``download_price``/``upload_price`` $ per request,
+    ``include_infrastructure_costs``).
+    """
+
+    def num(key: str) -> float | None:
+        value = section.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"model.{name}.{key} must be a number, got {value!r}")
+        return float(value)
+
+    changes: dict[str, Any] = {}
+    fmi_overhead = num("overhead")
+    if fmi_overhead is not None:
+        changes["overhead"] = fmi_overhead / 1e3
+    single = num("bandwidth_single") or num("bandwidth")
+    if single is not None:
+        changes["bandwidth"] = single * 1e6
+        multiple = num("bandwidth_multiple")
+        changes["aggregate_bandwidth"] = (
+            multiple * 1e6 if multiple is not None else max(base.aggregate_bandwidth, single * 1e6)
+        )
+    transfer = num("transfer_price")
+    if transfer is not None:
+        changes["price_per_gb"] = transfer
+    infra = num("instance_price") if num("instance_price") is not None else num("vm_price")
+    if infra is not None:
+        include = section.get("include_infrastructure_costs", True)
+        changes["infra_per_hour"] = infra if include else 0.0
+    rate = num("requests_per_hour")
+    if rate is not None:
+        changes["requests_per_hour"] = rate
+    prices = dict(base.request_prices)
+    upload, download = num("upload_price"), num("download_price")
+    if name == "s3" and upload is not None:
+        for kind in ("PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"):
+            prices[kind] = upload
+    if name == "s3" and download is not None:
+        prices["GetObject"] = download
+    # Our units, as written by `fmi calibrate`.
+    for ours, field_name in (
+        ("overhead_s", "overhead"),
+        ("bandwidth_Bps", "bandwidth"),
+        ("aggregate_bandwidth_Bps", "aggregate_bandwidth"),
+        ("price_per_gb", "price_per_gb"),
+        ("infra_per_hour", "infra_per_hour"),
+    ):
+        value = num(ours)
+        if value is not None:
+            changes[field_name] = value
+    if isinstance(section.get("request_prices"), Mapping):
+        prices.update({str(k): float(v) for k, v in section["request_prices"].items()})
+    changes["request_prices"] = prices
+    return replace(base, **changes)
+
+
+def load_models(model_section: Mapping[str, Mapping[str, Any]]) -> dict[str, ChannelModel]:
+    """Defaults overlaid with a config's ``model`` section (FMI's or ours)."""
+    models = dict(DEFAULT_MODELS)
+    for name, section in model_section.items():
+        base = models.get(name)
+        if base is None:
+            raise ConfigError(f"model section for unknown channel {name!r}")
+        models[name] = from_fmi(name, section, base)
+    return models

@@ -194,7 +194,7 @@ def s3_config(moto_server: str) -> Config:
                     "create_bucket": True,
                     "timeout": 5,  # FMI's polling interval, ms
                     "max_timeout": 30000,  # FMI's maximum wait, ms
-                    "backoff_max": 0.1,
+                    "backoff_max": 0.03,
                     "ttl": 600,
                 }
             },
@@ -215,7 +215,7 @@ def dynamodb_config(moto_server: str) -> Config:
                     "endpoint_url": moto_server,
                     "create_table": True,
                     "backoff_initial": 0.005,
-                    "backoff_max": 0.1,
+                    "backoff_max": 0.03,
                     "ttl": 600,
                 }
             },

@@ -20,8 +20,10 @@ become fmi errors.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,8 +77,27 @@ def error_code(exc: ClientError) -> str:
     return str(error.get("Code", ""))
 
 
+# One aioboto3 session per event loop and profile.  A session caches the
+# service models and resolved credentials, which makes each further client
+# take milliseconds instead of a tenth of a second; it is not shared across
+# loops because refreshable credentials hold asyncio locks bound to one loop.
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str | None, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _session(aioboto3: Any, profile: str | None) -> Any:
+    per_loop = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
+    if profile not in per_loop:
+        per_loop[profile] = aioboto3.Session(profile_name=profile)
+    return per_loop[profile]
+
+
 def aws_client(service: str, options: dict[str, Any], backend: str) -> Any:
-    """An async context manager yielding an aiobotocore client for ``service``."""
+    """An async context manager yielding an aiobotocore client for ``service``.
+
+    Call it with the event loop running (from ``open``).
+    """
     try:
         import aioboto3
     except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
@@ -103,8 +124,9 @@ def aws_client(service: str, options: dict[str, Any], backend: str) -> Any:
             "max_attempts": int(option_number(options, "max_attempts", backend, 4, minimum=1)),
         },
     )
-    session = aioboto3.Session(profile_name=profile)
-    return session.client(service, region_name=region, endpoint_url=endpoint, config=config)
+    return _session(aioboto3, profile).client(
+        service, region_name=region, endpoint_url=endpoint, config=config
+    )
 
 
 @contextlib.contextmanager

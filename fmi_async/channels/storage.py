@@ -474,6 +474,14 @@ class MediatedChannel(Channel):
                 if self._owned:
                     await self._remove(sorted(self._owned))
                     self._owned.clear()
+        except TimeoutError as exc:
+            if isinstance(exc, CommTimeout):
+                raise
+            raise CommTimeout(
+                f"peer {self.peer_id} could not delete its {len(self._owned)} stored objects "
+                f"on {self.location()} within {self.config.timeout:g}s; they expire by TTL "
+                "(or the bucket's lifecycle rule)"
+            ) from None
         finally:
             try:
                 await self._shutdown()

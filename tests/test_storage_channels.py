@@ -270,8 +270,20 @@ async def test_close_deletes_everything_the_run_stored(mediated_backend: Backend
         await b.send(0, ("u", 1), dumps(np.ones(5000)))  # never received
         assert same(loads(await c.recv(1, ("u", 0), 5)), np.ones(5000))
         assert loads(await c.get(("shared",), 5)).shape == (5000,)
-        assert await stored(mediated_backend, prefix)
+        before = await stored(mediated_backend, prefix)
+        assert before
+        # list_run sees every peer's names of this run (and only those).
+        if mediated_backend[0] == "s3":
+            c.list_page_size = 1  # type: ignore[attr-defined]  # walk several pages
+        listed = set(await c.list_run())
+        if mediated_backend[0] == "s3":
+            assert c.stats.requests["ListObjectsV2"] >= len(listed) >= 2
+        assert listed and all(n.startswith(prefix) for n in listed)
+        assert listed == {k.rsplit("#", 1)[0] for k in before}
     assert await stored(mediated_backend, prefix) == {}
+    (fresh,) = make(mediated_backend, 1, run=chans[0].run_id)
+    async with opened([fresh]):
+        assert await fresh.list_run() == []
     # close is idempotent, and a closed channel refuses work.
     await a.close()
     with pytest.raises(ClosedError):

@@ -88,6 +88,7 @@ class S3Channel(MediatedChannel):
     """A mediated channel over one S3 bucket; see the module docstring for options."""
 
     name = "s3"
+    list_page_size = 1000  # ListObjectsV2's maximum page
 
     def __init__(
         self,
@@ -304,13 +305,16 @@ class S3Channel(MediatedChannel):
         """Every object of this run and communicator, with ListObjectsV2 under the run prefix."""
         self._check_open()
         names: list[str] = []
-        paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "/")
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self.prefix + "/",
+            "MaxKeys": self.list_page_size,
+        }
         while True:
             with self._call("ListObjectsV2"):
-                try:
-                    page = await anext(pages)
-                except StopAsyncIteration:
-                    break
+                page = await self._client.list_objects_v2(**kwargs)
             names.extend(item["Key"] for item in page.get("Contents", ()))
+            if not page.get("IsTruncated"):
+                break
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
         return names

@@ -145,6 +145,7 @@ class DynamoDBChannel(MediatedChannel):
             await self._stack.aclose()
             raise
         await super().open()
+        logger.debug("%r opened", self)
 
     async def _describe(self) -> dict[str, Any] | None:
         with self._call("DescribeTable"):

@@ -50,6 +50,7 @@ from typing import Any, Final, TypeVar
 import msgpack
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.utils import HIREDIS_AVAILABLE
 
 from ..config import Config
 from ..errors import (
@@ -183,6 +184,7 @@ class RedisChannel(MediatedChannel):
             await self._shutdown()
             raise
         await super().open()
+        logger.debug("%r opened (hiredis parser: %s)", self, HIREDIS_AVAILABLE)
 
     async def _shutdown(self) -> None:
         client, pool = self._client, self._pool

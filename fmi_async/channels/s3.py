@@ -145,6 +145,7 @@ class S3Channel(MediatedChannel):
             await self._stack.aclose()
             raise
         await super().open()
+        logger.debug("%r opened", self)
 
     async def _check_bucket(self) -> None:
         with self._call("HeadBucket"):

@@ -487,6 +487,7 @@ class MediatedChannel(Channel):
                 await self._shutdown()
             finally:
                 await super().close()
+                logger.debug("%r closed", self)
 
 
 def _encode_key(key: Key) -> str:

@@ -1,0 +1,490 @@
+"""Does plan() pick the fastest plan?  Every valid plan, measured, against the choice.
+
+For each collective, message size and group size, every valid plan (channel,
+family, algorithm) is run through the per-call overrides, e.g.
+``await comm.allreduce(x, channel="redis", algorithm="mediated:root")``, and
+its median wall time measured.  The plan that ``plan()`` chooses under
+``Hint.FAST`` -- with the models that ``fmi calibrate`` fitted at the start
+of this same run -- should be the measured fastest or within 10% of it;
+the benchmark prints the table and that percentage (target >= 90%).
+
+Channels: memory, TCP (in-process rendezvous server on 127.0.0.1), Redis (a
+``redis-server`` this script starts on a free loopback port) and S3 (a moto
+server, the real S3 HTTP protocol, this script starts on loopback).
+
+All peers of a measurement run in ONE process, as coroutines on one event
+loop (``asyncio.gather`` over local communicators): what the peers do "at
+the same time" shares one CPU.  The model assumes peers on separate machines,
+so algorithms that move more bytes in total but in fewer rounds look better
+to the model than they measure here; the printout says so next to the figure.
+
+Bounded runtime: repetitions are adaptive (a time budget per plan, at least
+three after a warm-up), plans predicted to take longer than ``--cap`` seconds
+*and* more than 10x the best predicted deployable plan are not run (they are
+counted and listed), and ``--max-minutes`` stops the sweep early.
+
+    python benchmarks/selection.py --quick          # about 5 minutes
+    python benchmarks/selection.py                  # sizes to 64 MiB, up to ~30 minutes
+    python benchmarks/selection.py --example        # the worked example of docs/selection.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import fmi_async as fmi
+from fmi_async.selection.calibrate import calibrate, describe, local_group, models_from
+from fmi_async.selection.model import CostModel
+from fmi_async.selection.plan import Hint, Plan, plan, plans
+from fmi_async.selection.report import (
+    CHANNEL_KINDS,
+    fmt_bytes,
+    fmt_seconds,
+    fmt_usd,
+    main_cost,
+    parse_sizes,
+    render_table,
+)
+
+LOOPBACK = "127.0.0.1"
+KiB, MiB = 1024, 1024 * 1024
+COLLECTIVES = ("bcast", "reduce", "allreduce", "gather", "allgather", "scan")
+FULL_SIZES = (8, KiB, 64 * KiB, MiB, 8 * MiB, 64 * MiB)
+QUICK_SIZES = (8, KiB, 64 * KiB, MiB)
+TOLERANCE = 0.10
+SKIP_FACTOR = 10.0
+
+
+# ---------------------------------------------------------------- servers on loopback
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[tuple[str, int]]:
+    """A private redis-server on a free loopback port, no persistence."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(binary, os.X_OK):
+        sys.exit("redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)")
+    port = _free_port()
+    log = open(workdir / "redis.log", "wb")
+    args = ["--bind", LOOPBACK, "--port", str(port), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([binary, *args, "--dir", str(workdir)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection((LOOPBACK, port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                sys.exit(f"redis-server did not start; see {workdir / 'redis.log'}")
+            time.sleep(0.05)
+        yield LOOPBACK, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+@contextlib.contextmanager
+def moto_server(workdir: Path) -> Iterator[str]:
+    """moto's threaded server on loopback with dummy credentials: no real account is reachable."""
+    from moto.server import ThreadedMotoServer
+
+    # The server logs every request at INFO; thousands per second slow it down.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    nowhere = str(workdir / "none")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=nowhere,
+        AWS_SHARED_CREDENTIALS_FILE=nowhere,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        os.environ.pop(name, None)
+    server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def storage_config(redis: tuple[str, int], s3_url: str) -> fmi.Config:
+    return fmi.Config.from_dict(
+        {
+            "backends": {
+                "Redis": {"enabled": True, "host": redis[0], "port": redis[1], "ttl": 3600},
+                "S3": {
+                    "enabled": True,
+                    "bucket_name": f"fmi-bench-{uuid.uuid4().hex[:10]}",
+                    "s3_region": "us-east-1",
+                    "endpoint_url": s3_url,
+                    "create_bucket": True,
+                    "timeout": 2,  # FMI's polling interval, ms
+                    "max_timeout": 120000,
+                    "backoff_max": 0.02,
+                },
+            },
+            "timeout": 300,
+        }
+    )
+
+
+# ---------------------------------------------------------------- one collective call
+
+
+def _value(size: int, rank: int) -> np.ndarray:
+    return np.full(max(1, size // 8), float(rank + 1), dtype=np.float64)
+
+
+def _call_kwargs(op: str, size: int) -> dict[str, Any]:
+    """What plan() is told, identical to what the communicator derives from the call."""
+    out: dict[str, Any] = {"nbytes": max(1, size // 8) * 8, "is_array": False}
+    if op in ("reduce", "allreduce", "scan"):
+        # The communicator plans reductions from the array itself; bcast and the
+        # gathers from the nbytes= every peer passes.
+        out.update(operator=fmi.SUM, is_array=True, elements=max(1, size // 8))
+    return out
+
+
+def _invoke(comm: fmi.Communicator, op: str, size: int, p: Plan | None) -> Awaitable[Any]:
+    over: dict[str, Any] = {}
+    if p is not None:
+        over = {"channel": p.channel, "algorithm": f"{p.family}:{p.algorithm}"}
+    x = _value(size, comm.rank)
+    nbytes = int(x.nbytes)
+    if op == "bcast":
+        return comm.bcast(x if comm.rank == 0 else None, 0, nbytes=nbytes, **over)
+    if op == "reduce":
+        return comm.reduce(x, fmi.SUM, 0, **over)
+    if op == "allreduce":
+        return comm.allreduce(x, fmi.SUM, **over)
+    if op == "gather":
+        return comm.gather(x, 0, nbytes=nbytes, **over)
+    if op == "allgather":
+        return comm.allgather(x, nbytes=nbytes, **over)
+    if op == "scan":
+        return comm.scan(x, fmi.SUM, **over)
+    raise SystemExit(f"collective {op} is not in this benchmark")
+
+
+async def _timed(comms: Sequence[fmi.Communicator], op: str, size: int, p: Plan | None) -> float:
+    start = time.perf_counter()
+    await asyncio.gather(*(_invoke(c, op, size, p) for c in comms))
+    return time.perf_counter() - start
+
+
+async def measure(
+    comms: Sequence[fmi.Communicator], op: str, size: int, p: Plan | None, budget: float
+) -> list[float]:
+    """Wall times of the whole group: a warm-up, then at least 3 runs or ``budget`` s."""
+    first = await _timed(comms, op, size, p)
+    if first > 2 * budget:  # slow: two runs are all it gets
+        return sorted([first, await _timed(comms, op, size, p)])
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < 15 and (len(samples) < 3 or time.perf_counter() - start < budget):
+        samples.append(await _timed(comms, op, size, p))
+    return samples
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass
+class Cell:
+    op: str
+    size: int
+    peers: int
+    measured: dict[str, float] = field(default_factory=dict)  # plan label -> median seconds
+    predicted: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    chosen: dict[str, str] = field(default_factory=dict)  # channel subset -> label
+
+    def verdict(self, subset: str) -> bool | None:
+        """Chosen within TOLERANCE of the fastest measured (None: cannot tell)."""
+        label = self.chosen.get(subset)
+        runs = {k: v for k, v in self.measured.items() if _in(k, subset)}
+        if label is None or label not in runs or not runs:
+            return None
+        return runs[label] <= (1 + TOLERANCE) * min(runs.values())
+
+    def fastest(self, subset: str) -> str:
+        runs = {k: v for k, v in self.measured.items() if _in(k, subset)}
+        return min(runs, key=runs.__getitem__) if runs else "-"
+
+
+SUBSETS = {
+    "all": ("memory", "tcp", "redis", "s3"),
+    "deployable": ("tcp", "redis", "s3"),
+}
+
+
+def _in(label: str, subset: str) -> bool:
+    channels = SUBSETS.get(subset, (subset,))
+    return label.split(" ", 1)[0] in channels
+
+
+def _label(p: Plan) -> str:
+    return f"{p.channel} {p.family}:{p.algorithm}"
+
+
+async def sweep_cell(
+    op: str,
+    size: int,
+    peers: int,
+    config: fmi.Config,
+    channels: Sequence[str],
+    models: CostModel,
+    args: argparse.Namespace,
+) -> Cell:
+    cell = Cell(op, size, peers)
+    kinds = [(c, CHANNEL_KINDS[c]) for c in channels]
+    kw = _call_kwargs(op, size)
+    every = plans(op, num_peers=peers, channels=kinds, models=models, **kw)
+    for subset in [*SUBSETS, *channels]:
+        sub = [k for k in kinds if _in(k[0], subset)]
+        if sub:
+            cell.chosen[subset] = _label(
+                plan(op, num_peers=peers, channels=sub, models=models, hint=Hint.FAST, **kw)
+            )
+    deployable = [p.seconds for p in every if p.channel in SUBSETS["deployable"]]
+    best = min(deployable or [p.seconds for p in every])
+    async with local_group(peers, config, channels, timeout=300) as comms:
+        # Connections and clients are made here, not inside the first plan's time.
+        for name in channels:
+            await asyncio.gather(*(c.alltoall([0] * peers, channel=name) for c in comms))
+        for p in every:
+            label = _label(p)
+            cell.predicted[label] = p.seconds
+            if p.seconds > args.cap and p.seconds > SKIP_FACTOR * best:
+                cell.skipped.append(label)
+                continue
+            samples = await measure(comms, op, size, p, args.budget)
+            cell.measured[label] = statistics.median(samples)
+    return cell
+
+
+def summarize(cells: Sequence[Cell], channels: Sequence[str]) -> str:
+    out = []
+    rows = []
+    for c in cells:
+        fast = c.fastest("all")
+        rows.append(
+            [
+                c.op,
+                fmt_bytes(c.size),
+                str(c.peers),
+                c.chosen.get("all", "-"),
+                fmt_seconds(c.measured.get(c.chosen.get("all", ""), float("nan"))),
+                fast,
+                fmt_seconds(c.measured.get(fast, float("nan"))),
+                {True: "ok", False: "MISS", None: "?"}[c.verdict("all")],
+                {True: "ok", False: "MISS", None: "?"}[c.verdict("deployable")],
+                str(len(c.measured)),
+                str(len(c.skipped)),
+            ]
+        )
+    out.append(
+        render_table(
+            [
+                "collective",
+                "size",
+                "P",
+                "chosen (FAST)",
+                "measured",
+                "fastest measured",
+                "measured",
+                "all",
+                "deploy",
+                "ran",
+                "skip",
+            ],
+            rows,
+        )
+    )
+    out.append("")
+    for subset in [*SUBSETS, *channels]:
+        verdicts = [c.verdict(subset) for c in cells]
+        known = [v for v in verdicts if v is not None]
+        if known:
+            pct = 100.0 * sum(known) / len(known)
+            what = {
+                "all": "over all channels (memory, tcp, redis, s3)",
+                "deployable": "over channels that cross machines (tcp, redis, s3)",
+            }.get(subset, f"algorithm choice within {subset} alone")
+            out.append(
+                f"FAST choice within {TOLERANCE:.0%} of the measured fastest, {what}: "
+                f"{sum(known)}/{len(known)} = {pct:.0f}%"
+            )
+    return "\n".join(out)
+
+
+async def run_sweep(args: argparse.Namespace, config: fmi.Config) -> int:
+    channels = [c.strip() for c in args.channels.split(",") if c.strip()]
+    print(f"calibrating {', '.join(channels)} (4 peers in this process) ...", flush=True)
+    results = await calibrate(config, channels, peers=4, budget=args.calibrate_budget)
+    print(describe(results), flush=True)
+    models = CostModel(models_from(results, config))
+    sizes = (
+        parse_sizes(args.sizes) if args.sizes else list(QUICK_SIZES if args.quick else FULL_SIZES)
+    )
+    peers = [int(p) for p in args.peers.split(",")]
+    ops = [o.strip() for o in args.collectives.split(",")]
+    total = len(sizes) * len(peers) * len(ops)
+    print(
+        f"\nsweep: {len(ops)} collectives x {len(sizes)} sizes x P in {peers} = {total} cells; "
+        "all peers of a measurement run in one process, on one event loop",
+        flush=True,
+    )
+    cells: list[Cell] = []
+    began = time.monotonic()
+    stopped = False
+    for p in peers:
+        for size in sizes:
+            for op in ops:
+                if time.monotonic() - began > args.max_minutes * 60:
+                    stopped = True
+                    break
+                cell = await sweep_cell(op, size, p, config, channels, models, args)
+                cells.append(cell)
+                v = {True: "ok", False: "MISS", None: "?"}[cell.verdict("all")]
+                print(
+                    f"[{len(cells)}/{total} {time.monotonic() - began:.0f}s] {op} "
+                    f"{fmt_bytes(size)} P={p}: chosen {cell.chosen.get('all')} "
+                    f"fastest {cell.fastest('all')} {v}; ran {len(cell.measured)}, "
+                    f"skipped {len(cell.skipped)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print()
+    print(summarize(cells, channels))
+    skipped = sum(len(c.skipped) for c in cells)
+    ran = sum(len(c.measured) for c in cells)
+    print(
+        f"\n{ran} plans measured, {skipped} not run (predicted > {args.cap:g} s and > "
+        f"{SKIP_FACTOR:g}x the best deployable prediction); "
+        f"{time.monotonic() - began:.0f} s; all peers in one process on one event loop"
+        + ("; STOPPED EARLY at --max-minutes" if stopped else "")
+    )
+    if args.json:
+        _write(Path(args.json), [c.__dict__ for c in cells])
+    return 0
+
+
+def _write(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- the worked example
+
+
+async def run_example(args: argparse.Namespace, config: fmi.Config) -> int:
+    """8 peers, ten iterations of allreduce(1 MiB) + bcast(64 KiB), under FAST and CHEAP."""
+    channels = ["tcp", "redis", "s3"]
+    results = await calibrate(config, channels, peers=4, budget=args.calibrate_budget)
+    print(describe(results))
+    section = {n: e for n, e in {r.channel: r.model_entry() for r in results}.items()}
+    data = config.to_dict()
+    data["model"] = section
+    calibrated = fmi.Config.from_dict(data)
+    peers, iters = 8, 10
+    for hint in (Hint.FAST, Hint.CHEAP):
+        async with local_group(peers, calibrated, channels, timeout=300) as comms:
+            for c in comms:
+                c.hint(hint)
+            start = time.perf_counter()
+
+            async def job(comm: fmi.Communicator) -> None:
+                x = np.ones(MiB // 8)
+                for _ in range(iters):
+                    await comm.allreduce(x)
+                    await comm.bcast(np.ones(8 * KiB) if comm.rank == 0 else None, nbytes=64 * KiB)
+
+            await asyncio.gather(*(job(c) for c in comms))
+            wall = time.perf_counter() - start
+            await asyncio.gather(*(c.barrier() for c in comms))
+            stats = [c.stats() for c in comms]
+        print(f"\n=== {hint.name}: {peers} peers, {iters} x (allreduce 1 MiB + bcast 64 KiB)")
+        print(f"plans: {stats[0]['collectives']}")
+        pred = stats[0]["predicted"]
+        print(
+            f"model predicts {fmt_seconds(pred['seconds'])} and {fmt_usd(pred['usd'])} for the "
+            f"job (all peers); measured wall time {fmt_seconds(wall)}"
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            stats_file, config_file = Path(tmp) / "stats.json", Path(tmp) / "config.json"
+            _write(stats_file, stats)
+            _write(config_file, calibrated.to_dict())
+            print(f"fmi cost stats.json --config calibrated.json  ({hint.name}):")
+            main_cost([str(stats_file), "--config", str(config_file)])
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="sizes up to 1 MiB, about 5 min")
+    parser.add_argument("--example", action="store_true", help="run the docs' worked example")
+    parser.add_argument("--sizes", help="comma-separated sizes (overrides --quick)")
+    parser.add_argument("--peers", default="2,4,8", help="group sizes")
+    parser.add_argument("--collectives", default=",".join(COLLECTIVES))
+    parser.add_argument("--channels", default="memory,tcp,redis,s3")
+    parser.add_argument("--budget", type=float, help="seconds of repetitions per plan")
+    parser.add_argument("--cap", type=float, default=2.0, help="see the module docstring")
+    parser.add_argument("--calibrate-budget", type=float, default=3.0)
+    parser.add_argument("--max-minutes", type=float, help="stop the sweep after this long")
+    parser.add_argument("--json", help="write the cells to this file")
+    args = parser.parse_args(argv)
+    if args.budget is None:
+        args.budget = 0.15 if args.quick else 0.6
+    if args.max_minutes is None:
+        args.max_minutes = 4.0 if args.quick else 28.0
+    with tempfile.TemporaryDirectory(prefix="fmi-bench-") as tmp:
+        with redis_server(Path(tmp)) as redis, moto_server(Path(tmp)) as s3_url:
+            config = storage_config(redis, s3_url)
+            runner: Callable[[argparse.Namespace, fmi.Config], Awaitable[int]]
+            runner = run_example if args.example else run_sweep
+            return asyncio.run(runner(args, config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

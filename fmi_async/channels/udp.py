@@ -1,0 +1,538 @@
+"""Direct UDP channel: reliable, ordered messages over one datagram socket per peer.
+
+Why UDP next to TCP: UDP hole punching works through more NATs than TCP
+simultaneous open (RFC 5128 section 3.3), and a punched UDP path needs no
+connection set-up per pair.  The price is that reliability is ours: the
+sans-IO state machine of :mod:`fmi_async.channels.reliable` fragments each
+framed message, acknowledges, retransmits with a backed-off timer, controls
+congestion (RFC 8085 section 3.1) and reassembles in order.  This module only
+moves its datagrams: a thin :class:`asyncio.DatagramProtocol` hands every
+datagram to the per-peer :class:`~fmi_async.channels.reliable.Link`, sends
+what the link answers, and keeps one timer per link for retransmissions and
+delayed acks.
+
+Peers find each other through a :class:`Discovery`.  The default,
+:class:`RendezvousDiscovery`, registers the socket's address at the same
+rendezvous server as the TCP channel, under ``<comm>/udp``; hole punching
+plugs in here later.  Datagrams whose first byte is 0xF0-0xFF belong to hole
+punching and are handed to ``Discovery.handle_datagram``.
+
+``send`` returns when the caller may reuse its buffers: messages up to 256 KiB
+are copied and ``send`` returns once they are queued (it waits while
+``send_buffer`` bytes to that peer are unacknowledged); larger ones are sent
+from the caller's memory and ``send`` returns when all of it is acknowledged.
+A cancelled large send copies what is still unacknowledged, so the message
+still arrives whole.  A peer that acknowledges nothing through ``retries``
+backed-off timeouts is unreachable: the send raises
+:class:`~fmi_async.errors.BrokenChannelError` naming it.
+
+Options (``backends.UDP``): ``host``, ``port`` (rendezvous, required),
+``bind`` (default ``127.0.0.1``), ``advertise``, ``mtu`` (largest datagram
+payload, default 1200 bytes: below the path MTU of nearly every Internet
+path, as QUIC assumes, RFC 9000 section 14; up to 65000 on loopback),
+``window`` (fragments in flight, default 256), ``recv_buffer`` and
+``send_buffer`` (bytes per peer, default 4 MiB), ``rto_initial``, ``rto_min``,
+``rto_max`` (seconds: 0.2, 0.02, 2), ``retries`` (8), ``rto_jitter`` (0.1),
+``ack_delay`` (0.005 s), ``socket_buffer`` (SO_RCVBUF/SO_SNDBUF, 4 MiB),
+``connect_timeout``, ``lookup_timeout``, ``linger`` (how long ``close`` waits
+for unacknowledged data, default 5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from ..config import Config
+from ..errors import (
+    ArgumentError,
+    BrokenChannelError,
+    ClosedError,
+    CommTimeout,
+    ConfigError,
+    EndOfStream,
+)
+from ..holepunch.client import RendezvousClient
+from ..wire import Key, Payload, encode_frame
+from .backoff import Backoff
+from .base import Channel, Mailbox
+from .reliable import RESERVED_FIRST_BYTE, Endpoint, Link, LinkParams, session_tag
+
+__all__ = ["UDPChannel", "Discovery", "DatagramSender", "RendezvousDiscovery"]
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+_COPY_MAX = 256 * 1024  # messages up to this size are copied and send returns at once
+
+
+class DatagramSender(Protocol):
+    """What the channel needs of a datagram transport (tests wrap it to lose datagrams)."""
+
+    def sendto(self, data: bytes, addr: Address) -> None: ...
+
+
+class Discovery(Protocol):
+    """How a peer publishes its datagram endpoint and finds the others'."""
+
+    async def publish(self, transport: asyncio.DatagramTransport, address: Address) -> None: ...
+
+    async def locate(
+        self, peer: int, transport: asyncio.DatagramTransport, timeout: float
+    ) -> Address: ...
+
+    def handle_datagram(self, data: bytes, addr: Address) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class RendezvousDiscovery:
+    """No NAT in the way: register the bound address, look the others up (TCP rendezvous)."""
+
+    def __init__(self, client: RendezvousClient, comm: str, run_id: str, peer: int) -> None:
+        self.client = client
+        self.comm = f"{comm}/udp"  # distinct from the TCP channel's registrations
+        self.run_id = run_id
+        self.peer = peer
+        self._refresh: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<RendezvousDiscovery {self.comm!r} peer={self.peer} via {self.client!r}>"
+
+    async def publish(self, transport: asyncio.DatagramTransport, address: Address) -> None:
+        ok = await self.client.register(self.comm, self.run_id, self.peer, address)
+        if ok.ttl:
+            self._refresh = asyncio.create_task(self._keep_registered(address, ok.ttl))
+
+    async def _keep_registered(self, address: Address, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(max(ttl / 2, 1.0))
+            try:
+                await self.client.register(self.comm, self.run_id, self.peer, address)
+            except Exception as exc:  # the next round tries again
+                logger.warning("peer %d: renewing the udp registration failed: %s", self.peer, exc)
+
+    async def locate(
+        self, peer: int, transport: asyncio.DatagramTransport, timeout: float
+    ) -> Address:
+        host, port = await self.client.lookup(self.comm, self.run_id, peer, timeout)
+        return (host, port)
+
+    def handle_datagram(self, data: bytes, addr: Address) -> bool:
+        return False  # no hole punching here: such datagrams are foreign
+
+    async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+
+
+class _Peer:
+    """I/O state of one link: where to send, its timer, who waits on it."""
+
+    __slots__ = ("addr", "id", "link", "lock", "reply_addr", "reported", "timer", "waiters")
+
+    def __init__(self, link: Link) -> None:
+        self.id = link.peer
+        self.link = link
+        self.addr: Address | None = None  # where its socket is (discovery)
+        self.reply_addr: Address | None = None  # where its datagrams come from
+        self.timer: asyncio.TimerHandle | None = None
+        self.waiters: list[asyncio.Future[None]] = []
+        self.lock = asyncio.Lock()
+        self.reported: set[str] = set()  # failures already passed to the mailbox
+
+    def __repr__(self) -> str:
+        return f"<_Peer {self.id} addr={self.addr} {self.link.sender!r}>"
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+
+class _Socket(asyncio.DatagramProtocol):
+    """Thin: every datagram goes to the channel; flow control is remembered."""
+
+    def __init__(self, channel: UDPChannel) -> None:
+        self.channel = channel
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.channel._on_datagram(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable) on an unconnected socket: the
+        # retransmission timer decides whether the peer is gone.
+        self.channel.stats.requests["socket_error"] += 1
+        logger.debug("peer %d: udp socket error: %s", self.channel.peer_id, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.channel._socket_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.channel._paused = True
+
+    def resume_writing(self) -> None:
+        self.channel._paused = False
+        self.channel._flush_all()
+
+
+def _number(opts: dict[str, Any], name: str, default: float, integer: bool = False) -> Any:
+    value = opts.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"backends.UDP.{name} must be a positive number, got {value!r}")
+    if integer and value != int(value):
+        raise ConfigError(f"backends.UDP.{name} must be a whole number, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+class UDPChannel(Channel):
+    """Point-to-point messages over UDP with its own reliability."""
+
+    name = "udp"
+    kind = "direct"
+
+    def __init__(
+        self,
+        peer_id: int,
+        num_peers: int,
+        comm_name: str,
+        run_id: str,
+        config: Config,
+        mailbox: Mailbox,
+    ) -> None:
+        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
+        opts = self.options
+        host, port = opts.get("host"), opts.get("port")
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        if not isinstance(host, str) or not host or not isinstance(port, int):
+            raise ConfigError(
+                "backends.UDP needs the rendezvous server's host and port, e.g. "
+                '{"UDP": {"enabled": true, "host": "10.0.0.5", "port": 10000}}; start one '
+                "with `fmi rendezvous`, or use `fmi run`, which starts one for you"
+            )
+        self.bind = str(opts.get("bind", "127.0.0.1"))
+        self.advertise = str(opts.get("advertise", self.bind))
+        rto_max = _number(opts, "rto_max", 2.0)
+        rto_initial = _number(opts, "rto_initial", min(0.2, rto_max))
+        jitter = opts.get("rto_jitter", 0.1)
+        self.params = LinkParams(
+            mtu=_number(opts, "mtu", 1200, integer=True),
+            window=_number(opts, "window", 256, integer=True),
+            recv_buffer=_number(opts, "recv_buffer", 4 * 1024 * 1024, integer=True),
+            rto=Backoff(rto_initial, rto_max, 2.0, jitter),
+            rto_min=_number(opts, "rto_min", min(0.02, rto_max)),
+            retries=_number(opts, "retries", 8, integer=True),
+            ack_delay=_number(opts, "ack_delay", 0.005),
+            limits=config.limits,
+        )
+        self.send_buffer: int = _number(opts, "send_buffer", 4 * 1024 * 1024, integer=True)
+        self.socket_buffer: int = _number(opts, "socket_buffer", 4 * 1024 * 1024, integer=True)
+        self.connect_timeout: float = _number(opts, "connect_timeout", 10.0)
+        self.lookup_timeout: float = _number(opts, "lookup_timeout", config.timeout)
+        self.linger: float = _number(opts, "linger", min(5.0, config.timeout))
+        client = RendezvousClient(host, port, config.secret, timeout=self.connect_timeout)
+        self.discovery: Discovery = RendezvousDiscovery(client, comm_name, run_id, peer_id)
+        # Test hook: wraps the transport's sendto (loss, duplication, reordering).
+        self.wrap_transport: Callable[[DatagramSender], DatagramSender] | None = None
+        self.address: Address | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._out: DatagramSender | None = None
+        self._paused = False
+        self._endpoint = Endpoint(
+            peer_id,
+            num_peers,
+            session_tag(comm_name, run_id, config.secret),
+            self.params,
+            epoch=int(time.time() * 1000),
+            counters=self.stats.requests,
+            rng=random.Random(),
+        )
+        self._peers: dict[int, _Peer] = {}
+
+    def __repr__(self) -> str:
+        addr = f"{self.address[0]}:{self.address[1]}" if self.address else "-"
+        return (
+            f"<UDPChannel peer={self.peer_id}/{self.num_peers} comm={self.comm_name!r} "
+            f"{self._state} at={addr} mtu={self.params.mtu} peers={sorted(self._peers)}>"
+        )
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        if self._state != "new":
+            raise ClosedError(f"{self!r} cannot be opened again")
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Socket(self), local_addr=(self.bind, 0)
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"peer {self.peer_id} cannot bind a udp socket on {self.bind!r}: "
+                f"{exc.strerror or exc}; check backends.UDP.bind"
+            ) from exc
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # bursts of a window must not overflow the kernel's buffers
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, self.socket_buffer)
+        port = int(transport.get_extra_info("sockname")[1])
+        self.address = (self.bind, port)
+        out: DatagramSender = cast(DatagramSender, transport)
+        self._out = self.wrap_transport(out) if self.wrap_transport else out
+        await super().open()  # open before publishing: peers may send at once
+        try:
+            await self.discovery.publish(transport, (self.advertise, port))
+        except BaseException:
+            await self.close()
+            raise
+        logger.debug("%r published", self)
+
+    async def close(self) -> None:
+        if self._state == "closed":
+            return
+        await super().close()
+        with contextlib.suppress(Exception):
+            await self.discovery.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.linger
+        # Linger: what we sent may still need retransmitting (our socket must stay).
+        while self._transport is not None:
+            busy = [p for p in self._peers.values() if not self._settled(p)]
+            remaining = deadline - loop.time()
+            if not busy or remaining <= 0:
+                break
+            futs = [loop.create_future() for _ in busy]
+            for peer, fut in zip(busy, futs, strict=True):
+                peer.waiters.append(fut)
+            await asyncio.wait(futs, timeout=remaining)
+        closed = ClosedError(f"channel udp of peer {self.peer_id} was closed")
+        now = loop.time()
+        for peer in self._peers.values():
+            dest = peer.reply_addr or peer.addr
+            if dest is not None and self._transport and not self._transport.is_closing():
+                # tell it we are gone
+                ack = peer.link.receiver.poll_ack(now, closing=True)
+                assert ack is not None
+                for _ in range(2):  # a lost "closing" only costs the peer its linger
+                    self._send(ack, dest)
+            if peer.timer is not None:
+                peer.timer.cancel()
+            for fut in peer.waiters:
+                if not fut.done():
+                    fut.set_exception(closed)
+            peer.waiters.clear()
+        if self._transport is not None:
+            self._transport.close()
+        logger.debug("%r closed", self)
+
+    def _socket_lost(self, exc: Exception | None) -> None:
+        if not self.is_open:
+            return
+        reason = f": {exc}" if exc else ""
+        error = BrokenChannelError(f"the udp socket of peer {self.peer_id} was closed{reason}")
+        self._state = "closed"
+        self.mailbox.fail(error)
+        for peer in self._peers.values():
+            for fut in peer.waiters:
+                if not fut.done():
+                    fut.set_exception(error)
+            peer.waiters.clear()
+
+    @staticmethod
+    def _settled(peer: _Peer) -> bool:
+        sender = peer.link.sender
+        return sender.idle or sender.error is not None or peer.addr is None
+
+    # ---------------------------------------------------------------- send
+
+    async def send(self, dst: int, key: Key, payload: Payload) -> None:
+        self._check_open()
+        if not 0 <= dst < self.num_peers:
+            raise ArgumentError(f"destination peer {dst} is not in 0..{self.num_peers - 1}")
+        start = time.perf_counter()
+        if dst == self.peer_id:
+            self.mailbox.deliver(dst, key, payload.copy())
+        else:
+            frame = encode_frame(key, payload, self.config.limits)
+            nbytes = sum(memoryview(b).nbytes for b in frame)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.timeout
+            peer = await self._locate(dst, deadline)
+            sender = peer.link.sender
+            if sender.error is not None:  # broken before: try again, as TCP reconnects
+                sender = peer.link.restart_sender()
+            while sender.buffered >= self.send_buffer and sender.error is None:
+                await self._wait(peer, deadline, "queued")
+            self._check_sender(peer)
+            copy = nbytes <= _COPY_MAX
+            last = sender.queue(frame, copy)
+            self._flush(peer)
+            if not copy:
+                try:
+                    while sender.una <= last and sender.error is None:
+                        await self._wait(peer, deadline, "acknowledged")
+                    self._check_sender(peer)
+                except BaseException:
+                    sender.own_buffers()  # the caller may reuse its buffers now
+                    raise
+        self._count_send(payload)
+        self.stats.seconds += time.perf_counter() - start
+
+    async def _locate(self, dst: int, deadline: float) -> _Peer:
+        peer = self._peer(dst)
+        if peer.addr is not None:
+            return peer
+        loop = asyncio.get_running_loop()
+        async with peer.lock:  # one lookup per destination
+            if peer.addr is None:
+                assert self._transport is not None
+                timeout = max(0.001, min(self.lookup_timeout, deadline - loop.time()))
+                peer.addr = await self.discovery.locate(dst, self._transport, timeout)
+                self._check_open()
+                self.stats.pairs[dst] = "direct"
+                logger.debug("peer %d: peer %d is at %s:%d", self.peer_id, dst, *peer.addr)
+        return peer
+
+    async def _wait(self, peer: _Peer, deadline: float, what: str) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        peer.waiters.append(fut)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await fut
+        except TimeoutError:
+            raise CommTimeout(
+                f"peer {peer.id} had not {what} the data peer {self.peer_id} sent it on "
+                f"channel udp within {self.config.timeout:.3g}s (config timeout)"
+            ) from None
+
+    def _check_sender(self, peer: _Peer) -> None:
+        self._check_open()
+        error = peer.link.sender.error
+        if error is not None:
+            raise BrokenChannelError(
+                f"peer {peer.id} is unreachable over udp from peer {self.peer_id}: {error}; "
+                f"has it crashed, or does a firewall drop udp to {peer.addr}?"
+            )
+
+    # ---------------------------------------------------------------- datagram path
+
+    def _peer(self, pid: int) -> _Peer:
+        peer = self._peers.get(pid)
+        if peer is None:
+            peer = self._peers[pid] = _Peer(self._endpoint.link(pid))
+        return peer
+
+    def _send(self, data: bytes, addr: Address) -> None:
+        assert self._out is not None
+        try:
+            self._out.sendto(data, addr)
+        except OSError as exc:  # e.g. no route: the timer will tell if it lasts
+            self.stats.requests["socket_error"] += 1
+            logger.debug("peer %d: sendto %s failed: %s", self.peer_id, addr, exc)
+
+    def _on_datagram(self, data: bytes, addr: Address) -> None:
+        if data and data[0] >= RESERVED_FIRST_BYTE:
+            if not self.discovery.handle_datagram(data, addr):
+                self.stats.requests["dropped"] += 1
+            return
+        if self._transport is None or self._transport.is_closing():
+            return
+        link = self._endpoint.receive(data, self._transport_time())
+        if link is None:
+            return
+        peer = self._peer(link.peer)
+        peer.reply_addr = addr
+        self._flush(peer)
+
+    def _transport_time(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _flush_all(self) -> None:
+        for peer in list(self._peers.values()):
+            self._flush(peer)
+
+    def _flush(self, peer: _Peer, now: float | None = None) -> None:
+        """Send what the link has to say, deliver what it completed, re-arm its timer."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        link = peer.link
+        before = (link.sender.una, link.sender.error)
+        ack, datagrams = link.poll(
+            loop.time() if now is None else now, not self._paused and peer.addr is not None
+        )
+        if ack is not None and (peer.reply_addr or peer.addr) is not None:
+            self._send(ack, peer.reply_addr or peer.addr)  # type: ignore[arg-type]
+        if datagrams:
+            assert peer.addr is not None
+            for datagram in datagrams:
+                self._send(datagram, peer.addr)
+        self._deliver(peer)
+        if (link.sender.una, link.sender.error) != before or link.sender.idle:
+            peer.wake()
+        self._arm(peer)
+
+    def _deliver(self, peer: _Peer) -> None:
+        receiver, mailbox = peer.link.receiver, self.mailbox
+        if receiver.restarted:  # the peer started over: receives from it may wait again
+            receiver.restarted = False
+            mailbox.clear_source(peer.id)
+            peer.reported.clear()
+        if receiver.messages:
+            for key, payload in receiver.messages:
+                mailbox.deliver(peer.id, key, payload)
+            receiver.messages.clear()
+            if "sender" in peer.reported:
+                peer.reported.discard("sender")
+                mailbox.clear_source(peer.id)
+        problem: tuple[str, Exception] | None = None
+        if receiver.error is not None:
+            problem = (
+                "receiver",
+                BrokenChannelError(f"peer {peer.id} sent a malformed message: {receiver.error}"),
+            )
+        elif peer.link.sender.error is not None:
+            problem = ("sender", BrokenChannelError(f"peer {peer.id} is unreachable over udp"))
+        elif peer.link.remote_closed:
+            problem = ("closed", self._closed_error(peer))
+        if problem is not None and problem[0] not in peer.reported:
+            peer.reported.add(problem[0])
+            mailbox.fail_source(peer.id, problem[1])
+
+    def _closed_error(self, peer: _Peer) -> Exception:
+        if peer.link.receiver.mid_message:
+            return BrokenChannelError(
+                f"peer {peer.id} closed its udp channel in the middle of a message to peer "
+                f"{self.peer_id}; did it close before its sends completed?"
+            )
+        return EndOfStream(
+            f"peer {peer.id} closed its udp channel; it will send peer {self.peer_id} nothing more"
+        )
+
+    def _arm(self, peer: _Peer) -> None:
+        deadline = peer.link.deadline()
+        if deadline is None:
+            return
+        timer = peer.timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return  # fires early and re-arms
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        peer.timer = loop.call_at(deadline, self._on_timer, peer, deadline)
+
+    def _on_timer(self, peer: _Peer, when: float) -> None:
+        peer.timer = None
+        self._flush(peer, max(when, asyncio.get_running_loop().time()))

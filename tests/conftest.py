@@ -69,9 +69,34 @@ async def tcp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicato
         await server.close()
 
 
+@asynccontextmanager
+async def udp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
+    """n communicators over the UDP channel, found through a rendezvous server."""
+    from fmi_async.holepunch.server import RendezvousServer
+
+    server = RendezvousServer(secret=b"test-secret")
+    await server.start("127.0.0.1", 0)
+    host, port = server.address[:2]
+    config = fmi.Config.from_dict(
+        {
+            "backends": {"UDP": {"enabled": True, "host": host, "port": port}},
+            "security": {"secret": "test-secret"},
+        }
+    )
+    run_id = uuid.uuid4().hex[:12]
+    comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]
+    try:
+        await asyncio.gather(*(c.open() for c in comms))
+        yield comms
+    finally:
+        await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
+        await server.close()
+
+
 GROUPS: dict[str, GroupFactory] = {
     "memory": fmi.local_peers,
     "tcp": tcp_group,
+    "udp": udp_group,
 }
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from fmi_async.channels import channel_class
 from fmi_async.channels.base import Mailbox
-from fmi_async.channels.reliable import MAGIC, encode_data, session_tag
+from fmi_async.channels.datagram import MAGIC, encode_data, session_tag
 from fmi_async.channels.udp import Address, DatagramSender, UDPChannel
 from fmi_async.config import Config
 from fmi_async.errors import (

@@ -15,173 +15,46 @@ path's payload size; its :class:`Receiver` puts them back in order and feeds
 them to a :class:`~fmi_async.wire.FrameReader`, so in-order, exactly-once,
 byte-exact delivery is the same guarantee TCP gives the stream channel.
 
-Datagram (network byte order)::
-
-    magic  u8   0x75 ("u"); 0xF0-0xFF are reserved for hole-punching datagrams
-    ver    u8   1
-    type   u8   1 = DATA, 2 = ACK
-    flags  u8   DATA: 1 = last fragment of a message; ACK: 1 = sender is closing
-    tag    u32  session token of (communicator, run, secret): foreign traffic is dropped
-    src    u32  sending peer
-    dst    u32  receiving peer
-    epoch  u32  incarnation of the sending half (DATA) / of the acknowledged half (ACK)
-    DATA:  seq u64, then the fragment
-    ACK:   cumulative u64 (every seq below it arrived), window u32 (fragments),
-           count u16, then count x (offset u32 from cumulative, length u32):
-           ranges received beyond a gap (selective acks, as TCP SACK, RFC 2018)
+The datagram format is in :mod:`fmi_async.channels.datagram`, the
+retransmission timer in :mod:`fmi_async.channels.retransmit`.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import logging
 import random
-import struct
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from ..errors import ConfigError, ProtocolError
 from ..wire import DEFAULT_LIMITS, Buffer, FrameReader, Key, Limits, Payload
 from .backoff import Backoff
+from .datagram import (
+    ACK_HEADER,
+    DATA_HEADER,
+    MAX_DATAGRAM,
+    MIN_DATAGRAM,
+    RANGE_SIZE,
+    Ack,
+    Data,
+    data_header,
+    decode,
+    encode_ack,
+)
+from .retransmit import RetransmitTimer
 
-__all__ = [
-    "MAGIC",
-    "VERSION",
-    "DATA_HEADER",
-    "MAX_DATAGRAM",
-    "Data",
-    "Ack",
-    "decode",
-    "encode_data",
-    "encode_ack",
-    "session_tag",
-    "LinkParams",
-    "RetransmitTimer",
-    "Sender",
-    "Receiver",
-    "Link",
-    "Endpoint",
-]
+__all__ = ["LinkParams", "Sender", "Receiver", "Link", "Endpoint"]
 
 logger = logging.getLogger(__name__)
 
-MAGIC: Final = 0x75
-VERSION: Final = 1
-RESERVED_FIRST_BYTE: Final = 0xF0  # 0xF0-0xFF: hole-punching datagrams, never ours
-_COMMON = struct.Struct("!BBBBIIII")
-_SEQ = struct.Struct("!Q")
-_ACK = struct.Struct("!QIH")
-_RANGE = struct.Struct("!II")
-DATA_HEADER: Final = _COMMON.size + _SEQ.size
-_ACK_HEADER: Final = _COMMON.size + _ACK.size
-T_DATA: Final = 1
-T_ACK: Final = 2
-F_LAST: Final = 0x01
-F_CLOSING: Final = 0x01
-MAX_DATAGRAM: Final = 65507  # largest UDP payload over IPv4
-MIN_DATAGRAM: Final = 128
 _MAX_RANGES: Final = 64
 _LOSS_THRESHOLD: Final = 3  # RFC 9002 section 6.1.1 packet threshold
 _INITIAL_CWND: Final = 10.0  # RFC 6928 initial window, in fragments
 _MIN_CWND: Final = 2.0
-assert MAGIC < RESERVED_FIRST_BYTE
-
-
-@dataclass(frozen=True, slots=True)
-class Data:
-    src: int
-    dst: int
-    epoch: int
-    seq: int
-    last: bool
-    payload: memoryview
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    src: int
-    dst: int
-    epoch: int
-    cumulative: int
-    window: int
-    ranges: tuple[tuple[int, int], ...]  # absolute [start, end)
-    closing: bool
-
-
-def session_tag(comm: str, run_id: str, secret: bytes | None) -> int:
-    """32-bit token that keeps datagrams of other runs and communicators apart.
-
-    It is not authentication (32 bits, no per-datagram MAC); it stops stray
-    traffic, for example a late datagram to a port that a new run reuses.
-    """
-    digest = hashlib.blake2b(
-        f"{comm}\x00{run_id}".encode(), key=secret or b"", digest_size=4, person=b"fmi-udp"
-    ).digest()
-    return int.from_bytes(digest, "big")
-
-
-def encode_data(
-    tag: int, src: int, dst: int, epoch: int, seq: int, last: bool, payload: Buffer
-) -> bytes:
-    head = _COMMON.pack(MAGIC, VERSION, T_DATA, F_LAST if last else 0, tag, src, dst, epoch)
-    return b"".join((head, _SEQ.pack(seq), payload))
-
-
-def encode_ack(
-    tag: int,
-    src: int,
-    dst: int,
-    epoch: int,
-    cumulative: int,
-    window: int,
-    ranges: Sequence[tuple[int, int]],
-    closing: bool = False,
-) -> bytes:
-    parts = [
-        _COMMON.pack(MAGIC, VERSION, T_ACK, F_CLOSING if closing else 0, tag, src, dst, epoch),
-        _ACK.pack(cumulative, window, len(ranges)),
-    ]
-    parts.extend(_RANGE.pack(start - cumulative, end - start) for start, end in ranges)
-    return b"".join(parts)
-
-
-def decode(data: bytes, tag: int) -> Data | Ack:
-    """Parse one datagram; :class:`ProtocolError` says why it is not ours or malformed."""
-    if len(data) < _COMMON.size:
-        raise ProtocolError(f"datagram of {len(data)} bytes is shorter than a header")
-    magic, version, kind, flags, their_tag, src, dst, epoch = _COMMON.unpack_from(data)
-    if magic != MAGIC:
-        raise ProtocolError(f"datagram starts with {magic:#04x}, not an fmi-async udp datagram")
-    if version != VERSION:
-        raise ProtocolError(f"datagram version {version}, this side speaks {VERSION}")
-    if their_tag != tag:
-        raise ProtocolError("datagram of another communicator, run or secret")
-    if kind == T_DATA:
-        if len(data) <= DATA_HEADER or flags & ~F_LAST:
-            raise ProtocolError("empty or malformed data datagram")
-        (seq,) = _SEQ.unpack_from(data, _COMMON.size)
-        return Data(src, dst, epoch, seq, bool(flags & F_LAST), memoryview(data)[DATA_HEADER:])
-    if kind == T_ACK:
-        if len(data) < _ACK_HEADER or flags & ~F_CLOSING:
-            raise ProtocolError("truncated or malformed ack")
-        cumulative, window, count = _ACK.unpack_from(data, _COMMON.size)
-        if len(data) != _ACK_HEADER + count * _RANGE.size:
-            raise ProtocolError(f"ack announces {count} ranges but has {len(data)} bytes")
-        ranges: list[tuple[int, int]] = []
-        floor = cumulative
-        for i in range(count):
-            offset, length = _RANGE.unpack_from(data, _ACK_HEADER + i * _RANGE.size)
-            start = cumulative + offset
-            if start <= floor or length == 0:  # strictly increasing, after a gap
-                raise ProtocolError("ack ranges overlap, touch or are empty")
-            floor = start + length
-            ranges.append((start, floor))
-        return Ack(src, dst, epoch, cumulative, window, tuple(ranges), bool(flags & F_CLOSING))
-    raise ProtocolError(f"unknown datagram type {kind}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,71 +100,6 @@ class LinkParams:
     def recv_window(self) -> int:
         """Fragments a receiver buffers beyond a gap (its advertised window)."""
         return max(4, min(self.recv_buffer // self.payload_size, 2**31 - 1))
-
-
-class RetransmitTimer:
-    """One retransmission timer: RFC 6298 estimator, doubling wait, retry limit.
-
-    Armed while data is unacknowledged.  Round-trip samples (never from a
-    retransmitted fragment: Karn's rule, section 3) set the timeout to
-    ``SRTT + 4 RTTVAR`` clamped to ``[rto_min, rto.maximum]``.  Each expiry
-    backs off along the :class:`Backoff` series starting at twice the timeout;
-    ``retries`` expiries in a row without progress mean the peer is gone.
-    """
-
-    def __init__(self, policy: Backoff, rto_min: float, retries: int, rng: random.Random) -> None:
-        self.policy = policy
-        self.rto_min = rto_min
-        self.retries = retries
-        self.rng = rng
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.rto = policy.initial
-        self.deadline: float | None = None
-        self.expiries = 0
-        self._waits: Iterator[float] | None = None
-
-    def __repr__(self) -> str:
-        return f"<RetransmitTimer rto={self.rto:.4f} expiries={self.expiries}/{self.retries}>"
-
-    def sample(self, rtt: float) -> None:
-        if self.srtt is None:  # section 2.2
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:  # section 2.3, alpha 1/8, beta 1/4
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.rto = min(max(self.srtt + 4 * self.rttvar, self.rto_min), self.policy.maximum)
-
-    def restart(self, now: float) -> None:
-        """New data was acknowledged: forget the backoff (section 5.3)."""
-        self.expiries = 0
-        self._waits = None
-        self.deadline = now + self.rto
-
-    def arm(self, now: float) -> None:
-        if self.deadline is None:
-            self.deadline = now + self.rto
-
-    def stop(self) -> None:
-        """Everything was acknowledged (progress too: the backoff is forgotten)."""
-        self.expiries = 0
-        self._waits = None
-        self.deadline = None
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-    def back_off(self, now: float) -> bool:
-        """Handle an expiry: False once the retry limit is exceeded."""
-        self.expiries += 1
-        if self.expiries > self.retries:
-            self.deadline = None
-            return False
-        if self._waits is None:
-            start = min(2 * self.rto, self.policy.maximum)
-            self._waits = replace(self.policy, initial=start, multiplier=2.0).delays(self.rng)
-        self.deadline = now + next(self._waits)
-        return True
 
 
 def _newer(a: int, b: int) -> bool:
@@ -372,10 +180,7 @@ class Sender:
         self.epoch = epoch
         self.counters = counters
         self.timer = RetransmitTimer(params.rto, params.rto_min, params.retries, rng)
-        self._heads = tuple(
-            _COMMON.pack(MAGIC, VERSION, T_DATA, flags, tag, src, dst, epoch)
-            for flags in (0, F_LAST)
-        )
+        self._header = (tag, src, dst, epoch)
         self.una = 0  # every seq below is acknowledged
         self.next_seq = 0  # first seq not reserved by a queued message
         self._cut = 0  # first seq not yet cut from the queue
@@ -568,7 +373,7 @@ class Sender:
         self._inflight += 1
         if self._probes:
             self._probes -= 1
-        out.append(b"".join((self._heads[frag.last], _SEQ.pack(seq), frag.data)))
+        out.append(b"".join((data_header(*self._header, seq, frag.last), frag.data)))
 
 
 class Receiver:
@@ -685,7 +490,7 @@ class Receiver:
         if not (due or closing):
             return None
         self._ack_now, self.ack_due, self._pending = False, None, 0
-        room = (self.params.mtu - _ACK_HEADER) // _RANGE.size
+        room = (self.params.mtu - ACK_HEADER) // RANGE_SIZE
         ranges = [(a, b) for a, b in self._ranges[: min(room, _MAX_RANGES)]]
         return encode_ack(
             self._tag,

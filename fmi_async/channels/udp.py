@@ -62,7 +62,8 @@ from ..holepunch.client import RendezvousClient
 from ..wire import Key, Payload, encode_frame
 from .backoff import Backoff
 from .base import Channel, Mailbox
-from .reliable import RESERVED_FIRST_BYTE, Endpoint, Link, LinkParams, session_tag
+from .datagram import RESERVED_FIRST_BYTE, session_tag
+from .reliable import Endpoint, Link, LinkParams
 
 __all__ = ["UDPChannel", "Discovery", "DatagramSender", "RendezvousDiscovery"]
 

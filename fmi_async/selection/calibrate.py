@@ -435,7 +435,7 @@ async def calibrate_channel(
     *,
     peers: int = 4,
     sizes: Sequence[int] | None = None,
-    reps: int = 9,
+    reps: int = 25,
     budget: float = 3.0,
     progress: Progress | None = None,
 ) -> ChannelCalibration:
@@ -481,7 +481,7 @@ async def calibrate(
     *,
     peers: int = 4,
     sizes: Sequence[int] | None = None,
-    reps: int = 9,
+    reps: int = 25,
     budget: float = 3.0,
     show_progress: bool = True,
 ) -> list[ChannelCalibration]:
@@ -560,7 +560,9 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         "--sizes",
         help="comma-separated message sizes (default 8,1KiB,64KiB,1MiB,4MiB; storage up to 1MiB)",
     )
-    parser.add_argument("--reps", type=int, default=9, help="repetitions per size (at most)")
+    parser.add_argument(
+        "--reps", type=int, default=25, help="repetitions per size (at most; --budget bounds them)"
+    )
     parser.add_argument(
         "--budget", type=float, default=3.0, help="seconds to spend per channel (about)"
     )

@@ -85,12 +85,37 @@ async def udp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicato
     )
     run_id = uuid.uuid4().hex[:12]
     comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]
+    # Datagrams are handled in loop callbacks, where an exception is only logged:
+    # collect those from the UDP modules and fail the test with them.
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    errors: list[BaseException] = []
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None and exc is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(_UDP_MODULES):
+                errors.append(exc)
+                return
+            tb = tb.tb_next
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
     try:
         await asyncio.gather(*(c.open() for c in comms))
         yield comms
     finally:
         await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
         await server.close()
+        loop.set_exception_handler(previous)
+    assert not errors, f"exceptions in udp loop callbacks: {errors!r}"
+
+
+_UDP_MODULES = ("channels/udp.py", "channels/reliable.py", "channels/datagram.py")
 
 
 GROUPS: dict[str, GroupFactory] = {

@@ -41,6 +41,18 @@ MiB = 1024 * 1024
 log = logging.getLogger(__name__)
 
 
+@pytest.fixture(autouse=True)
+async def no_loop_errors() -> AsyncIterator[None]:
+    """Fail a test when a callback raised inside the event loop (it would only be logged)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    yield
+    loop.set_exception_handler(previous)
+    assert not errors, errors
+
+
 def make_config(srv: RendezvousServer, **options: Any) -> Config:
     host, port = srv.address
     return Config.from_dict(

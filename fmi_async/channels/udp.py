@@ -138,14 +138,25 @@ class RendezvousDiscovery:
 class _Peer:
     """I/O state of one link: where to send, its timer, who waits on it."""
 
-    __slots__ = ("addr", "id", "link", "lock", "reply_addr", "reported", "timer", "waiters")
+    __slots__ = (
+        "addr",
+        "id",
+        "link",
+        "lock",
+        "reply_addr",
+        "reported",
+        "timer",
+        "waiters",
+        "when",
+    )
 
     def __init__(self, link: Link) -> None:
         self.id = link.peer
         self.link = link
         self.addr: Address | None = None  # where its socket is (discovery)
         self.reply_addr: Address | None = None  # where its datagrams come from
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.Handle | None = None
+        self.when = 0.0  # when the timer fires
         self.waiters: list[asyncio.Future[None]] = []
         self.lock = asyncio.Lock()
         self.reported: set[str] = set()  # failures already passed to the mailbox
@@ -526,13 +537,14 @@ class UDPChannel(Channel):
         deadline = peer.link.deadline()
         if deadline is None:
             return
-        timer = peer.timer
-        if timer is not None:
-            if timer.when() <= deadline:
+        if peer.timer is not None:
+            if peer.when <= deadline:
                 return  # fires early and re-arms
-            timer.cancel()
-        loop = asyncio.get_running_loop()
-        peer.timer = loop.call_at(deadline, self._on_timer, peer, deadline)
+            peer.timer.cancel()
+        # uvloop turns a call_at in the past into a plain Handle (no .when()),
+        # so the time is kept here.
+        peer.when = deadline
+        peer.timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, peer, deadline)
 
     def _on_timer(self, peer: _Peer, when: float) -> None:
         peer.timer = None

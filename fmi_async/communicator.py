@@ -24,6 +24,7 @@ from .errors import (
     ClosedError,
     CommTimeout,
     ConfigError,
+    FMIError,
     RootError,
     SizeMismatchError,
 )
@@ -153,9 +154,37 @@ class Communicator:
         self._opened_at = time.perf_counter()
         logger.debug("%r opened", self)
 
-    async def close(self) -> None:
+    async def close(self, *, synchronize: bool | None = None) -> None:
+        """Close every channel, deleting whatever this peer stored.
+
+        With a storage channel open, peers first meet in a barrier (bounded
+        by the communicator's timeout): otherwise a peer that finishes early
+        would delete an object, a broadcast value say, that a slower peer has
+        yet to read.  ``async with`` synchronizes on a normal exit and skips
+        it when leaving with an exception; ``synchronize`` forces either way.
+        """
         if self._state == "closed":
             return
+        if synchronize is None:
+            synchronize = True
+        if synchronize and self._state == "open" and self.num_peers > 1 and any(
+            c.kind == "mediated" for c in self._channels.values()
+        ):
+            storage = next(n for n, c in self._channels.items() if c.kind == "mediated")
+            try:
+                # Messages only (each consumed, so deleted, by its reader): an
+                # object stored for this barrier would be deleted by its owner's
+                # close before every peer had read it.
+                await self.barrier(channel=storage, algorithm="direct:dissemination")
+                for chan in self._channels.values():
+                    if hasattr(chan, "keep_sent_messages"):
+                        chan.keep_sent_messages = True
+            except FMIError as exc:
+                logger.warning(
+                    "peer %d: closing without the final barrier (%s); objects this peer "
+                    "stored are deleted now and peers still reading them will time out",
+                    self.peer_id, exc,
+                )
         self._state = "closed"
         await self._close_channels()
         logger.debug("%r closed", self)
@@ -177,7 +206,7 @@ class Communicator:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.close(synchronize=exc_type is None)
 
     def _channel(self, name: str | None = None) -> Channel:
         if self._state != "open":

@@ -1,7 +1,7 @@
 """Shared fixtures: event loop choice and groups of communicators per channel.
 
-Set ``FMI_TEST_LOOP=uvloop`` to run the suite on uvloop (CI runs the
-collective suite a second time that way).
+The collective suite runs on both asyncio and uvloop; set
+``FMI_TEST_LOOP=uvloop`` to run the rest of the suite on uvloop too.
 """
 
 from __future__ import annotations
@@ -124,8 +124,54 @@ GROUPS: dict[str, GroupFactory] = {
     "udp": udp_group,
 }
 
+# Storage groups run the same suites through Communicators whose only channel
+# is the storage backend, so plan() chooses between the direct family over
+# storage and the storage-native family.  The moto server answers a few hundred
+# requests a second, so S3 and DynamoDB run the small group sizes only.
+STORAGE_SIZES: dict[str, set[int]] = {
+    "redis": {1, 2, 3, 4, 5, 8},
+    "s3": {1, 2, 3},
+    "dynamodb": {1, 2, 3},
+}
 
-@pytest.fixture(params=sorted(GROUPS))
+
+def storage_group(config: fmi.Config) -> GroupFactory:
+    @asynccontextmanager
+    async def group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
+        run_id = uuid.uuid4().hex[:12]
+        comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]
+        ok = False
+        try:
+            await asyncio.gather(*(c.open() for c in comms))
+            yield comms
+            ok = True
+        finally:
+            await asyncio.gather(*(c.close(synchronize=ok) for c in comms), return_exceptions=True)
+
+    return group
+
+
+@pytest.fixture(params=[*sorted(GROUPS), *STORAGE_SIZES])
 def group(request: pytest.FixtureRequest) -> GroupFactory:
-    """A factory: ``async with group(n, timeout=...) as comms``, for every direct channel."""
-    return GROUPS[request.param]
+    """A factory: ``async with group(n, timeout=...) as comms``, for every channel."""
+    if request.param in GROUPS:
+        return GROUPS[request.param]
+    return storage_group(request.getfixturevalue(f"{request.param}_config"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out storage cases above the group sizes their server can serve quickly."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        allowed = STORAGE_SIZES.get(params.get("group", ""))
+        slow = params.get("group") in ("s3", "dynamodb")
+        if allowed is not None and "size" in params and params["size"] not in allowed:
+            drop.append(item)
+        elif slow and "[uvloop-" in item.nodeid:  # one loop is enough against moto
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -17,6 +17,7 @@ loop the tests run on.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -42,16 +43,6 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 REGION = "us-east-1"
 MEDIATED_BACKENDS = ("redis", "s3", "dynamodb")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # aiohttp warns (ResourceWarning) when botocore hands it a request body of
-    # more than 1 MiB as bytes, which a DynamoDB batch of chunks always is.
-    # aiohttp buffers such a body in the transport without blocking, so the
-    # warning is advice, not a defect; the suite turns warnings into errors.
-    config.addinivalue_line(
-        "filterwarnings", "ignore:Sending a large body directly with raw bytes:ResourceWarning"
-    )
 
 
 def _redis_binary() -> str:
@@ -148,6 +139,8 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """
     from moto.server import ThreadedMotoServer
 
+    # One INFO record per request costs the single-threaded server time.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     nowhere = tmp_path_factory.mktemp("aws") / "none"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ACCESS_KEY_ID", "testing")

@@ -95,9 +95,11 @@ async def test_peer_that_never_arrives_times_out_with_names(group) -> None:
         )
         assert time.monotonic() - start < 3
         assert all(isinstance(e, fmi.CommTimeout) and isinstance(e, TimeoutError) for e in errors)
-        # Peer 1 exchanges with peer 2 directly: its error names the missing peer.
-        msg = str(errors[1])
-        assert "allreduce" in msg and "from peer 2" in msg and "channel" in msg
+        # Every error names the operation and the channel; the peer that waits
+        # on peer 2 directly (which one depends on the plan) names it.
+        messages = [str(e) for e in errors]
+        assert all("allreduce" in m and "channel" in m for m in messages), messages
+        assert any("peer 2" in m for m in messages), messages
         with pytest.raises(fmi.CommTimeout, match=r"peer 1 .*tag 9"):
             await comms[0].recv(1, tag=9, timeout=0.2)
 

@@ -263,7 +263,7 @@ class RedisChannel(MediatedChannel):
         start = time.perf_counter()
         name = self.message_name(self.peer_id, dst, key)
         frames, nbytes = self._encode(key, payload)
-        self._owned.add(name)
+        self._sent.add(name)
         # The list's order is the delivery order: concurrent sends of one
         # stream must reach the server in call order, not pool order.
         deadline = asyncio.get_running_loop().time() + self.config.timeout

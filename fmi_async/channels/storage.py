@@ -199,7 +199,13 @@ class MediatedChannel(Channel):
         else:
             self.max_wait = config.timeout
         self.backoff = Backoff.from_options(self.options, self.name)
-        self._owned: set[str] = set()
+        self._owned: set[str] = set()  # objects this peer put
+        self._sent: set[str] = set()  # messages this peer sent (their readers delete them)
+        # Set by the communicator once a final barrier has shown that every
+        # message sent was received (and so deleted by its reader): close then
+        # leaves messages alone, since deleting one a slower reader is about
+        # to consume would lose it.  After an error, close deletes them too.
+        self.keep_sent_messages = False
         self._send_seq: dict[tuple[int, Key], int] = {}
         self._recv_seq: dict[tuple[int, Key], int] = {}
         self._recv_locks: dict[tuple[int, Key], _LockEntry] = {}
@@ -377,7 +383,7 @@ class MediatedChannel(Channel):
         name = self.message_name(self.peer_id, dst, key, seq)
         start = time.perf_counter()
         frames, nbytes = self._encode(key, payload)
-        self._owned.add(name)
+        self._sent.add(name)
         await self._store(name, frames, nbytes)
         self._count_send(payload)
         self.stats.seconds += time.perf_counter() - start
@@ -471,9 +477,11 @@ class MediatedChannel(Channel):
             async with asyncio.timeout(self.config.timeout):
                 if self._background:
                     await asyncio.gather(*self._background, return_exceptions=True)
-                if self._owned:
-                    await self._remove(sorted(self._owned))
+                names = self._owned if self.keep_sent_messages else self._owned | self._sent
+                if names:
+                    await self._remove(sorted(names))
                     self._owned.clear()
+                    self._sent.clear()
         except TimeoutError as exc:
             if isinstance(exc, CommTimeout):
                 raise

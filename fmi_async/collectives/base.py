@@ -24,14 +24,14 @@ from ..channels.base import Channel
 from ..errors import ArgumentError, CommTimeout, PlanMismatchError, ProtocolError
 from ..wire import Payload, dumps, loads
 
-__all__ = ["CollectiveContext", "MediatedChannel", "Step"]
+__all__ = ["CollectiveContext", "StorageOps", "Step"]
 
 logger = logging.getLogger(__name__)
 
 Step = int | str | tuple[int | str, ...]
 
 
-class MediatedChannel(Protocol):
+class StorageOps(Protocol):
     """The one-to-many operations storage channels add to :class:`Channel`."""
 
     async def put(self, key: tuple[str | int, ...], payload: Payload) -> None: ...
@@ -130,7 +130,7 @@ class CollectiveContext:
 
     # -- storage (mediated channels) ------------------------------------------
 
-    def _mediated(self) -> MediatedChannel:
+    def _mediated(self) -> StorageOps:
         if not hasattr(self.channel, "put") or not hasattr(self.channel, "get"):
             raise ArgumentError(
                 f"channel {self.channel.name} is not a storage channel (it has no put/get)"
@@ -144,5 +144,6 @@ class CollectiveContext:
         try:
             payload = await self._mediated().get(self.key(step), self.remaining())
         except CommTimeout as exc:
-            raise self._timeout(exc) from None
+            who = f" (peer {origin} stores it)" if isinstance(origin, int) else ""
+            raise CommTimeout(f"{self.op} (collective #{self.seq}): {exc}{who}") from None
         return self.unpack(payload, origin)

@@ -21,7 +21,7 @@ import fmi_async as fmi
 pytest_plugins = [p for p in ("tests.storage_servers",) if importlib.util.find_spec(p) is not None]
 
 LOOP = os.environ.get("FMI_TEST_LOOP", "asyncio")
-BOTH_LOOPS = {"test_collectives.py"}
+BOTH_LOOPS = {"test_collectives.py", "test_udp_channel.py"}
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

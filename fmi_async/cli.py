@@ -31,6 +31,8 @@ from typing import Any, TextIO
 from .config import BACKEND_ALIASES, Config
 from .errors import ConfigError, FMIError
 from .holepunch.server import RendezvousServer
+from .selection.calibrate import add_calibrate_arguments, cmd_calibrate
+from .selection.report import add_cost_arguments, add_plan_arguments, cmd_cost, cmd_plan
 
 __all__ = ["main", "build_parser", "merge_config", "COMMANDS", "Command"]
 
@@ -351,6 +353,24 @@ async def _pump(stream: asyncio.StreamReader, sink: Callable[[], TextIO], prefix
 COMMANDS: list[Command] = [
     Command("run", "run N peers of a script on this machine", _run_args, _cmd_run),
     Command("rendezvous", "run a rendezvous server", _rendezvous_args, _cmd_rendezvous),
+    Command(
+        "calibrate",
+        "measure the channels and write their models into the config",
+        add_calibrate_arguments,
+        cmd_calibrate,
+    ),
+    Command(
+        "plan",
+        "predicted time and cost of every plan of every collective",
+        add_plan_arguments,
+        cmd_plan,
+    ),
+    Command(
+        "cost",
+        "what a run's channels carried and cost, from saved comm.stats()",
+        add_cost_arguments,
+        cmd_cost,
+    ),
 ]
 
 

@@ -85,7 +85,8 @@ def _check(cal: ChannelCalibration) -> None:
         assert value > 0 and math.isfinite(value), cal
     assert all(len(ts) >= 3 for ts in cal.samples.values())
     entry = cal.model_entry()
-    assert set(entry) == {"overhead_s", "bandwidth_Bps", "aggregate_bandwidth_Bps"}
+    assert set(entry) == {"overhead_s", "bandwidth_Bps", "aggregate_bandwidth_Bps", "concurrency"}
+    assert entry["concurrency"] >= 1
 
 
 async def test_calibrate_memory_and_tcp_gives_positive_finite_parameters() -> None:

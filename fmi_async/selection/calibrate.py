@@ -238,6 +238,11 @@ class ChannelCalibration:
             "overhead_s": float(f"{self.overhead:.6g}"),
             "bandwidth_Bps": float(f"{self.bandwidth:.6g}"),
             "aggregate_bandwidth_Bps": float(f"{self.aggregate_bandwidth:.6g}"),
+            # Concurrent streams over one stream: ~1 where the peers measured
+            # share one event loop or CPU (a local run), larger across machines.
+            "concurrency": float(f"{max(1.0, self.aggregate_bandwidth / self.bandwidth):.3g}")
+            if self.bandwidth > 0
+            else 1.0,
         }
 
 

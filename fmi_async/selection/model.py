@@ -15,7 +15,10 @@ A channel's model has
 * ``price_per_gb`` -- dollars per GB moved (data transfer);
 * ``infra_per_hour`` -- dollars per hour of infrastructure the channel needs
   (a Redis node, the rendezvous VM), amortised over ``requests_per_hour``
-  messages or requests of the whole workload (FMI's ``requests_per_hour``).
+  messages or requests of the whole workload (FMI's ``requests_per_hour``;
+  our default assumes a busy node, 100 000 an hour, about 28 a second);
+* ``concurrency`` -- how much of the group's work proceeds at once (see the
+  field's comment): a plan takes at least its total work divided by it.
 
 The function itself costs ``faas_gb_second`` dollars per GB-second of its
 memory for the time it runs, on every peer.
@@ -72,7 +75,13 @@ class ChannelModel:
     get_requests: Mapping[str, float] = field(default_factory=dict)
     price_per_gb: float = 0.0
     infra_per_hour: float = 0.0
-    requests_per_hour: float = 1000.0
+    requests_per_hour: float = 100_000.0
+    # How many messages or requests the whole group can have in progress at
+    # once.  Peers on separate machines: unbounded, and a plan's time is its
+    # critical path.  Peers sharing one event loop (the memory channel, or a
+    # local test of any channel): about 1, and a plan's time is at least all
+    # of its work done one piece after another.  `fmi calibrate` measures it.
+    concurrency: float = math.inf
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -82,6 +91,8 @@ class ChannelModel:
                 raise ConfigError(f"model.{name} must be a finite number >= 0, got {value!r}")
         if self.bandwidth <= 0 or self.aggregate_bandwidth <= 0 or self.requests_per_hour <= 0:
             raise ConfigError("model bandwidths and requests_per_hour must be positive")
+        if not isinstance(self.concurrency, (int, float)) or not self.concurrency >= 1:
+            raise ConfigError(f"model.concurrency must be >= 1, got {self.concurrency!r}")
 
     # -- time --------------------------------------------------------------
 
@@ -292,6 +303,7 @@ def from_fmi(name: str, section: Mapping[str, Any], base: ChannelModel) -> Chann
         ("aggregate_bandwidth_Bps", "aggregate_bandwidth"),
         ("price_per_gb", "price_per_gb"),
         ("infra_per_hour", "infra_per_hour"),
+        ("concurrency", "concurrency"),
     ):
         value = num(ours)
         if value is not None:

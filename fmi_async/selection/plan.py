@@ -17,6 +17,11 @@ The plan identifier (:attr:`Plan.ident`) travels in every collective
 message, so peers that disagree raise
 :class:`~fmi_async.errors.PlanMismatchError` naming both plans.
 
+A plan's time is the larger of its critical path (below) and its total work
+(every message's overhead and every byte's transfer time) divided by the
+channel's ``concurrency``: peers on separate machines work in parallel
+(unbounded), peers sharing one event loop one after another (1).
+
 Round structures (``L = ceil(log2 P)``, ``t(n) = overhead + n / bandwidth``;
 a point-to-point message over storage is a put and a get, ``2 t(n)``):
 
@@ -286,7 +291,9 @@ def _estimate(
     if family == "direct":
         # Over storage, a point-to-point message is a put and a get.
         scale = 2.0 if kind == "mediated" else 1.0
-        secs, count, moved = _direct(alg, s, scale * m.overhead, scale / m.bandwidth)
+        a, b = scale * m.overhead, scale / m.bandwidth
+        secs, count, moved = _direct(alg, s, a, b)
+        work = count * a + moved * b
         req: dict[str, float] = {}
         if kind == "mediated":
             _add(req, message_requests(name, m, s.nbytes), count)
@@ -296,6 +303,11 @@ def _estimate(
     else:
         secs, req, moved = _mediated(name, m, alg, s)
         calls = sum(v for k, v in req.items() if not k.endswith("_units"))
+        work = calls * m.overhead + moved / m.bandwidth
+    # However short the critical path, the group cannot do more than
+    # `concurrency` pieces of work at once (one event loop: one at a time).
+    if math.isfinite(m.concurrency):
+        secs = max(secs, work / m.concurrency)
     usd = (
         m.request_cost(req)
         + m.infra_cost(calls)

@@ -31,6 +31,8 @@ from fmi_async.errors import (
 )
 from fmi_async.holepunch import protocol as hp
 from fmi_async.holepunch.client import RendezvousClient
+from fmi_async.holepunch.net import HostNetwork
+from fmi_async.holepunch.punch import Membership, authenticate
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.wire import dumps, encode_frame, loads
 
@@ -268,16 +270,25 @@ async def raw_connection(chan: TCPChannel) -> tuple[asyncio.StreamReader, asynci
     return await asyncio.open_connection(*chan.listen_address)
 
 
-def hello(chan: TCPChannel, src: int, secret: str | None = SECRET, **changes: Any) -> bytes:
-    fields: dict[str, Any] = {
-        "comm": chan.comm_name,
-        "run_id": chan.run_id,
-        "peer": src,
-        "dst": chan.peer_id,
-    }
-    fields.update(changes)
-    message = hp.Hello(**fields)
-    return hp.encode(hp.sign(message, secret.encode() if secret else None))
+async def proven_connection(
+    chan: TCPChannel, src: int, secret: str | None = SECRET, **changes: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``chan`` that passed (or tried) the membership handshake as ``src``."""
+    assert chan.listen_address is not None
+    sock, _ = await HostNetwork().connect(chan.listen_address, timeout=3.0)
+    member = Membership(
+        changes.get("comm", chan.comm_name),
+        changes.get("run_id", chan.run_id),
+        secret.encode() if secret else None,
+    )
+    try:
+        deadline = asyncio.get_running_loop().time() + 3.0
+        dst = changes.get("dst", chan.peer_id)
+        await authenticate(sock, member, src, committer=True, other=dst, deadline=deadline)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
 
 
 async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 3.0) -> bool:
@@ -318,21 +329,50 @@ async def test_garbage_before_hello_closes_only_that_connection(
         ({"run_id": "another-run"}, SECRET),
         ({"comm": "OTHER"}, SECRET),
         ({"dst": 0}, SECRET),
-        ({"peer": 1}, SECRET),  # claims to be the receiver itself
-        ({"peer": 9}, SECRET),
+        ({"src": 1}, SECRET),  # claims to be the receiver itself
+        ({"src": 9}, SECRET),
         ({}, "wrong secret"),
         ({}, None),
     ],
 )
-async def test_wrong_hello_is_dropped(changes: dict[str, Any], secret: str | None) -> None:
+async def test_impostor_on_listening_port_is_dropped(
+    changes: dict[str, Any], secret: str | None
+) -> None:
+    """A stranger who reaches a peer's port fails the proof and never delivers a frame."""
     async with tcp_peers(3) as (chans, _):
-        reader, writer = await raw_connection(chans[1])
-        try:
-            writer.write(hello(chans[1], 2, secret, **changes))
-            writer.writelines(encode_frame(("u", 0), dumps("forged")))
-            assert await closed_by_peer(reader)
-        finally:
+        src = changes.pop("src", 2)
+        with pytest.raises((AuthenticationError, BrokenChannelError, CommTimeout)):
+            _, writer = await proven_connection(chans[1], src, secret, **changes)
             writer.close()
+        # Even bytes pushed before the proof completes are never read as frames.
+        raw_reader, raw_writer = await raw_connection(chans[1])
+        raw_writer.writelines(encode_frame(("u", 0), dumps("forged")))
+        assert await closed_by_peer(raw_reader)
+        raw_writer.close()
+        with pytest.raises(CommTimeout):
+            await recv(chans[1], 2, timeout=0.1)
+
+
+async def test_replayed_handshake_is_dropped() -> None:
+    """Recorded handshake bytes are useless on a new connection: the nonce differs."""
+    async with tcp_peers(3) as (chans, _):
+        assert chans[1].listen_address is not None
+        sock, _ = await HostNetwork().connect(chans[1].listen_address, timeout=3.0)
+        member = Membership(chans[1].comm_name, chans[1].run_id, SECRET.encode())
+        loop = asyncio.get_running_loop()
+        mine = b"n" * hp.NONCE_LEN
+        await loop.sock_sendall(
+            sock, hp.encode(hp.Challenge(member.comm, member.run_id, 2, 1, mine))
+        )
+        # A response computed for some other nonce (as an eavesdropper would have).
+        stale = hp.response_proof(
+            member.secret, member.comm, member.run_id, 2, 1, b"x" * hp.NONCE_LEN, mine
+        )
+        await loop.sock_sendall(sock, hp.encode(hp.Response(2, stale, commit=True)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.writelines(encode_frame(("u", 0), dumps("forged")))
+        assert await closed_by_peer(reader)
+        writer.close()
         with pytest.raises(CommTimeout):
             await recv(chans[1], 2, timeout=0.1)
 
@@ -352,8 +392,7 @@ async def test_truncated_frame_fails_waiters_of_that_source() -> None:
     async with tcp_peers(3) as (chans, _):
         waiter = asyncio.create_task(recv(chans[1], 2, tag=4, timeout=10.0))
         other = asyncio.create_task(recv(chans[1], 0, tag=4, timeout=10.0))
-        _, writer = await raw_connection(chans[1])
-        writer.write(hello(chans[1], 2))
+        _, writer = await proven_connection(chans[1], 2)
         frame = b"".join(bytes(b) for b in encode_frame(("u", 3), dumps(np.arange(1000))))
         writer.write(frame)  # one whole frame, then half of the next
         writer.write(frame[: len(frame) // 2])
@@ -370,9 +409,9 @@ async def test_truncated_frame_fails_waiters_of_that_source() -> None:
 async def test_garbage_frame_after_hello(caplog: pytest.LogCaptureFixture) -> None:
     async with tcp_peers(3) as (chans, _):
         waiter = asyncio.create_task(recv(chans[1], 2, timeout=10.0))
-        reader, writer = await raw_connection(chans[1])
+        reader, writer = await proven_connection(chans[1], 2)
         try:
-            writer.write(hello(chans[1], 2) + b"NOT A FRAME AT ALL")
+            writer.write(b"NOT A FRAME AT ALL")
             assert await closed_by_peer(reader)
         finally:
             writer.close()
@@ -393,12 +432,23 @@ async def test_clean_close_of_sender_ends_stream() -> None:
 
 async def test_stalled_receiver_hits_send_deadline() -> None:
     """A peer that accepts but never reads: the send gives up, the connection goes."""
-    accepted: list[asyncio.StreamWriter] = []
+    accepted: list[socket.socket] = []
+    member = Membership("W", "r", SECRET.encode())
 
-    async def never_read(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen()
+    listener.setblocking(False)
 
-    stall = await asyncio.start_server(never_read, LOOPBACK, 0)
+    async def accept_and_prove() -> None:
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(listener)
+        conn.setblocking(False)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        accepted.append(conn)
+        await authenticate(conn, member, 1, committer=False, other=None, deadline=loop.time() + 5)
+
+    stall_task = asyncio.create_task(accept_and_prove())
     try:
         async with RendezvousServer(SECRET.encode()) as srv:
             config = Config.from_dict(make_config(srv).to_dict() | {"timeout": 0.5})
@@ -406,7 +456,7 @@ async def test_stalled_receiver_hits_send_deadline() -> None:
             await chan.open()
             try:
                 client = RendezvousClient(*srv.address, SECRET.encode())
-                await client.register("W", "r", 1, stall.sockets[0].getsockname())
+                await client.register("W", "r", 1, listener.getsockname())
                 start = time.monotonic()
                 with pytest.raises(CommTimeout, match="did not read"):
                     await send(chan, 1, np.zeros(64 * MiB // 8))
@@ -415,9 +465,10 @@ async def test_stalled_receiver_hits_send_deadline() -> None:
             finally:
                 await chan.close()
     finally:
-        for writer in accepted:
-            writer.close()
-        stall.close()
+        stall_task.cancel()
+        for conn in accepted:
+            conn.close()
+        listener.close()
 
 
 async def test_cancelled_send_invalidates_connection_then_reconnects() -> None:

@@ -2,9 +2,22 @@
 
 ``open()`` listens on an ephemeral port and registers that address at the
 rendezvous server (``backends.TCP.host``/``port``, FMI's ``Direct``
-section).  The first send to a peer looks its address up there, connects,
-and introduces itself with a :class:`~fmi_async.holepunch.protocol.Hello`
-(comm name, run id, sender, receiver, HMAC proof when a secret is set).
+section) over a long-lived control connection.  The server compares the
+endpoint it observes with the one the peer reports and so knows who is
+behind NAT.  The first send to a peer looks it up there and then
+
+* connects to its listening address when the destination is not behind NAT
+  (through this peer's NAT, if any): the plain path, as fast as before;
+* otherwise punches a connection (:func:`~fmi_async.holepunch.punch.pair_tcp`):
+  the server invites the destination over its control connection, both
+  punch, and the server's verdict says whether the stream is direct or goes
+  through its relay.  ``stats.pairs[dst]`` records ``"direct"`` or
+  ``"relayed"``.
+
+Every connection, whichever way it opened, starts with the membership
+handshake of :func:`~fmi_async.holepunch.punch.authenticate` (HMAC over
+``security.secret``, comm name, run id and nonces from both sides); a
+connection that fails it is dropped before a single frame is read.
 
 A peer *sends* only on connections it opened and *receives* only on
 connections it accepted.  Two peers that send to each other at the same
@@ -27,7 +40,12 @@ records the address it saw the peer at); ``advertise`` (address to register
 instead of ``bind``); ``connect_timeout`` (seconds, default 10; FMI's
 ``max_timeout`` in milliseconds is accepted too); ``lookup_timeout`` (how long
 a first send waits for the destination to register, default the config's
-``timeout``).
+``timeout``); ``traversal`` (``auto``: punch only towards peers behind NAT,
+the default; ``punch``: always pair through the server; ``off``: never);
+``punch_timeout`` (seconds of punching before the relay takes over, default
+2); ``nat`` (a simulated NAT's gateway ``"host:port"``, see
+:mod:`fmi_async.holepunch.natsim`; also the ``FMI_NAT_GATEWAY`` environment
+variable).
 """
 
 from __future__ import annotations
@@ -47,10 +65,14 @@ from ..errors import (
     CommTimeout,
     ConfigError,
     EndOfStream,
+    FMIError,
     ProtocolError,
 )
 from ..holepunch import protocol as hp
-from ..holepunch.client import RendezvousClient
+from ..holepunch.client import ControlConnection, RendezvousClient
+from ..holepunch.natsim import network_from_options
+from ..holepunch.net import HostNetwork, Network, close_socket
+from ..holepunch.punch import Membership, authenticate, pair_tcp
 from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
 from .base import Channel, Mailbox
 
@@ -60,7 +82,8 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024  # bytes per write of a large buffer
 _SMALL = 256 * 1024  # frames up to this size are joined and written at once
-_HELLO_MAX = 4096  # a hello is tiny; never allocate more before knowing the sender
+_MAX_HANDSHAKES = 64  # connections proving membership at once; more are refused
+_TRAVERSAL = ("auto", "punch", "off")
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -176,18 +199,14 @@ class _Sender(asyncio.Protocol):
 
 
 class _Receiver(asyncio.BufferedProtocol):
-    """A connection another peer opened to us: hello first, then frames."""
+    """A connection another peer writes to us on; it has proved who it is already."""
 
-    def __init__(self, channel: TCPChannel) -> None:
+    def __init__(self, channel: TCPChannel, src: int) -> None:
         self.channel = channel
-        self.src: int | None = None
+        self.src = src
         self.transport: asyncio.Transport | None = None
-        self.reader: FrameReader | None = None  # set once the hello checked out
-        self._hello = bytearray(hp.HEADER_SIZE)
-        self._hello_filled = 0
-        self._hello_header = True
+        self.reader = FrameReader(channel.config.limits)
         self._failure: str | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<_Receiver {self.src}->{self.channel.peer_id}>"
@@ -200,60 +219,19 @@ class _Receiver(asyncio.BufferedProtocol):
             self.transport.abort()
             return
         self.channel._incoming.add(self)
-        self._timer = asyncio.get_running_loop().call_later(
-            self.channel.connect_timeout, self._hello_timeout
-        )
-
-    def _hello_timeout(self) -> None:
-        if self.reader is None and self.transport is not None:
-            logger.warning(
-                "peer %d: a connection sent no hello within %.3gs; closing it",
-                self.channel.peer_id,
-                self.channel.connect_timeout,
-            )
-            self.transport.abort()
+        self.channel.mailbox.clear_source(self.src)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.reader is not None:
-            return self.reader.get_buffer()
-        # Exactly the rest of the hello: bytes after it belong to the frame reader.
-        return memoryview(self._hello)[self._hello_filled :]
+        return self.reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            if self.reader is None:
-                self._hello_progress(nbytes)
-                return
             self.reader.buffer_updated(nbytes)
         except ProtocolError as exc:
-            self._fail(f"peer {self.src}: {exc}" if self.src is not None else f"bad hello: {exc}")
+            self._fail(f"peer {self.src}: {exc}")
             return
-        assert self.src is not None
         for key, payload in self.reader.pop_frames():
             self.channel.mailbox.deliver(self.src, key, payload)
-
-    def _hello_progress(self, nbytes: int) -> None:
-        self._hello_filled += nbytes
-        if self._hello_filled < len(self._hello):
-            return
-        if self._hello_header:
-            need = hp.parse_header(self._hello, _HELLO_MAX)
-            if need == 0:
-                raise ProtocolError("empty hello")
-            self._hello, self._hello_filled, self._hello_header = bytearray(need), 0, False
-            return
-        message = hp.decode_body(self._hello)
-        problem = self.channel._check_hello(message)
-        if problem is not None:
-            self._fail(problem)
-            return
-        assert isinstance(message, hp.Hello)
-        self.src = message.peer
-        self.channel.mailbox.clear_source(message.peer)
-        self.reader = FrameReader(self.channel.config.limits)
-        if self._timer is not None:
-            self._timer.cancel()
-        logger.debug("peer %d: accepted connection from peer %d", self.channel.peer_id, self.src)
 
     def _fail(self, problem: str) -> None:
         logger.warning("peer %d: closing a connection: %s", self.channel.peer_id, problem)
@@ -265,13 +243,10 @@ class _Receiver(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
         self.channel._incoming.discard(self)
         src, chan = self.src, self.channel
-        if src is None or not chan.is_open:
+        if not chan.is_open:
             return
-        assert self.reader is not None
         error: Exception
         if self._failure is not None:
             error = BrokenChannelError(f"connection from peer {src} was dropped: {self._failure}")
@@ -324,23 +299,39 @@ class TCPChannel(Channel):
             connect_timeout = float(opts.get("max_timeout", 10_000)) / 1000.0
         self.connect_timeout = connect_timeout
         self.lookup_timeout = float(opts.get("lookup_timeout", config.timeout))
-        if self.connect_timeout <= 0 or self.lookup_timeout <= 0:
-            raise ConfigError("backends.TCP connect_timeout and lookup_timeout must be positive")
+        self.punch_timeout = float(opts.get("punch_timeout", 2.0))
+        if self.connect_timeout <= 0 or self.lookup_timeout <= 0 or self.punch_timeout <= 0:
+            raise ConfigError(
+                "backends.TCP connect_timeout, lookup_timeout and punch_timeout must be positive"
+            )
+        self.traversal = str(opts.get("traversal", "auto"))
+        if self.traversal not in _TRAVERSAL:
+            raise ConfigError(
+                f"backends.TCP.traversal must be one of {', '.join(_TRAVERSAL)}, "
+                f"got {self.traversal!r}"
+            )
         self.listen_address: hp.Address | None = None
-        self._client = RendezvousClient(host, port, config.secret, timeout=self.connect_timeout)
-        self._server: asyncio.Server | None = None
-        self._refresh: asyncio.Task[None] | None = None
+        simulated = network_from_options(opts)
+        self.net: Network = simulated or HostNetwork()
+        self.member = Membership(comm_name, run_id, config.secret)
+        self._client = RendezvousClient(
+            host, port, config.secret, timeout=self.connect_timeout, net=simulated
+        )
+        self._listen_sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._control: ControlConnection | None = None
         self._senders: dict[int, _Sender] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._incoming: set[_Receiver] = set()
+        self._handshakes = 0
 
     def __repr__(self) -> str:
         addr = self.listen_address
         listen = f"{addr[0]}:{addr[1]}" if addr else "-"
         return (
             f"<TCPChannel peer={self.peer_id}/{self.num_peers} comm={self.comm_name!r} "
-            f"{self._state} listen={listen} out={sorted(self._senders)} "
-            f"in={sorted(r.src for r in self._incoming if r.src is not None)}>"
+            f"{self._state} listen={listen} net={self.net.name} out={sorted(self._senders)} "
+            f"in={sorted(r.src for r in self._incoming)}>"
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -349,48 +340,60 @@ class TCPChannel(Channel):
         if self._state != "new":
             raise ClosedError(f"{self!r} cannot be opened again")
         loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            self._server = await loop.create_server(lambda: _Receiver(self), self.bind, 0)
+            sock.setblocking(False)
+            sock.bind((self.bind, 0))
+            sock.listen(128)
         except OSError as exc:
+            sock.close()
             raise ConfigError(
                 f"peer {self.peer_id} cannot listen on {self.bind!r}: {exc.strerror or exc}; "
                 "check backends.TCP.bind"
             ) from exc
-        port = int(self._server.sockets[0].getsockname()[1])
+        self._listen_sock = sock
+        port = int(sock.getsockname()[1])
         self.listen_address = (self.bind, port)
         await super().open()  # open before registering: peers may connect at once
+        self._spawn(self._accept_loop(sock))
+        self._control = ControlConnection(
+            self._client,
+            self.comm_name,
+            self.run_id,
+            self.peer_id,
+            (self.advertise, port),
+            self._on_invite,
+            renew=min(15.0, max(1.0, self.connect_timeout)),
+        )
         try:
-            ok = await self._client.register(
-                self.comm_name, self.run_id, self.peer_id, (self.advertise, port)
-            )
+            await self._control.start()
         except BaseException:
             await self.close()
             raise
-        if ok.ttl:
-            self._refresh = asyncio.create_task(self._keep_registered(ok.ttl))
-        logger.debug("%r registered at %s:%d", self, *self.rendezvous)
+        del loop
+        logger.debug(
+            "%r registered at %s:%d%s",
+            self, *self.rendezvous, " behind NAT" if self._control.behind_nat else "",
+        )  # fmt: skip
 
-    async def _keep_registered(self, ttl: float) -> None:
-        """Renew the registration so a first send late in a long run still finds us."""
-        assert self.listen_address is not None
-        addr = (self.advertise, self.listen_address[1])
-        while self.is_open:
-            await asyncio.sleep(max(ttl / 2, 1.0))
-            try:
-                await self._client.register(self.comm_name, self.run_id, self.peer_id, addr)
-            except Exception as exc:  # the next round tries again
-                logger.warning("peer %d: renewing the registration failed: %s", self.peer_id, exc)
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
         if self._state == "closed":
             return
         await super().close()  # from here on, lost connections are not failures
-        if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh
-        if self._server is not None:
-            self._server.close()
+        if self._control is not None:
+            await self._control.close()
+        if self._listen_sock is not None:
+            close_socket(self._listen_sock)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
         for receiver in list(self._incoming):
             if receiver.transport is not None:
                 receiver.transport.abort()
@@ -404,9 +407,6 @@ class TCPChannel(Channel):
         for sender in senders:
             if sender.transport is not None and not sender.lost.done():
                 sender.transport.abort()
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), self.connect_timeout)
         logger.debug("%r closed", self)
 
     # ---------------------------------------------------------------- send
@@ -447,14 +447,47 @@ class TCPChannel(Channel):
         sender = self._senders.get(dst)
         if sender is not None and sender.usable:
             return sender
-        host, port = await self._client.lookup(
-            self.comm_name, self.run_id, dst, self.lookup_timeout
-        )
+        info = await self._client.lookup_info(self.comm_name, self.run_id, dst, self.lookup_timeout)
         self._check_open()
-        loop = asyncio.get_running_loop()
+        assert self._control is not None
+        punch = self.traversal == "punch" or (self.traversal == "auto" and info.nat)
+        if punch:
+            result = await pair_tcp(
+                self.net,
+                self.rendezvous,
+                self.member,
+                self.peer_id,
+                self.peer_id,
+                dst,
+                join_timeout=self.lookup_timeout,
+                punch_timeout=self.punch_timeout,
+                step_timeout=self.connect_timeout,
+            )
+            sock, how = result.sock, "direct" if result.outcome == "direct" else "relayed"
+            logger.debug(
+                "peer %d -> peer %d: %s after %.1f ms (we are %s, peer %d is %s)",
+                self.peer_id, dst, how, result.seconds * 1e3, result.public, dst,
+                result.peer_public,
+            )  # fmt: skip
+        else:
+            sock = await self._connect_plain(dst, info.addr)
+            how = "direct"
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, proto = await loop.create_connection(lambda: _Sender(self, dst), host, port)
+            self._check_open()
+            loop = asyncio.get_running_loop()
+            _, proto = await loop.create_connection(lambda: _Sender(self, dst), sock=sock)
+        except BaseException:
+            close_socket(sock)
+            raise
+        self._senders[dst] = proto
+        self.stats.pairs[dst] = how
+        return proto
+
+    async def _connect_plain(self, dst: int, addr: hp.Address) -> socket.socket:
+        """Connect to a listening peer (through our NAT, if any) and prove membership."""
+        host, port = addr
+        try:
+            sock, _ = await self.net.connect(addr, timeout=self.connect_timeout)
         except TimeoutError:
             raise CommTimeout(
                 f"peer {self.peer_id} could not connect to peer {dst} at {host}:{port} within "
@@ -465,35 +498,111 @@ class TCPChannel(Channel):
                 f"peer {self.peer_id} cannot connect to peer {dst} at {host}:{port}: "
                 f"{exc.strerror or exc}; has peer {dst} closed or crashed?"
             ) from exc
-        if not self.is_open:
-            assert proto.transport is not None
-            proto.transport.abort()
-            self._check_open()
-        hello = hp.sign(
-            hp.Hello(self.comm_name, self.run_id, self.peer_id, dst), self.config.secret
-        )
-        assert proto.transport is not None
-        proto.transport.write(hp.encode(hello))
-        self._senders[dst] = proto
-        self.stats.pairs[dst] = "direct"
+        try:
+            deadline = asyncio.get_running_loop().time() + self.connect_timeout
+            await authenticate(
+                sock, self.member, self.peer_id, committer=True, other=dst, deadline=deadline
+            )
+        except BaseException:
+            close_socket(sock)
+            raise
         logger.debug("peer %d: connected to peer %d at %s:%d", self.peer_id, dst, host, port)
-        return proto
+        return sock
 
     # ---------------------------------------------------------------- receive side
 
-    def _check_hello(self, message: Any) -> str | None:
-        """Why a hello is unacceptable, or None if it is fine."""
-        if not isinstance(message, hp.Hello):
-            return f"expected a hello, got {getattr(message, 'TYPE', message)!r}"
-        if message.comm != self.comm_name or message.run_id != self.run_id:
-            return (
-                f"hello for communicator {message.comm!r} run {message.run_id}, this is "
-                f"{self.comm_name!r} run {self.run_id}"
+    def _valid_peer(self, peer: int) -> bool:
+        return 0 <= peer < self.num_peers and peer != self.peer_id
+
+    async def _accept_loop(self, listen: socket.socket) -> None:
+        """Accept plain connections; each must prove membership before it may send."""
+        loop = asyncio.get_running_loop()
+        while self.is_open:
+            try:
+                conn, addr = await loop.sock_accept(listen)
+            except OSError as exc:
+                if not self.is_open:
+                    return
+                logger.warning("peer %d: accept failed: %s", self.peer_id, exc)
+                await asyncio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            if self._handshakes >= _MAX_HANDSHAKES:
+                logger.warning("peer %d: too many unproven connections; refusing", self.peer_id)
+                close_socket(conn, reset=True)
+                continue
+            self._spawn(self._admit(conn, addr))
+
+    async def _admit(self, conn: socket.socket, addr: Any) -> None:
+        self._handshakes += 1
+        try:
+            deadline = asyncio.get_running_loop().time() + self.connect_timeout
+            src = await authenticate(
+                conn,
+                self.member,
+                self.peer_id,
+                committer=False,
+                other=None,
+                deadline=deadline,
+                valid_peer=self._valid_peer,
             )
-        if message.dst != self.peer_id:
-            return f"hello addressed to peer {message.dst}, this is peer {self.peer_id}"
-        if not 0 <= message.peer < self.num_peers or message.peer == self.peer_id:
-            return f"hello from peer {message.peer}, not another peer of {self.num_peers}"
-        if not hp.verify(message, self.config.secret):
-            return f"hello from peer {message.peer} has no valid proof of security.secret"
-        return None
+        except (FMIError, OSError) as exc:
+            logger.warning("peer %d: closing a connection from %s: %s", self.peer_id, addr, exc)
+            close_socket(conn, reset=True)
+            return
+        finally:
+            self._handshakes -= 1
+        await self._receive_on(conn, src)
+
+    async def _receive_on(self, conn: socket.socket, src: int) -> None:
+        if not self.is_open:
+            close_socket(conn)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: _Receiver(self, src), sock=conn)
+        except OSError as exc:
+            close_socket(conn)
+            logger.warning("peer %d: connection from peer %d failed: %s", self.peer_id, src, exc)
+            return
+        logger.debug("peer %d: accepted connection from peer %d", self.peer_id, src)
+
+    def _on_invite(self, invite: hp.Invite) -> None:
+        """Peer ``invite.initiator`` wants to punch a connection to us: take part."""
+        if (
+            invite.transport != "tcp"
+            or invite.comm != self.comm_name
+            or invite.run_id != self.run_id
+            or invite.responder != self.peer_id
+            or not self._valid_peer(invite.initiator)
+            or not self.is_open
+        ):
+            logger.warning(
+                "peer %d: ignoring an invite that is not for us: %r", self.peer_id, invite
+            )
+            return
+        self._spawn(self._respond(invite.initiator))
+
+    async def _respond(self, src: int) -> None:
+        try:
+            result = await pair_tcp(
+                self.net,
+                self.rendezvous,
+                self.member,
+                self.peer_id,
+                src,
+                self.peer_id,
+                join_timeout=self.lookup_timeout,
+                punch_timeout=self.punch_timeout,
+                step_timeout=self.connect_timeout,
+            )
+        except (FMIError, OSError) as exc:
+            # The initiator sees its own failure; our receives from it time out or fail.
+            logger.warning("peer %d: pairing with peer %d failed: %s", self.peer_id, src, exc)
+            return
+        how = "direct" if result.outcome == "direct" else "relayed"
+        logger.debug(
+            "peer %d <- peer %d: %s after %.1f ms", self.peer_id, src, how, result.seconds * 1e3
+        )
+        self.stats.pairs.setdefault(src, how)
+        await self._receive_on(result.sock, src)

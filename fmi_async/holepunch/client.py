@@ -1,9 +1,15 @@
 """Client side of the rendezvous protocol.
 
-Each request uses its own short connection: peers talk to the server a few
-times per run (one register, at most one lookup per destination), so a
-persistent connection would buy nothing and would need keep-alives through
-NATs.  It also means concurrent lookups never wait behind each other.
+Each request uses its own short connection, so concurrent lookups never wait
+behind each other.  The one long-lived connection is a peer's *control
+connection* (:class:`ControlConnection`): the register is sent on it and
+renewed, which keeps it (and the NAT mapping under it) alive, and the server
+pushes ``invite`` messages on it when another peer wants to punch a
+connection to this one.  It reconnects by itself, with backoff, when the
+server goes away (a restarted server learns the peer again that way).
+
+Every connection is opened through a :class:`~fmi_async.holepunch.net.Network`,
+so behind a simulated NAT the server observes the NAT's mapping.
 
 Every step has a deadline, and failures are mapped onto the library's errors
 with messages that say what to check: :class:`~fmi_async.errors.CommTimeout`
@@ -18,7 +24,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import time
+from collections.abc import Callable
 
 from ..errors import (
     ArgumentError,
@@ -28,8 +36,9 @@ from ..errors import (
     ProtocolError,
 )
 from . import protocol as p
+from .net import Network
 
-__all__ = ["RendezvousClient"]
+__all__ = ["RendezvousClient", "ControlConnection"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +51,12 @@ class RendezvousClient:
     """
 
     def __init__(
-        self, host: str, port: int, secret: bytes | None = None, timeout: float = 10.0
+        self,
+        host: str,
+        port: int,
+        secret: bytes | None = None,
+        timeout: float = 10.0,
+        net: Network | None = None,
     ) -> None:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ArgumentError(f"rendezvous port must be in 1..65535, got {port!r}")
@@ -52,6 +66,7 @@ class RendezvousClient:
         self.port = port
         self.secret = secret
         self.timeout = timeout
+        self.net = net
         self._ids = itertools.count(1)
 
     def __repr__(self) -> str:
@@ -62,9 +77,18 @@ class RendezvousClient:
     def _where(self) -> str:
         return f"the rendezvous server at {self.host}:{self.port}"
 
-    async def register(self, comm: str, run_id: str, peer: int, addr: p.Address) -> p.Ok:
+    async def register(
+        self,
+        comm: str,
+        run_id: str,
+        peer: int,
+        addr: p.Address,
+        local: p.Address | None = None,
+    ) -> p.Ok:
         """Announce that ``peer`` listens at ``addr``; returns the server's acknowledgement."""
-        request = p.Register(comm, run_id, peer, (addr[0], int(addr[1])), id=next(self._ids))
+        request = p.Register(
+            comm, run_id, peer, (addr[0], int(addr[1])), id=next(self._ids), local=local
+        )
         answer = await self._request(request, self.timeout)
         if isinstance(answer, p.Ok):
             return answer
@@ -78,21 +102,36 @@ class RendezvousClient:
         timeout: float | None = None,
     ) -> p.Address:
         """The address of ``peer``, waiting up to ``timeout`` seconds for it to register."""
+        return (await self.lookup_info(comm, run_id, peer, timeout)).addr
+
+    async def lookup_info(
+        self,
+        comm: str,
+        run_id: str,
+        peer: int,
+        timeout: float | None = None,
+    ) -> p.PeerInfo:
+        """Like :meth:`lookup`, with whether the peer is behind NAT."""
         wait = self.timeout if timeout is None else timeout
         request = p.Lookup(comm, run_id, peer, wait, id=next(self._ids))
         answer = await self._request(request, wait + self.timeout)
         if isinstance(answer, p.PeerInfo) and answer.peer == peer:
-            return answer.addr
+            return answer
         raise self._error(answer, request, f"looking up peer {peer}")
 
-    # ---------------------------------------------------------------- internals
-
-    async def _request(self, request: p.Lookup | p.Register, deadline_s: float) -> p.Message:
-        signed = p.sign(request, self.secret)
-        deadline = time.monotonic() + deadline_s
+    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, p.Address]:
+        """A connection to the server (through :attr:`net`) and its local endpoint."""
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                if self.net is None:
+                    reader, writer = await asyncio.open_connection(self.host, self.port)
+                    name = writer.get_extra_info("sockname")
+                    local = (str(name[0]), int(name[1]))
+                else:
+                    sock, local = await self.net.connect(
+                        (self.host, self.port), timeout=self.timeout
+                    )
+                    reader, writer = await asyncio.open_connection(sock=sock)
         except TimeoutError:
             raise BrokenChannelError(
                 f"cannot reach {self._where}: no answer within {self.timeout:.3g}s; "
@@ -103,6 +142,14 @@ class RendezvousClient:
                 f"cannot reach {self._where}: {exc.strerror or exc}; check backends.TCP.host/"
                 "port and that `fmi rendezvous` runs there"
             ) from exc
+        return reader, writer, local
+
+    # ---------------------------------------------------------------- internals
+
+    async def _request(self, request: p.Lookup | p.Register, deadline_s: float) -> p.Message:
+        signed = p.sign(request, self.secret)
+        deadline = time.monotonic() + deadline_s
+        reader, writer, _ = await self.open_connection()
         try:
             writer.write(p.encode(signed))
             return await self._read_answer(reader, request, deadline)
@@ -162,3 +209,132 @@ class RendezvousClient:
         if answer.code == "bad_request":
             return ProtocolError(f"{self._where} rejected {what}: {answer.message}")
         return BrokenChannelError(f"{self._where} failed {what}: {answer.message}")
+
+
+class ControlConnection:
+    """A peer's long-lived registration: renewed, reconnected, and where invites arrive.
+
+    :meth:`start` registers once and raises what went wrong (wrong secret,
+    unreachable server).  After that a background task renews the register
+    every ``renew`` seconds (well inside the server's idle timeout and TTL),
+    hands every ``invite`` to ``on_invite``, and when the connection breaks
+    reconnects with jittered, doubling backoff (capped at ``max_backoff``)
+    until :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        client: RendezvousClient,
+        comm: str,
+        run_id: str,
+        peer: int,
+        addr: p.Address,
+        on_invite: Callable[[p.Invite], None],
+        *,
+        renew: float = 15.0,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self.client = client
+        self.comm = comm
+        self.run_id = run_id
+        self.peer = peer
+        self.addr = addr
+        self.on_invite = on_invite
+        self.renew = renew
+        self.max_backoff = max_backoff
+        self.observed: p.Address | None = None
+        self.local: p.Address | None = None
+        self.reconnects = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("connected" if self._writer else "connecting")
+        return (
+            f"<ControlConnection peer={self.peer} {state} observed={self.observed} "
+            f"local={self.local} reconnects={self.reconnects}>"
+        )
+
+    @property
+    def behind_nat(self) -> bool:
+        """True when the server saw another endpoint than ours: a translator is in between."""
+        return self.observed is not None and self.observed != self.local
+
+    async def start(self) -> p.Ok:
+        ok = await self._connect()
+        self._task = asyncio.create_task(self._run())
+        return ok
+
+    async def _connect(self) -> p.Ok:
+        reader, writer, local = await self.client.open_connection()
+        try:
+            request = p.Register(self.comm, self.run_id, self.peer, self.addr, id=0, local=local)
+            writer.write(p.encode(p.sign(request, self.client.secret)))
+            deadline = time.monotonic() + self.client.timeout
+            answer = await self.client._read_answer(reader, request, deadline)
+            if not isinstance(answer, p.Ok):
+                raise self.client._error(answer, request, f"registering peer {self.peer}")
+        except BaseException:
+            writer.close()
+            raise
+        self._reader, self._writer = reader, writer
+        self.local, self.observed = local, answer.observed
+        return answer
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            try:
+                if self._writer is None:
+                    await self._connect()
+                    self.reconnects += 1
+                    logger.info("peer %d: registered again at %s", self.peer, self.client._where)
+                backoff = 0.05
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("peer %d: control connection: %s", self.peer, exc)
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            if self._closed:
+                return
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.max_backoff)
+
+    async def _serve(self) -> None:
+        assert self._reader is not None and self._writer is not None
+        decoder = p.Decoder()
+        request = p.sign(
+            p.Register(self.comm, self.run_id, self.peer, self.addr, id=0, local=self.local),
+            self.client.secret,
+        )
+        while True:
+            try:
+                async with asyncio.timeout(self.renew):
+                    data = await self._reader.read(65536)
+            except TimeoutError:
+                self._writer.write(p.encode(request))  # renewal; the answer is an ok
+                async with asyncio.timeout(self.client.timeout):
+                    await self._writer.drain()
+                continue
+            if not data:
+                raise BrokenChannelError("the rendezvous server closed the control connection")
+            for message in decoder.feed(data):
+                if isinstance(message, p.Invite):
+                    self.on_invite(message)
+                elif isinstance(message, p.Error):
+                    logger.warning("peer %d: rendezvous server: %s", self.peer, message.message)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

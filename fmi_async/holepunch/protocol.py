@@ -22,6 +22,27 @@ Message types (requests -> answers):
 * ``hello``    (comm, run_id, peer, dst, proof): first message of a direct
   connection between two peers, so the receiver knows who is talking.
 
+NAT traversal (see ``docs/holepunching.md``):
+
+* ``join``     (comm, run_id, peer, initiator, responder, transport, local,
+  timeout, proof) -> ``endpoint`` at once, then ``peer_endpoint`` when the
+  other side joined (or ``error``).  A pairing is named by
+  ``(comm, run_id, transport, initiator, responder)``.
+* ``endpoint`` (public, local): the endpoint the server *observed* for this
+  join (the NAT's mapping) and the local one the peer reported.
+* ``peer_endpoint`` (peer, public, local, nonce): the other side's endpoints
+  and a per-pairing nonce both sides share.
+* ``invite``   (comm, run_id, initiator, responder, transport): pushed on a
+  responder's control connection so it joins a pairing it did not ask for.
+* ``result``   (comm, run_id, peer, initiator, responder, transport, ok,
+  proof) -> ``verdict`` (outcome ``direct`` or ``relay``): the server decides
+  ``direct`` only if both sides report success, and tells both the same.
+* ``relay``    (comm, run_id, peer, initiator, responder, proof) -> ``ok``,
+  then the connection is spliced to the other side's relay connection.
+* ``challenge`` (comm, run_id, peer, dst, nonce) and ``response`` (peer,
+  proof, commit): the membership proof on every direct connection, a
+  challenge-response over nonces from both sides.
+
 Every request may carry an ``id`` which the answer echoes; a client that
 pipelines several requests on one connection matches answers by it.
 
@@ -57,10 +78,23 @@ __all__ = [
     "Register",
     "Lookup",
     "Hello",
+    "Join",
+    "EndpointReport",
+    "PeerEndpoint",
+    "Invite",
+    "PunchResult",
+    "Verdict",
+    "RelayJoin",
+    "Challenge",
+    "Response",
     "PeerInfo",
     "Ok",
     "Error",
     "ErrorCode",
+    "Transport",
+    "Outcome",
+    "NONCE_LEN",
+    "response_proof",
     "Decoder",
     "encode",
     "parse_header",
@@ -83,8 +117,13 @@ _MAX_NAME = 256  # comm names and run ids
 _PROOF_LEN = hashlib.sha256().digest_size
 
 Address = tuple[str, int]
-ErrorCode = Literal["auth", "timeout", "bad_request", "overloaded", "internal"]
-_ERROR_CODES: Final = frozenset(("auth", "timeout", "bad_request", "overloaded", "internal"))
+ErrorCode = Literal["auth", "timeout", "bad_request", "overloaded", "internal", "expired"]
+_ERROR_CODES: Final = frozenset(
+    ("auth", "timeout", "bad_request", "overloaded", "internal", "expired")
+)
+Transport = Literal["tcp", "udp"]
+Outcome = Literal["direct", "relay"]
+NONCE_LEN: Final = 16
 
 
 # ---------------------------------------------------------------- field checks
@@ -134,6 +173,31 @@ def _proof(body: dict[str, Any]) -> bytes | None:
     return value
 
 
+def _bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"field {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def _nonce(body: dict[str, Any], name: str = "nonce") -> bytes:
+    value = body.get(name)
+    if not isinstance(value, bytes) or len(value) != NONCE_LEN:
+        raise ProtocolError(f"field {name!r} must be {NONCE_LEN} bytes")
+    return value
+
+
+def _transport(body: dict[str, Any]) -> Transport:
+    value = body.get("transport")
+    if value not in ("tcp", "udp"):
+        raise ProtocolError(f"field 'transport' must be 'tcp' or 'udp', got {value!r}")
+    return "tcp" if value == "tcp" else "udp"
+
+
+def _opt_addr(body: dict[str, Any], name: str) -> Address | None:
+    return None if body.get(name) is None else _addr(body, name)
+
+
 def _opt_seconds(body: dict[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
@@ -166,7 +230,14 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Register(Message):
-    """A peer announces the address other peers can reach it at."""
+    """A peer announces the address other peers can reach it at.
+
+    ``local`` (optional) is the local endpoint of the connection carrying
+    this register.  When it differs from the endpoint the server observes,
+    an address translator sits in between (the comparison STUN makes, RFC
+    5389 section 1), and the server marks the entry as behind NAT so that
+    others pair with it by hole punching instead of connecting to ``addr``.
+    """
 
     TYPE: ClassVar[str] = "register"
     comm: str
@@ -175,6 +246,7 @@ class Register(Message):
     addr: Address
     proof: bytes | None = None
     id: int | None = None
+    local: Address | None = None
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -184,6 +256,7 @@ class Register(Message):
             "addr": list(self.addr),
             "proof": self.proof,
             "id": self.id,
+            "local": None if self.local is None else list(self.local),
         }
 
     @classmethod
@@ -195,10 +268,12 @@ class Register(Message):
             _addr(body, "addr"),
             _proof(body),
             _opt_uint(body, "id"),
+            _opt_addr(body, "local"),
         )
 
     def signed_fields(self) -> list[Any]:
-        return [self.TYPE, self.comm, self.run_id, self.peer, self.addr[0], self.addr[1]]
+        local = None if self.local is None else list(self.local)
+        return [self.TYPE, self.comm, self.run_id, self.peer, self.addr[0], self.addr[1], local]
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,19 +350,21 @@ class Hello(Message):
 
 @dataclass(frozen=True, slots=True)
 class PeerInfo(Message):
-    """Answer to a lookup: where ``peer`` can be reached."""
+    """Answer to a lookup: where ``peer`` can be reached; ``nat`` if only by punching."""
 
     TYPE: ClassVar[str] = "peer"
     peer: int
     addr: Address
     id: int | None = None
+    nat: bool = False
 
     def to_body(self) -> dict[str, Any]:
-        return {"peer": self.peer, "addr": list(self.addr), "id": self.id}
+        return {"peer": self.peer, "addr": list(self.addr), "id": self.id, "nat": self.nat}
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> PeerInfo:
-        return cls(_uint(body, "peer"), _addr(body, "addr"), _opt_uint(body, "id"))
+        nat = False if body.get("nat") is None else _bool(body, "nat")
+        return cls(_uint(body, "peer"), _addr(body, "addr"), _opt_uint(body, "id"), nat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +412,348 @@ class Error(Message):
         return cls(code, message, _opt_uint(body, "id"))  # type: ignore[arg-type]
 
 
+# ---------------------------------------------------------------- NAT traversal
+
+
+@dataclass(frozen=True, slots=True)
+class Join(Message):
+    """Join a pairing: ``peer`` is the initiator or the responder of it.
+
+    ``local`` is the endpoint this peer's socket has on its own side of any
+    NAT; the server adds the endpoint it *observes*, which is the NAT's
+    mapping (RFC 4787 section 4.1, RFC 5382 section 4.1), and is the one
+    the other side must aim at.  Never the local port number: a NAT that
+    does not preserve ports changes it.
+    """
+
+    TYPE: ClassVar[str] = "join"
+    comm: str
+    run_id: str
+    peer: int
+    initiator: int
+    responder: int
+    transport: Transport
+    local: Address
+    timeout: float | None = None
+    proof: bytes | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "initiator": self.initiator,
+            "responder": self.responder,
+            "transport": self.transport,
+            "local": list(self.local),
+            "timeout": self.timeout,
+            "proof": self.proof,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Join:
+        msg = cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "peer"),
+            _uint(body, "initiator"),
+            _uint(body, "responder"),
+            _transport(body),
+            _addr(body, "local"),
+            _opt_seconds(body, "timeout"),
+            _proof(body),
+            _opt_uint(body, "id"),
+        )
+        if msg.peer not in (msg.initiator, msg.responder) or msg.initiator == msg.responder:
+            raise ProtocolError("a join's peer must be either the initiator or the responder")
+        return msg
+
+    def signed_fields(self) -> list[Any]:
+        return [
+            self.TYPE,
+            self.comm,
+            self.run_id,
+            self.peer,
+            self.initiator,
+            self.responder,
+            self.transport,
+            self.local[0],
+            self.local[1],
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointReport(Message):
+    """Answer to a join: what the server observed (``public``) and what the peer said."""
+
+    TYPE: ClassVar[str] = "endpoint"
+    public: Address
+    local: Address
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {"public": list(self.public), "local": list(self.local), "id": self.id}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> EndpointReport:
+        return cls(_addr(body, "public"), _addr(body, "local"), _opt_uint(body, "id"))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEndpoint(Message):
+    """Both sides joined: the other side's observed and local endpoints.
+
+    ``nonce`` is drawn by the server per pairing and sent to both, so UDP
+    punch probes of one pairing cannot be replayed in another.
+    """
+
+    TYPE: ClassVar[str] = "peer_endpoint"
+    peer: int
+    public: Address
+    local: Address
+    nonce: bytes
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer,
+            "public": list(self.public),
+            "local": list(self.local),
+            "nonce": self.nonce,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> PeerEndpoint:
+        return cls(
+            _uint(body, "peer"),
+            _addr(body, "public"),
+            _addr(body, "local"),
+            _nonce(body),
+            _opt_uint(body, "id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Invite(Message):
+    """Server push on a control connection: join the pairing ``initiator`` opened."""
+
+    TYPE: ClassVar[str] = "invite"
+    comm: str
+    run_id: str
+    initiator: int
+    responder: int
+    transport: Transport
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "initiator": self.initiator,
+            "responder": self.responder,
+            "transport": self.transport,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Invite:
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "initiator"),
+            _uint(body, "responder"),
+            _transport(body),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PunchResult(Message):
+    """How punching went on this side; the server arbitrates both reports."""
+
+    TYPE: ClassVar[str] = "result"
+    comm: str
+    run_id: str
+    peer: int
+    initiator: int
+    responder: int
+    transport: Transport
+    ok: bool
+    proof: bytes | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "initiator": self.initiator,
+            "responder": self.responder,
+            "transport": self.transport,
+            "ok": self.ok,
+            "proof": self.proof,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> PunchResult:
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "peer"),
+            _uint(body, "initiator"),
+            _uint(body, "responder"),
+            _transport(body),
+            _bool(body, "ok"),
+            _proof(body),
+            _opt_uint(body, "id"),
+        )
+
+    def signed_fields(self) -> list[Any]:
+        return [
+            self.TYPE,
+            self.comm,
+            self.run_id,
+            self.peer,
+            self.initiator,
+            self.responder,
+            self.transport,
+            self.ok,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict(Message):
+    """The server's arbitrated outcome of a pairing; both sides get the same."""
+
+    TYPE: ClassVar[str] = "verdict"
+    outcome: Outcome
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "id": self.id}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Verdict:
+        outcome = body.get("outcome")
+        if outcome not in ("direct", "relay"):
+            raise ProtocolError(f"field 'outcome' must be 'direct' or 'relay', got {outcome!r}")
+        return cls("direct" if outcome == "direct" else "relay", _opt_uint(body, "id"))
+
+
+@dataclass(frozen=True, slots=True)
+class RelayJoin(Message):
+    """Open this side of a relayed pairing; answered by ``ok``, then spliced."""
+
+    TYPE: ClassVar[str] = "relay"
+    comm: str
+    run_id: str
+    peer: int
+    initiator: int
+    responder: int
+    proof: bytes | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "initiator": self.initiator,
+            "responder": self.responder,
+            "proof": self.proof,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> RelayJoin:
+        msg = cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "peer"),
+            _uint(body, "initiator"),
+            _uint(body, "responder"),
+            _proof(body),
+            _opt_uint(body, "id"),
+        )
+        if msg.peer not in (msg.initiator, msg.responder) or msg.initiator == msg.responder:
+            raise ProtocolError("a relay's peer must be either the initiator or the responder")
+        return msg
+
+    def signed_fields(self) -> list[Any]:
+        return [self.TYPE, self.comm, self.run_id, self.peer, self.initiator, self.responder]
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge(Message):
+    """First message each side sends on a direct (or relayed) peer connection."""
+
+    TYPE: ClassVar[str] = "challenge"
+    comm: str
+    run_id: str
+    peer: int
+    dst: int
+    nonce: bytes
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "dst": self.dst,
+            "nonce": self.nonce,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Challenge:
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "peer"),
+            _uint(body, "dst"),
+            _nonce(body),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Response(Message):
+    """Proof of the shared secret over both sides' nonces; ``commit`` picks this connection."""
+
+    TYPE: ClassVar[str] = "response"
+    peer: int
+    proof: bytes
+    commit: bool = False
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peer": self.peer, "proof": self.proof, "commit": self.commit}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Response:
+        proof = _proof(body)
+        if proof is None:
+            raise ProtocolError("a response must carry a proof")
+        return cls(_uint(body, "peer"), proof, _bool(body, "commit"))
+
+
 _TYPES: Final[dict[str, type[Message]]] = {
-    cls.TYPE: cls for cls in (Register, Lookup, Hello, PeerInfo, Ok, Error)
+    cls.TYPE: cls
+    for cls in (
+        Register,
+        Lookup,
+        Hello,
+        PeerInfo,
+        Ok,
+        Error,
+        Join,
+        EndpointReport,
+        PeerEndpoint,
+        Invite,
+        PunchResult,
+        Verdict,
+        RelayJoin,
+        Challenge,
+        Response,
+    )
 }
 
 
@@ -459,3 +876,24 @@ def verify(message: Message, secret: bytes | None) -> bool:
     if fields is None or proof is None:
         return False
     return hmac.compare_digest(proof, compute_proof(secret, fields))
+
+
+def response_proof(
+    secret: bytes | None,
+    comm: str,
+    run_id: str,
+    sender: int,
+    receiver: int,
+    receiver_nonce: bytes,
+    sender_nonce: bytes,
+) -> bytes:
+    """The proof ``sender`` shows ``receiver`` on a direct connection.
+
+    It covers the communicator, the run, both identities and the nonces of
+    *both* sides, so it can neither be replayed on another connection nor be
+    reflected back at its author.  Without a secret the key is empty: the
+    proof then only shows the comm name and run id, which is all such a run
+    has to check.
+    """
+    fields = ["response", comm, run_id, sender, receiver, receiver_nonce, sender_nonce]
+    return compute_proof(secret or b"", fields)

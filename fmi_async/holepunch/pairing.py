@@ -1,0 +1,196 @@
+"""Pairings and their arbitration, without I/O (time is passed in).
+
+A pairing is named ``(comm, run_id, transport, initiator, responder)``.  Each
+side *joins* it with the endpoint the server observed for it; when both have
+joined, each learns the other's endpoints.  Each then *reports* whether
+punching worked, and the table decides: ``direct`` only if both succeeded,
+otherwise ``relay``.  Whoever reports, or asks again, later gets the same
+outcome, so the two sides can never disagree about how their traffic flows
+(FMI's TCPunch has no such step: one side may believe in a connection the
+other gave up on).
+
+Everything is bounded: the number of open pairings, how long a pairing waits
+for its second side (``join_timeout``), how long a decided one is remembered
+(``keep``), and how long a ``relay`` verdict allows opening a relay.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as p
+
+__all__ = ["PairKey", "Side", "Pairing", "PairingTable"]
+
+logger = logging.getLogger(__name__)
+
+PairKey = tuple[str, str, str, int, int]  # comm, run_id, transport, initiator, responder
+
+
+@dataclass
+class Side:
+    """One side's view: where the server saw it and what it said about itself."""
+
+    observed: p.Address
+    local: p.Address
+    request_id: int | None = None
+    result: bool | None = None
+
+
+@dataclass(eq=False)
+class Pairing:
+    key: PairKey
+    expires: float
+    nonce: bytes = field(default_factory=lambda: secrets.token_bytes(p.NONCE_LEN))
+    sides: dict[int, Side] = field(default_factory=dict)
+    outcome: p.Outcome | None = None
+    reported_at: float | None = None
+    extra: Any = None  # the server's wake-up events; opaque here
+
+    def __repr__(self) -> str:
+        return f"<Pairing {self.key} sides={sorted(self.sides)} outcome={self.outcome}>"
+
+    @property
+    def complete(self) -> bool:
+        return len(self.sides) == 2
+
+    def other(self, peer: int) -> int:
+        _, _, _, initiator, responder = self.key
+        return responder if peer == initiator else initiator
+
+
+class PairingTable:
+    """Open pairings in creation order, so expiry scans only the front."""
+
+    def __init__(
+        self,
+        *,
+        join_timeout: float = 60.0,
+        result_timeout: float = 30.0,
+        keep: float = 60.0,
+        max_pairings: int = 10_000,
+    ) -> None:
+        self.join_timeout = join_timeout
+        self.result_timeout = result_timeout
+        self.keep = keep
+        self.max_pairings = max_pairings
+        self._pairings: OrderedDict[PairKey, Pairing] = OrderedDict()
+        self._relays: OrderedDict[tuple[str, str, int, int], float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pairings)
+
+    def __repr__(self) -> str:
+        return f"<PairingTable pairings={len(self._pairings)}/{self.max_pairings}>"
+
+    def get(self, key: PairKey) -> Pairing | None:
+        return self._pairings.get(key)
+
+    def expire(self, now: float) -> list[Pairing]:
+        """Drop pairings past their time; the undecided ones are returned."""
+        dropped = []
+        for key, pairing in list(self._pairings.items()):
+            if pairing.expires > now:
+                continue
+            del self._pairings[key]
+            if pairing.outcome is None:
+                dropped.append(pairing)
+        while self._relays:
+            rkey, until = next(iter(self._relays.items()))
+            if until > now:
+                break
+            del self._relays[rkey]
+        return dropped
+
+    def join(
+        self,
+        key: PairKey,
+        peer: int,
+        observed: p.Address,
+        local: p.Address,
+        now: float,
+        request_id: int | None = None,
+    ) -> Pairing | None:
+        """Add ``peer``'s side; None when the table is full.
+
+        A join to a decided pairing starts a new one (the peers pair again,
+        say after a lost connection).  A side joining again before the
+        outcome (a retransmitted UDP join) updates its side in place.
+        """
+        self.expire(now)
+        pairing = self._pairings.get(key)
+        if pairing is not None and pairing.outcome is not None:
+            del self._pairings[key]
+            pairing = None
+        if pairing is None:
+            if len(self._pairings) >= self.max_pairings:
+                return None
+            pairing = Pairing(key, now + self.join_timeout)
+            self._pairings[key] = pairing
+        side = pairing.sides.get(peer)
+        if (
+            side is not None
+            and side.result is not None
+            and (side.observed, side.local)
+            != (
+                observed,
+                local,
+            )
+        ):
+            # The same peer from elsewhere after it reported: a fresh attempt.
+            del self._pairings[key]
+            return self.join(key, peer, observed, local, now, request_id)
+        pairing.sides[peer] = Side(observed, local, request_id)
+        if pairing.complete:
+            pairing.expires = max(pairing.expires, now + self.result_timeout + self.keep)
+        return pairing
+
+    def report(self, key: PairKey, peer: int, ok: bool, now: float) -> p.Outcome | None:
+        """Record ``peer``'s punch result; the outcome once both reported (or decided)."""
+        pairing = self._pairings.get(key)
+        if pairing is None or peer not in pairing.sides:
+            return None
+        if pairing.outcome is not None:
+            return pairing.outcome
+        pairing.sides[peer].result = ok
+        if pairing.reported_at is None:
+            pairing.reported_at = now
+        results = [s.result for s in pairing.sides.values()]
+        if pairing.complete and None not in results:
+            return self.decide(key, "direct" if all(results) else "relay", now)
+        return None
+
+    def decide(self, key: PairKey, outcome: p.Outcome, now: float) -> p.Outcome:
+        """Fix the outcome (a missing report counts as failure); it never changes after."""
+        pairing = self._pairings[key]
+        if pairing.outcome is None:
+            pairing.outcome = outcome
+            pairing.expires = now + self.keep
+            comm, run_id, _, initiator, responder = key
+            if outcome == "relay":
+                self._relays[(comm, run_id, initiator, responder)] = now + self.keep
+                self._relays.move_to_end((comm, run_id, initiator, responder))
+                while len(self._relays) > self.max_pairings:
+                    self._relays.popitem(last=False)
+            logger.debug("pairing %s: %s", key, outcome)
+        return pairing.outcome
+
+    def overdue(self, key: PairKey, now: float) -> bool:
+        """True when one side reported and the other has not within ``result_timeout``."""
+        pairing = self._pairings.get(key)
+        return (
+            pairing is not None
+            and pairing.outcome is None
+            and pairing.reported_at is not None
+            and now - pairing.reported_at >= self.result_timeout
+        )
+
+    def relay_allowed(
+        self, comm: str, run_id: str, initiator: int, responder: int, now: float
+    ) -> bool:
+        until = self._relays.get((comm, run_id, initiator, responder))
+        return until is not None and until > now

@@ -175,3 +175,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def nat_tcp_group(kind: str, punch_timeout: float = 0.3) -> GroupFactory:
+    """A factory like ``tcp_group`` with every peer behind its own simulated NAT box.
+
+    ``kind`` is a :data:`fmi_async.holepunch.natsim.PRESETS` name; pairs that
+    cannot be punched within ``punch_timeout`` go through the server's relay.
+    """
+
+    @asynccontextmanager
+    async def group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
+        from fmi_async.holepunch.natsim import NATBox
+        from fmi_async.holepunch.server import RendezvousServer
+
+        server = RendezvousServer(secret=b"test-secret")
+        await server.start("127.0.0.1", 0)
+        host, port = server.address[:2]
+        boxes = [NATBox(kind) for _ in range(n)]
+        run_id = uuid.uuid4().hex[:12]
+        comms: list[fmi.Communicator] = []
+        try:
+            for box in boxes:
+                await box.start()
+            for i, box in enumerate(boxes):
+                tcp = {"host": host, "port": port, "nat": box.options()}
+                config = fmi.Config.from_dict(
+                    {
+                        "backends": {"TCP": {**tcp, "punch_timeout": punch_timeout}},
+                        "security": {"secret": "test-secret"},
+                    }
+                )
+                comms.append(fmi.Communicator(i, n, config, run_id=run_id, **kwargs))
+            await asyncio.gather(*(c.open() for c in comms))
+            yield comms
+        finally:
+            await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
+            await asyncio.gather(*(b.close() for b in boxes), return_exceptions=True)
+            await server.close()
+
+    return group

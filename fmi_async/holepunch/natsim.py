@@ -498,6 +498,13 @@ class NATBox:
     async def _inbound_tcp(
         self, mapping: _Mapping, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        # Returns normally when cancelled: asyncio's stream server logs a cancelled handler.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._admit_tcp(mapping, reader, writer)
+
+    async def _admit_tcp(
+        self, mapping: _Mapping, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         peer = writer.get_extra_info("peername")
         remote = (str(peer[0]), int(peer[1]))
         if self._mappings.get(self._key_of(mapping)) is not mapping or not mapping.admits(

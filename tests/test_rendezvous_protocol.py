@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import msgpack
 import pytest
@@ -23,6 +24,21 @@ MESSAGES: list[p.Message] = [
     p.Ok(("192.0.2.1", 1234), 600.0, id=7),
     p.Ok(),
     p.Error("timeout", "peer 2 did not register", id=8),
+    p.Register("c", "r", 1, ("0.0.0.0", 5), id=1, local=("10.0.0.2", 40000)),
+    p.PeerInfo(1, ("192.0.2.7", 5), id=2, nat=True),
+    p.Join("c", "r", 1, 1, 2, "tcp", ("10.0.0.2", 40000), 5.0, id=3),
+    p.Join("c", "r", 2, 1, 2, "udp", ("10.0.0.3", 40001)),
+    p.EndpointReport(("203.0.113.5", 61000), ("10.0.0.2", 40000), id=3),
+    p.PeerEndpoint(2, ("198.51.100.9", 1234), ("10.1.0.2", 40001), b"n" * 16, id=3),
+    p.Invite("c", "r", 1, 2, "tcp"),
+    p.PunchResult("c", "r", 1, 1, 2, "tcp", True, id=4),
+    p.PunchResult("c", "r", 2, 1, 2, "udp", False),
+    p.Verdict("direct", id=4),
+    p.Verdict("relay"),
+    p.RelayJoin("c", "r", 2, 1, 2, id=5),
+    p.Challenge("c", "r", 1, 2, b"x" * 16),
+    p.Response(2, b"p" * 32, commit=True),
+    p.Error("expired", "pairing expired"),
 ]
 
 
@@ -77,6 +93,18 @@ def test_decoder_stays_failed() -> None:
         decoder.feed(p.encode(p.Ok()))
 
 
+_JOIN = {
+    "type": "join",
+    "comm": "c",
+    "run_id": "r",
+    "peer": 1,
+    "initiator": 1,
+    "responder": 2,
+    "transport": "tcp",
+    "local": ["10.0.0.2", 4000],
+}
+
+
 @pytest.mark.parametrize(
     ("body", "match"),
     [
@@ -99,6 +127,36 @@ def test_decoder_stays_failed() -> None:
             "proof",
         ),
         ({"type": "error", "code": "weird", "message": "m"}, "error code"),
+        (_JOIN | {"transport": "sctp"}, "transport"),
+        (_JOIN | {"peer": 7}, "initiator or the responder"),
+        (_JOIN | {"initiator": 2}, "initiator or the responder"),
+        (_JOIN | {"local": ["h"]}, "local"),
+        ({"type": "verdict", "outcome": "maybe"}, "outcome"),
+        ({"type": "peer_endpoint", "peer": 1, "public": ["h", 1], "local": ["h", 2]}, "nonce"),
+        (
+            {"type": "peer_endpoint", "peer": 1, "public": ["h", 1], "local": ["h", 2]}
+            | {"nonce": b"short"},
+            "nonce",
+        ),
+        ({"type": "response", "peer": 1, "commit": True}, "proof"),
+        ({"type": "response", "peer": 1, "proof": b"p" * 32, "commit": 1}, "commit"),
+        (
+            {"type": "result", "comm": "c", "run_id": "r", "peer": 1, "initiator": 1}
+            | {"responder": 2, "transport": "tcp", "ok": "yes"},
+            "'ok'",
+        ),
+        (
+            {
+                "type": "relay",
+                "comm": "c",
+                "run_id": "r",
+                "peer": 3,
+                "initiator": 1,
+                "responder": 2,
+            },
+            "peer",
+        ),
+        ({"type": "peer", "peer": 1, "addr": ["h", 1], "nat": "no"}, "'nat'"),
     ],
 )
 def test_malformed_bodies(body: object, match: str) -> None:
@@ -145,6 +203,47 @@ def test_proof_is_bound_to_the_message_type() -> None:
     assert not p.verify(p.Ok(), SECRET)
 
 
+def test_pairing_proofs_cover_every_field() -> None:
+    join = p.sign(p.Join("c", "r", 1, 1, 2, "tcp", ("10.0.0.2", 4000)), SECRET)
+    assert isinstance(join, p.Join) and p.verify(join, SECRET)
+    assert not p.verify(join, b"wrong")
+    for changes in (
+        {"comm": "c2"},
+        {"run_id": "r2"},
+        {"responder": 3},
+        {"transport": "udp"},
+        {"local": ("10.0.0.2", 4001)},
+    ):
+        assert not p.verify(replace(join, **changes), SECRET), changes
+    assert p.verify(replace(join, timeout=9.0), SECRET)  # only bounds the caller's wait
+    result = p.sign(p.PunchResult("c", "r", 1, 1, 2, "tcp", True), SECRET)
+    assert p.verify(result, SECRET)
+    assert not p.verify(replace(result, ok=False), SECRET)  # a forged failure is caught
+    relay = p.sign(p.RelayJoin("c", "r", 1, 1, 2), SECRET)
+    assert p.verify(relay, SECRET) and not p.verify(replace(relay, peer=2), SECRET)
+    # A join's proof cannot pass as a relay's or a result's.
+    assert not p.verify(p.RelayJoin("c", "r", 1, 1, 2, join.proof), SECRET)
+    register = p.sign(p.Register("c", "r", 1, ("h", 1), local=("10.0.0.2", 5)), SECRET)
+    assert p.verify(register, SECRET)
+    assert not p.verify(replace(register, local=("203.0.113.1", 5)), SECRET)
+
+
+def test_response_proof_binds_both_nonces_and_direction() -> None:
+    a, b = b"a" * 16, b"b" * 16
+    proof = p.response_proof(SECRET, "c", "r", 1, 2, a, b)
+    assert len(proof) == 32
+    assert proof == p.response_proof(SECRET, "c", "r", 1, 2, a, b)
+    others = {
+        p.response_proof(SECRET, "c", "r", 2, 1, a, b),  # reflected back
+        p.response_proof(SECRET, "c", "r", 1, 2, b, a),  # nonces swapped
+        p.response_proof(SECRET, "c", "r", 1, 2, a, a),  # another connection
+        p.response_proof(SECRET, "c", "r2", 1, 2, a, b),  # another run
+        p.response_proof(b"x", "c", "r", 1, 2, a, b),  # another secret
+        p.response_proof(None, "c", "r", 1, 2, a, b),  # no secret
+    }
+    assert proof not in others and len(others) == 6
+
+
 def test_lookup_timeout_not_covered_by_proof() -> None:
     signed = p.sign(p.Lookup("c", "r", 1, 5.0), SECRET)
     assert isinstance(signed, p.Lookup)
@@ -178,9 +277,13 @@ def test_fuzz_valid_envelope_random_body(data: bytes, split: int) -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["type", "comm", "run_id", "peer", "addr", "proof", "id", "timeout"]),
+        st.sampled_from(
+            "type comm run_id peer addr proof id timeout initiator responder transport local "
+            "public nonce ok outcome commit nat dst code message observed".split()
+        ),
         st.one_of(
-            st.sampled_from(["register", "lookup", "hello", "peer", "ok", "error"]),
+            st.sampled_from([*sorted(p._TYPES), "tcp", "udp", "direct", "relay"]),
+            st.booleans(),
             st.integers(-(2**40), 2**40),
             st.text(max_size=20),
             st.binary(max_size=40),

@@ -5,7 +5,11 @@
                     a rendezvous server runs inside the launcher, every peer
                     gets its identity and a config in environment variables,
                     output is prefixed with ``[peer i]``, and the run stops as
-                    a whole when one peer fails.
+                    a whole when one peer fails.  With ``--nat`` (default
+                    ``port-restricted``) every peer sits behind its own
+                    simulated NAT box, so the run exercises real hole
+                    punching; the launcher prints how many pairs went direct
+                    and how many through the relay.
 
 Subcommands are entries of :data:`COMMANDS`; ``bench``, ``calibrate``, ``plan``
 and ``cost`` are added there.
@@ -30,6 +34,7 @@ from typing import Any, TextIO
 
 from .config import BACKEND_ALIASES, Config
 from .errors import ConfigError, FMIError
+from .holepunch.natsim import PRESETS, NATBox
 from .holepunch.server import RendezvousServer
 from .selection.calibrate import add_calibrate_arguments, cmd_calibrate
 from .selection.report import add_cost_arguments, add_plan_arguments, cmd_cost, cmd_plan
@@ -133,6 +138,13 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace", type=float, default=3.0, help="seconds between SIGTERM and SIGKILL"
     )
+    parser.add_argument(
+        "--nat",
+        choices=["none", *PRESETS],
+        default="port-restricted",
+        help="put every peer behind its own simulated NAT of this type (default: "
+        "port-restricted, which hole punching crosses; symmetric forces the relay)",
+    )
     parser.add_argument("script", help="Python script every peer runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
 
@@ -189,17 +201,30 @@ async def _launch(args: argparse.Namespace, user: dict[str, Any]) -> int:
     run_id = secrets.token_hex(8)
     server = RendezvousServer(secret.encode())
     await server.start("127.0.0.1", 0)
+    nat = getattr(args, "nat", "none")
+    boxes = [NATBox(nat) for _ in range(args.num_peers)] if nat != "none" else []
     try:
+        for box in boxes:
+            await box.start()
         host, port = server.address
         config = merge_config(user, host, port, secret)
         Config.from_dict(config)
-        launcher = _Launcher(
-            [sys.executable, args.script, *args.args],
-            _peer_envs(args.num_peers, args.name, run_id, json.dumps(config)),
-            grace=args.grace,
-        )
-        return await launcher.run(args.timeout)
+        envs = _peer_envs(args.num_peers, args.name, run_id, json.dumps(config))
+        for env, box in zip(envs, boxes, strict=False):
+            options = box.options()
+            env["FMI_NAT_GATEWAY"] = options["gateway"]
+            env["FMI_NAT_UDP_GATEWAY"] = options["udp_gateway"]
+        launcher = _Launcher([sys.executable, args.script, *args.args], envs, grace=args.grace)
+        code = await launcher.run(args.timeout)
+        decided = server.pairings.decided
+        if boxes and decided:
+            _note(
+                f"NAT {nat}: {decided['direct']} pairs direct, {decided['relay']} relayed "
+                f"({sum(b.dropped for b in boxes)} packets filtered by the NATs)"
+            )
+        return code
     finally:
+        await asyncio.gather(*(b.close() for b in boxes), return_exceptions=True)
         await server.close()
 
 

@@ -90,6 +90,9 @@ def test_environment_and_prefixes(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert config.enabled() == ["tcp"]
         assert config.options("tcp")["host"] == "127.0.0.1" and config.options("tcp")["port"] > 0
         assert config.secret is not None and len(config.secret) >= 32
+    # By default every peer sits behind its own simulated NAT box.
+    gateways = {e["FMI_NAT_GATEWAY"] for e in envs.values()}
+    assert len(gateways) == 3 and all(g.startswith("127.0.0.1:") for g in gateways)
     # Every run gets its own run id and secret.
     assert main(["run", "-n", "1", peer]) == 0
     again = json.loads(capsys.readouterr().out.splitlines()[0].partition("] ")[2])
@@ -360,3 +363,31 @@ def test_rendezvous_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "is empty" in capsys.readouterr().err
     assert main(["rendezvous", "--port", "0", "--secret-file", str(tmp_path / "nope")]) == 2
     assert "cannot read the secret file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("nat", "how"), [("port-restricted", "direct"), ("symmetric", "relayed")])
+def test_run_behind_simulated_nat_reports_pairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nat: str, how: str
+) -> None:
+    peer = script(
+        tmp_path,
+        """
+        import fmi_async as fmi
+
+        async def main(comm):
+            total = await comm.allreduce(comm.peer_id + 1)
+            pairs = comm.stats()["channels"]["tcp"]["pairs"]
+            print("total", total, sorted(set(pairs.values())))
+
+        fmi.run(main)
+        """,
+    )
+    assert main(["run", "-n", "3", "--nat", nat, "--timeout", "60", peer]) == 0
+    out, err = capsys.readouterr()
+    lines = sorted(line.partition("] ")[2] for line in out.splitlines())
+    assert lines == [f"total 6 ['{how}']"] * 3
+    (summary,) = [line for line in err.splitlines() if line.startswith("[fmi] NAT")]
+    found = re.match(rf"\[fmi\] NAT {nat}: (\d+) pairs direct, (\d+) relayed", summary)
+    assert found is not None, summary
+    direct, relayed = int(found[1]), int(found[2])
+    assert (direct > 0, relayed > 0) == (how == "direct", how == "relayed")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ class PairingTable:
         self.max_pairings = max_pairings
         self._pairings: OrderedDict[PairKey, Pairing] = OrderedDict()
         self._relays: OrderedDict[tuple[str, str, int, int], float] = OrderedDict()
+        self.decided: Counter[str] = Counter()  # outcomes so far, for summaries
 
     def __len__(self) -> int:
         return len(self._pairings)
@@ -170,13 +171,14 @@ class PairingTable:
         if pairing.outcome is None:
             pairing.outcome = outcome
             pairing.expires = now + self.keep
+            self.decided[outcome] += 1
             comm, run_id, _, initiator, responder = key
             if outcome == "relay":
                 self._relays[(comm, run_id, initiator, responder)] = now + self.keep
                 self._relays.move_to_end((comm, run_id, initiator, responder))
                 while len(self._relays) > self.max_pairings:
                     self._relays.popitem(last=False)
-            logger.debug("pairing %s: %s", key, outcome)
+            logger.debug("pairing %s/%s %s %d->%d: %s", *key, outcome)
         return pairing.outcome
 
     def overdue(self, key: PairKey, now: float) -> bool:

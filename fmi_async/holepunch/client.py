@@ -247,6 +247,7 @@ class ControlConnection:
         self.reconnects = 0
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
+        self._decoder = p.Decoder()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -269,19 +270,46 @@ class ControlConnection:
 
     async def _connect(self) -> p.Ok:
         reader, writer, local = await self.client.open_connection()
+        decoder = p.Decoder()
         try:
             request = p.Register(self.comm, self.run_id, self.peer, self.addr, id=0, local=local)
             writer.write(p.encode(p.sign(request, self.client.secret)))
-            deadline = time.monotonic() + self.client.timeout
-            answer = await self.client._read_answer(reader, request, deadline)
+            answer: p.Message | None = None
+            pending: list[p.Message] = []
+            async with asyncio.timeout(self.client.timeout):
+                while answer is None:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise BrokenChannelError(
+                            f"{self.client._where} closed the connection without answering"
+                        )
+                    for message in decoder.feed(data):
+                        if answer is None and not isinstance(message, p.Invite):
+                            answer = message
+                        else:
+                            pending.append(message)  # an invite right behind the answer
             if not isinstance(answer, p.Ok):
                 raise self.client._error(answer, request, f"registering peer {self.peer}")
+        except TimeoutError:
+            writer.close()
+            raise CommTimeout(
+                f"{self.client._where} did not answer a register within {self.client.timeout:.3g}s"
+            ) from None
         except BaseException:
             writer.close()
             raise
-        self._reader, self._writer = reader, writer
+        self._reader, self._writer, self._decoder = reader, writer, decoder
         self.local, self.observed = local, answer.observed
+        for message in pending:
+            self._dispatch(message)
         return answer
+
+    def _dispatch(self, message: p.Message) -> None:
+        if isinstance(message, p.Invite):
+            logger.debug("peer %d: invited by peer %d", self.peer, message.initiator)
+            self.on_invite(message)
+        elif isinstance(message, p.Error):
+            logger.warning("peer %d: rendezvous server: %s", self.peer, message.message)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -307,7 +335,7 @@ class ControlConnection:
 
     async def _serve(self) -> None:
         assert self._reader is not None and self._writer is not None
-        decoder = p.Decoder()
+        decoder = self._decoder
         request = p.sign(
             p.Register(self.comm, self.run_id, self.peer, self.addr, id=0, local=self.local),
             self.client.secret,
@@ -324,10 +352,7 @@ class ControlConnection:
             if not data:
                 raise BrokenChannelError("the rendezvous server closed the control connection")
             for message in decoder.feed(data):
-                if isinstance(message, p.Invite):
-                    self.on_invite(message)
-                elif isinstance(message, p.Error):
-                    logger.warning("peer %d: rendezvous server: %s", self.peer, message.message)
+                self._dispatch(message)
 
     async def close(self) -> None:
         self._closed = True

@@ -437,6 +437,7 @@ class RendezvousServer:
         if msg.transport == "tcp":
             writer = self._controls.get(key)
             if writer is not None and not writer.is_closing():
+                logger.debug("rendezvous: inviting peer %d to pair with %d", target, msg.peer)
                 writer.write(p.encode(invite))
                 return
         else:

@@ -363,3 +363,12 @@ class ControlConnection:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def __getattr__(name: str) -> object:
+    # The UDP channel's contract, importable from here too (lazily: udp imports this module).
+    if name == "UDPHolePuncher":
+        from .udp import UDPHolePuncher
+
+        return UDPHolePuncher
+    raise AttributeError(name)

@@ -1,0 +1,449 @@
+"""UDP endpoint discovery and hole punching, from the UDP channel's own socket.
+
+The UDP channel binds one datagram endpoint per peer.  For a NAT to map it
+once and for all (endpoint-independent mapping, RFC 4787 section 4.1), every
+datagram of discovery and punching leaves from that very socket, so this
+module never owns a socket: it is handed the channel's transport, and the
+channel hands it back every datagram whose first byte is in the reserved
+range 0xF0-0xFF (:meth:`UDPHolePuncher.handle_datagram`).
+
+Reserved first bytes (the UDP channel's own datagrams start with 0x75):
+
+======  =====================================================================
+0xF0    a rendezvous protocol message (envelope of ``protocol.py``), to or
+        from the rendezvous server's UDP port (same port as its TCP port)
+0xF1    punch probe, peer to peer:  msgpack [comm, run_id, from, to, mac]
+0xF2    probe answer, same layout; the mac covers the kind, so neither can
+        be replayed as the other
+0xF3    keep-alive towards a punched peer (contents ignored)
+0xFE    datagram between a peer and its simulated NAT box (``natsim``)
+======  =====================================================================
+
+A probe's mac is HMAC-SHA256(secret, [kind, comm, run, from, to, pairing
+nonce]) truncated to 16 bytes; the nonce comes from the server per pairing
+(``peer_endpoint``), so a probe of one pairing is worthless in another.
+
+Punching follows RFC 5128 section 3.3: both sides learn each other's
+observed (public) and local endpoints from the server, then send probes to
+all of them until they hear from the other side; the endpoint to use is the
+one the other side's datagrams *came from* (a peer-reflexive candidate in
+ICE's terms, RFC 8445 section 7.2.5.3.1), which also covers NATs that do not
+preserve ports.  Both then report to the server, and both get the same
+verdict: ``direct`` (the endpoint is returned) or ``relay`` (None).
+Requests to the server are retransmitted with doubling intervals until
+answered or the deadline passes.  Keep-alives (the register, every
+``keepalive`` seconds) keep the NAT mapping towards the server open
+(RFC 4787 section 4.3 asks for at least 2 minutes of mapping lifetime; we
+refresh well within it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgpack
+
+from ..errors import AuthenticationError, CommTimeout, ProtocolError
+from . import protocol as p
+from .natsim import UDP_NAT, NATDatagramTransport, decapsulate
+from .pairing import PairKey
+
+__all__ = [
+    "UDPHolePuncher",
+    "DatagramSender",
+    "UDP_RENDEZVOUS",
+    "UDP_PROBE",
+    "UDP_PROBE_ACK",
+    "UDP_KEEPALIVE",
+    "RESERVED_MIN",
+]
+
+logger = logging.getLogger(__name__)
+
+RESERVED_MIN = 0xF0
+UDP_RENDEZVOUS = 0xF0
+UDP_PROBE = 0xF1
+UDP_PROBE_ACK = 0xF2
+UDP_KEEPALIVE = 0xF3
+_MAC_LEN = 16
+_PROBE_INTERVAL = 0.02
+_FIRST_RETRY = 0.1
+
+Address = tuple[str, int]
+
+
+class DatagramSender(Protocol):
+    def sendto(self, data: bytes, addr: Address) -> None: ...
+
+
+class _Punch:
+    """One pairing in progress on this side."""
+
+    def __init__(self, key: PairKey, me: int, other: int) -> None:
+        self.key = key
+        self.me = me
+        self.other = other
+        self.nonce: bytes | None = None
+        self.heard: asyncio.Future[Address] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[Address | None] = asyncio.get_running_loop().create_future()
+
+
+class UDPHolePuncher:
+    """What the UDP channel calls to be found and to punch; see the module doc.
+
+    ``udp_gateway`` is set behind a simulated NAT: then :meth:`wrap` gives the
+    sender to use for *every* datagram (the channel's own too), and inbound
+    datagrams arrive encapsulated (first byte 0xFE); :meth:`handle_datagram`
+    unwraps them and hands the channel's own to the ``deliver`` callback given
+    to :meth:`attach`, with their true source address.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        secret: bytes | None = None,
+        *,
+        timeout: float = 10.0,
+        punch_timeout: float = 2.0,
+        keepalive: float = 15.0,
+        udp_gateway: Address | None = None,
+    ) -> None:
+        self.server: Address = (host, port)
+        self.secret = secret
+        self.timeout = timeout
+        self.punch_timeout = punch_timeout
+        self.keepalive = keepalive
+        self.udp_gateway = udp_gateway
+        self.observed: Address | None = None
+        self._ids = itertools.count(1)
+        self._replies: dict[int, asyncio.Queue[p.Message]] = {}
+        self._punches: dict[tuple[str, str, int], _Punch] = {}
+        self._results: dict[tuple[str, str, int], Address | None] = {}
+        self._transport: Any = None
+        self._deliver: Callable[[bytes, Address], None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._published: tuple[str, str, int] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<UDPHolePuncher server={self.server[0]}:{self.server[1]} observed={self.observed} "
+            f"punched={sorted(k[2] for k, v in self._results.items() if v)}>"
+        )
+
+    # ---------------------------------------------------------------- contract
+
+    def wrap(self, transport: Any) -> DatagramSender:
+        """The sender the UDP channel must use for all its datagrams."""
+        if self.udp_gateway is None:
+            out: DatagramSender = transport
+            return out
+        return NATDatagramTransport(transport, self.udp_gateway)
+
+    def attach(self, deliver: Callable[[bytes, Address], None]) -> None:
+        """Where datagrams unwrapped from a simulated NAT's encapsulation go."""
+        self._deliver = deliver
+
+    async def publish_udp(
+        self, comm: str, run_id: str, peer: int, transport: asyncio.DatagramTransport
+    ) -> Address:
+        """Register this socket's public endpoint (as the server observes it) and keep it."""
+        self._transport = transport
+        local = _local(transport)
+        request = p.Register(comm, run_id, peer, local, local=local)
+        answer = await self._ask(request, (p.Ok,), self.timeout, f"registering peer {peer}")
+        assert isinstance(answer, p.Ok) and answer.observed is not None
+        self.observed = answer.observed
+        self._published = (comm, run_id, peer)
+        self._spawn(self._keep_alive(request))
+        logger.debug(
+            "peer %d: udp endpoint %s:%d is public at %s:%d", peer, *local, *answer.observed
+        )
+        return answer.observed
+
+    async def punch_udp(
+        self,
+        comm: str,
+        run_id: str,
+        peer: int,
+        dst: int,
+        transport: asyncio.DatagramTransport,
+        timeout: float,
+    ) -> Address | None:
+        """The endpoint of ``dst`` after punching, or None when the verdict is relay."""
+        self._transport = transport
+        slot = (comm, run_id, dst)
+        if slot in self._results:
+            return self._results[slot]
+        running = self._punches.get(slot)
+        if running is not None:  # invited, or punching already
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(running.done)
+        return await self._punch(comm, run_id, peer, dst, timeout)
+
+    def handle_datagram(self, data: bytes, addr: Address) -> bool:
+        """Take a datagram whose first byte is 0xF0-0xFF; False if it is not ours."""
+        if not data or data[0] < RESERVED_MIN:
+            return False
+        kind = data[0]
+        try:
+            if kind == UDP_NAT:
+                src, inner = decapsulate(data)
+                if inner and inner[0] >= RESERVED_MIN:
+                    return self.handle_datagram(inner, src)
+                if self._deliver is not None:
+                    self._deliver(inner, src)
+                    return True
+                return False
+            if kind == UDP_RENDEZVOUS:
+                return self._from_server(data, addr)
+            if kind in (UDP_PROBE, UDP_PROBE_ACK):
+                return self._probe(kind, data, addr)
+            return kind == UDP_KEEPALIVE
+        except ProtocolError as exc:
+            logger.debug("dropped a bad hole-punching datagram from %s: %s", addr, exc)
+            return False
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        for punch in self._punches.values():
+            if not punch.done.done():
+                punch.done.cancel()
+
+    # ---------------------------------------------------------------- internals
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send(self, data: bytes, addr: Address) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        try:
+            self.wrap(self._transport).sendto(data, addr)
+        except OSError as exc:
+            logger.debug("udp send to %s failed: %s", addr, exc)
+
+    async def _ask(
+        self,
+        request: p.Message,
+        expect: tuple[type[p.Message], ...],
+        timeout: float,
+        what: str,
+        *,
+        keep: bool = False,
+    ) -> p.Message:
+        """Send ``request`` until an answer of one of ``expect`` (or an error) comes back."""
+        rid: int = getattr(request, "id", None) or next(self._ids)
+        if getattr(request, "id", None) is None:
+            request = _with_id(request, rid)
+        data = bytes([UDP_RENDEZVOUS]) + p.encode(p.sign(request, self.secret))
+        queue = self._replies.setdefault(rid, asyncio.Queue(maxsize=64))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        wait = _FIRST_RETRY
+        try:
+            while True:
+                self._send(data, self.server)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise CommTimeout(
+                        f"the rendezvous server at {self.server[0]}:{self.server[1]} did not "
+                        f"answer over udp while {what} within {timeout:.3g}s"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(wait, remaining)):
+                        while True:
+                            answer = await queue.get()
+                            if isinstance(answer, p.Error):
+                                raise _error(answer, self.server, what)
+                            if isinstance(answer, expect):
+                                return answer
+                wait = min(wait * 2, 1.0)
+        finally:
+            if not keep:
+                self._replies.pop(rid, None)
+
+    async def _keep_alive(self, request: p.Register) -> None:
+        data = bytes([UDP_RENDEZVOUS]) + p.encode(p.sign(request, self.secret))
+        while True:
+            await asyncio.sleep(self.keepalive)
+            self._send(data, self.server)
+
+    def _from_server(self, data: bytes, addr: Address) -> bool:
+        if len(data) < 1 + p.HEADER_SIZE:
+            raise ProtocolError("short rendezvous datagram")
+        length = p.parse_header(data[1 : 1 + p.HEADER_SIZE])
+        if length != len(data) - 1 - p.HEADER_SIZE:
+            raise ProtocolError("datagram length does not match its envelope")
+        message = p.decode_body(data[1 + p.HEADER_SIZE :])
+        if isinstance(message, p.Invite):
+            self._invited(message)
+            return True
+        rid = getattr(message, "id", None)
+        queue = self._replies.get(rid) if isinstance(rid, int) else None
+        if queue is not None and not queue.full():
+            queue.put_nowait(message)
+        return True
+
+    def _invited(self, invite: p.Invite) -> None:
+        if self._published is None or invite.transport != "udp":
+            return
+        comm, run_id, me = self._published
+        if (invite.comm, invite.run_id) != (comm, run_id) or me not in (
+            invite.initiator,
+            invite.responder,
+        ):
+            return
+        other = invite.responder if me == invite.initiator else invite.initiator
+        if (comm, run_id, other) in self._punches or (comm, run_id, other) in self._results:
+            return
+        logger.debug("peer %d: invited to punch udp with peer %d", me, other)
+        self._spawn(self._punch(comm, run_id, me, other, self.timeout))
+
+    async def _punch(
+        self, comm: str, run_id: str, me: int, other: int, timeout: float
+    ) -> Address | None:
+        slot = (comm, run_id, other)
+        lo, hi = min(me, other), max(me, other)
+        key: PairKey = (comm, run_id, "udp", lo, hi)
+        punch = _Punch(key, me, other)
+        self._punches[slot] = punch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            rid = next(self._ids)
+            local = _local(self._transport) if self.udp_gateway is None else ("0.0.0.0", 0)
+            join = p.Join(comm, run_id, me, lo, hi, "udp", local, timeout, id=rid)
+            answer = await self._ask(
+                join, (p.PeerEndpoint,), timeout, f"pairing with peer {other}", keep=True
+            )
+            assert isinstance(answer, p.PeerEndpoint)
+            punch.nonce = answer.nonce
+            candidates = [answer.public]
+            if answer.local != answer.public and answer.local[1] != 0:
+                candidates.append(answer.local)
+            window = min(self.punch_timeout, max(0.0, deadline - loop.time()))
+            remote = await self._probe_until_heard(punch, candidates, window)
+            result = p.PunchResult(comm, run_id, me, lo, hi, "udp", remote is not None, id=rid)
+            verdict = await self._ask(
+                result,
+                (p.Verdict,),
+                max(0.5, deadline - loop.time()) + self.punch_timeout,
+                f"reporting the punch with peer {other}",
+            )
+            assert isinstance(verdict, p.Verdict)
+            outcome = remote if verdict.outcome == "direct" else None
+            logger.debug(
+                "peer %d: udp pairing with peer %d: %s %s", me, other, verdict.outcome, remote
+            )
+            self._results[slot] = outcome
+            if not punch.done.done():
+                punch.done.set_result(outcome)
+            return outcome
+        except BaseException as exc:
+            if not punch.done.done():
+                punch.done.set_exception(exc if isinstance(exc, Exception) else CommTimeout())
+                punch.done.exception()  # retrieved: a waiter may never come
+            raise
+        finally:
+            self._punches.pop(slot, None)
+            self._replies.pop(rid, None)
+
+    async def _probe_until_heard(
+        self, punch: _Punch, candidates: list[Address], window: float
+    ) -> Address | None:
+        probe = self._probe_bytes(UDP_PROBE, punch, punch.me, punch.other)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + window
+        interval = _PROBE_INTERVAL
+        for _ in range(200):  # bounded; the window usually ends it first
+            for addr in candidates:
+                self._send(probe, addr)
+            remaining = end - loop.time()
+            if punch.heard.done() or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(interval, remaining)):
+                    await asyncio.shield(punch.heard)
+            interval = min(interval * 1.5, 0.2)
+        if not punch.heard.done():
+            return None
+        remote = punch.heard.result()
+        for _ in range(3):  # make sure the other side hears us too
+            self._send(probe, remote)
+        return remote
+
+    def _probe_bytes(self, kind: int, punch: _Punch, src: int, dst: int) -> bytes:
+        comm, run_id = punch.key[0], punch.key[1]
+        assert punch.nonce is not None
+        mac = _mac(self.secret, kind, comm, run_id, src, dst, punch.nonce)
+        body: bytes = msgpack.packb([comm, run_id, src, dst, mac], use_bin_type=True)
+        return bytes([kind]) + body
+
+    def _probe(self, kind: int, data: bytes, addr: Address) -> bool:
+        try:
+            fields = msgpack.unpackb(data[1:], raw=False)
+        except Exception as exc:
+            raise ProtocolError(f"malformed probe: {type(exc).__name__}") from exc
+        if (
+            not isinstance(fields, list)
+            or len(fields) != 5
+            or not isinstance(fields[0], str)
+            or not isinstance(fields[1], str)
+            or not isinstance(fields[2], int)
+            or not isinstance(fields[3], int)
+            or not isinstance(fields[4], bytes)
+        ):
+            raise ProtocolError("a probe is [comm, run_id, from, to, mac]")
+        comm, run_id, src, dst, mac = fields
+        punch = self._punches.get((comm, run_id, src))
+        if punch is None or punch.nonce is None or dst != punch.me:
+            return True  # ours, but late or early: ignored
+        if not hmac.compare_digest(
+            mac, _mac(self.secret, kind, comm, run_id, src, dst, punch.nonce)
+        ):
+            logger.warning("dropped a udp probe with a bad proof from %s", addr)
+            raise AuthenticationError("bad probe proof")
+        if kind == UDP_PROBE:
+            self._send(self._probe_bytes(UDP_PROBE_ACK, punch, punch.me, src), addr)
+        if not punch.heard.done():
+            punch.heard.set_result(addr)
+        return True
+
+
+def _mac(
+    secret: bytes | None, kind: int, comm: str, run_id: str, src: int, dst: int, nonce: bytes
+) -> bytes:
+    data = msgpack.packb([kind, comm, run_id, src, dst, nonce], use_bin_type=True)
+    return hmac.new(secret or b"", data, hashlib.sha256).digest()[:_MAC_LEN]
+
+
+def _local(transport: Any) -> Address:
+    name = transport.get_extra_info("sockname")
+    return (str(name[0]), int(name[1]))
+
+
+def _with_id(message: p.Message, rid: int) -> p.Message:
+    from dataclasses import replace
+
+    return replace(message, id=rid)  # type: ignore[call-arg]
+
+
+def _error(answer: p.Error, server: Address, what: str) -> Exception:
+    from .punch import server_error
+
+    return server_error(
+        answer, f"the rendezvous server at {server[0]}:{server[1]}", what, -1, "", ""
+    )

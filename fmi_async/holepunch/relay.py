@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 
 __all__ = ["splice"]
 
@@ -49,6 +50,12 @@ async def splice(a: Stream, b: Stream, idle_timeout: float) -> int:
     (ra, wa), (rb, wb) = a, b
     for writer in (wa, wb):
         writer.transport.set_write_buffer_limits(high=_CHUNK, low=_CHUNK // 4)
+        # A relay must not add Nagle's delay to small messages (one frame after a
+        # handshake would otherwise wait for a delayed ACK, 40 ms on Linux).
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tasks = [
         asyncio.create_task(_pump(ra, wb, idle_timeout)),
         asyncio.create_task(_pump(rb, wa, idle_timeout)),

@@ -11,9 +11,11 @@ the endpoint it *observed* for the other (the NAT's public mapping), invites
 a responder over its control connection (the connection its register came
 on; over UDP, the endpoint it published from), arbitrates the outcome from
 both punch reports (:mod:`~fmi_async.holepunch.pairing`), and relays the
-pairs that cannot be punched (:mod:`~fmi_async.holepunch.relay`).  UDP
-datagrams to the server start with the reserved byte ``0xF0`` followed by one
-protocol message (see :mod:`~fmi_async.holepunch.udp`).
+pairs that cannot be punched (:mod:`~fmi_async.holepunch.relay` for TCP;
+for UDP, datagrams that start with ``0xF4`` and the pairing's nonce are
+forwarded between the pair's two observed endpoints).  UDP datagrams to the
+server start with the reserved byte ``0xF0`` followed by one protocol
+message (see :mod:`~fmi_async.holepunch.udp`).
 
 Everything is bounded, because the server may face the internet: entries
 expire after a TTL unless renewed, the number of entries, of waiting lookups
@@ -41,7 +43,7 @@ from . import protocol as p
 from .pairing import Pairing, PairingTable, PairKey
 from .relay import splice
 
-__all__ = ["RendezvousServer", "Registry", "serve_forever", "UDP_RENDEZVOUS"]
+__all__ = ["RendezvousServer", "Registry", "serve_forever", "UDP_RENDEZVOUS", "UDP_RELAY"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +154,9 @@ class RendezvousServer:
         self._relay_slots: dict[tuple[str, str, int, int], dict[int, _RelaySide]] = {}
         self._relays = 0
         self.relayed_bytes = 0
+        # udp relays by pairing nonce, least recently used first
+        self._udp_relays: OrderedDict[bytes, _UDPRelay] = OrderedDict()
+        self.relayed_datagrams = 0
 
     def __repr__(self) -> str:
         state = f"listening on {self._address[0]}:{self._address[1]}" if self._address else "idle"
@@ -605,12 +610,54 @@ class RendezvousServer:
 
     def _udp_verdict(self, pairing: Pairing) -> None:
         assert pairing.outcome is not None
+        if (
+            pairing.outcome == "relay"
+            and pairing.complete
+            and pairing.nonce not in self._udp_relays
+        ):
+            # Open before the verdict goes out: data follows it at once.
+            (a, side_a), (b, side_b) = pairing.sides.items()
+            relay = _UDPRelay(side_a.observed, side_b.observed, self._clock())
+            self._udp_relays[pairing.nonce] = relay
+            while len(self._udp_relays) > self.max_relays:
+                self._udp_relays.popitem(last=False)  # the one idle longest
+            logger.debug("rendezvous: relaying udp %s (%d<->%d)", pairing.key, a, b)
         for side in pairing.sides.values():
             self._udp_send(p.Verdict(pairing.outcome, side.request_id), side.observed)
 
 
+    def _udp_relay(self, data: bytes, source: p.Address) -> None:
+        """Forward a relayed datagram (0xF4, nonce, payload) to the other side of its pair.
+
+        Only for pairings decided ``relay``, and only from one of the two
+        endpoints the pairing observed, so the server relays for nobody else;
+        a relay idle for ``relay_idle_timeout`` is forgotten.
+        """
+        nonce = data[1 : 1 + p.NONCE_LEN]
+        relay = self._udp_relays.get(nonce)
+        if relay is None or self._udp is None:
+            return
+        now = self._clock()
+        if now - relay.used > self.relay_idle_timeout:
+            del self._udp_relays[nonce]
+            return
+        if source == relay.a:
+            target = relay.b
+        elif source == relay.b:
+            target = relay.a
+        else:
+            return
+        relay.used = now
+        self._udp_relays.move_to_end(nonce)
+        self.relayed_datagrams += 1
+        self.relayed_bytes += len(data) - 1 - p.NONCE_LEN
+        self._udp.sendto(data, target)
+
+
 UDP_RENDEZVOUS: Final = 0xF0
 """First byte of a rendezvous message in a UDP datagram (0xF0-0xFF are hole punching's)."""
+UDP_RELAY: Final = 0xF4
+"""First byte of a datagram the server relays between a pair's two endpoints."""
 
 
 class _UDPServer(asyncio.DatagramProtocol):
@@ -620,6 +667,9 @@ class _UDPServer(asyncio.DatagramProtocol):
         self.server = server
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if data and data[0] == UDP_RELAY and len(data) > 1 + p.NONCE_LEN:
+            self.server._udp_relay(data, (str(addr[0]), int(addr[1])))
+            return
         if len(data) < 1 + p.HEADER_SIZE or data[0] != UDP_RENDEZVOUS:
             return
         try:
@@ -641,6 +691,15 @@ class _UDPServer(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         logger.debug("rendezvous: udp error: %s", exc)
+
+
+class _UDPRelay:
+    """The two endpoints a relayed UDP pair was observed at, and its last use."""
+
+    __slots__ = ("a", "b", "used")
+
+    def __init__(self, a: p.Address, b: p.Address, used: float) -> None:
+        self.a, self.b, self.used = a, b, used
 
 
 class _PairingEvents:

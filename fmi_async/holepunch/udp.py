@@ -16,6 +16,9 @@ Reserved first bytes (the UDP channel's own datagrams start with 0x75):
 0xF2    probe answer, same layout; the mac covers the kind, so neither can
         be replayed as the other
 0xF3    keep-alive towards a punched peer (contents ignored)
+0xF4    relayed datagram, peer to server to peer: the pairing's 16-byte
+        nonce, then the payload; the server forwards it only for pairings
+        it decided ``relay`` and only between the two observed endpoints
 0xFE    datagram between a peer and its simulated NAT box (``natsim``)
 ======  =====================================================================
 
@@ -32,9 +35,19 @@ preserve ports.  Both then report to the server, and both get the same
 verdict: ``direct`` (the endpoint is returned) or ``relay`` (None).
 Requests to the server are retransmitted with doubling intervals until
 answered or the deadline passes.  Keep-alives (the register, every
-``keepalive`` seconds) keep the NAT mapping towards the server open
-(RFC 4787 section 4.3 asks for at least 2 minutes of mapping lifetime; we
-refresh well within it).
+``keepalive`` seconds, and an 0xF3 datagram to every punched peer) keep the
+NAT mappings and filters towards the server and the peers open (RFC 4787
+section 4.3 asks for at least 2 minutes of mapping lifetime, many NATs keep
+less; RFC 8085 section 3.5 suggests refreshing at least every 15 s).
+
+A pair with the ``relay`` verdict talks through the server's UDP port
+(0xF4 datagrams, TURN-like, RFC 8656 section 1 in spirit, without its
+allocations).  The channel sees such a peer at a *relay address*
+``("<relay>", n)`` (:meth:`UDPHolePuncher.relay_address`), a host name no
+real address has; the sender returned by :meth:`UDPHolePuncher.wrap` turns
+datagrams to it into 0xF4 datagrams to the server, and relayed datagrams
+arrive at the ``deliver`` callback with that relay address as their source,
+so acknowledgements find their way back the same way.
 """
 
 from __future__ import annotations
@@ -62,6 +75,8 @@ __all__ = [
     "UDP_PROBE",
     "UDP_PROBE_ACK",
     "UDP_KEEPALIVE",
+    "UDP_RELAY",
+    "RELAY_HOST",
     "RESERVED_MIN",
 ]
 
@@ -72,6 +87,9 @@ UDP_RENDEZVOUS = 0xF0
 UDP_PROBE = 0xF1
 UDP_PROBE_ACK = 0xF2
 UDP_KEEPALIVE = 0xF3
+UDP_RELAY = 0xF4
+RELAY_HOST = "<relay>"
+"""Host part of a relay address: not a valid host name, so never a real endpoint."""
 _MAC_LEN = 16
 _PROBE_INTERVAL = 0.02
 _FIRST_RETRY = 0.1
@@ -131,6 +149,14 @@ class UDPHolePuncher:
         self._deliver: Callable[[bytes, Address], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._published: tuple[str, str, int] | None = None
+        # relayed pairs: pairing nonce <-> relay address number
+        self._relay_in: dict[bytes, int] = {}
+        self._relay_out: dict[int, bytes] = {}
+        self._relay_slots: dict[tuple[str, str, int], Address] = {}
+        self._relay_numbers = itertools.count(1)
+        self.on_result: Callable[[int, Address], None] | None = None
+        """Called with (peer, address) when a pairing is decided, on both sides; the
+        address is a relay address for relayed pairs."""
 
     def __repr__(self) -> str:
         return (
@@ -141,11 +167,29 @@ class UDPHolePuncher:
     # ---------------------------------------------------------------- contract
 
     def wrap(self, transport: Any) -> DatagramSender:
-        """The sender the UDP channel must use for all its datagrams."""
+        """The sender the UDP channel must use for all its datagrams.
+
+        It sends through the simulated NAT when there is one, and datagrams
+        to a relay address through the server.
+        """
+        return _Router(self, self._base(transport))
+
+    def _base(self, transport: Any) -> DatagramSender:
         if self.udp_gateway is None:
             out: DatagramSender = transport
             return out
         return NATDatagramTransport(transport, self.udp_gateway)
+
+    def relay_address(self, comm: str, run_id: str, peer: int) -> Address | None:
+        """Where to send datagrams for ``peer`` when the verdict was relay, else None."""
+        return self._relay_slots.get((comm, run_id, peer))
+
+    def send_relayed(self, out: DatagramSender, data: bytes, number: int) -> None:
+        """Send one datagram to the peer behind relay address ``number``, via the server."""
+        nonce = self._relay_out.get(number)
+        if nonce is None:
+            raise OSError(f"no relay {RELAY_HOST}:{number}")
+        out.sendto(bytes([UDP_RELAY]) + nonce + data, self.server)
 
     def attach(self, deliver: Callable[[bytes, Address], None]) -> None:
         """Where datagrams unwrapped from a simulated NAT's encapsulation go."""
@@ -158,10 +202,11 @@ class UDPHolePuncher:
         self._transport = transport
         local = _local(transport)
         request = p.Register(comm, run_id, peer, local, local=local)
+        # Set before the answer: an invite may overtake the answer to the register.
+        self._published = (comm, run_id, peer)
         answer = await self._ask(request, (p.Ok,), self.timeout, f"registering peer {peer}")
         assert isinstance(answer, p.Ok) and answer.observed is not None
         self.observed = answer.observed
-        self._published = (comm, run_id, peer)
         self._spawn(self._keep_alive(request))
         logger.debug(
             "peer %d: udp endpoint %s:%d is public at %s:%d", peer, *local, *answer.observed
@@ -206,6 +251,8 @@ class UDPHolePuncher:
                 return self._from_server(data, addr)
             if kind in (UDP_PROBE, UDP_PROBE_ACK):
                 return self._probe(kind, data, addr)
+            if kind == UDP_RELAY:
+                return self._relayed(data)
             return kind == UDP_KEEPALIVE
         except ProtocolError as exc:
             logger.debug("dropped a bad hole-punching datagram from %s: %s", addr, exc)
@@ -231,7 +278,7 @@ class UDPHolePuncher:
         if self._transport is None or self._transport.is_closing():
             return
         try:
-            self.wrap(self._transport).sendto(data, addr)
+            self._base(self._transport).sendto(data, addr)
         except OSError as exc:
             logger.debug("udp send to %s failed: %s", addr, exc)
 
@@ -280,6 +327,28 @@ class UDPHolePuncher:
         while True:
             await asyncio.sleep(self.keepalive)
             self._send(data, self.server)
+            for remote in list(self._results.values()):
+                if remote is not None:  # punched: keep both NATs' state for the pair
+                    self._send(bytes([UDP_KEEPALIVE]), remote)
+
+    def _relayed(self, data: bytes) -> bool:
+        """A datagram the server relayed: hand it on, from the pair's relay address."""
+        number = self._relay_in.get(data[1 : 1 + p.NONCE_LEN])
+        if number is None or self._deliver is None:
+            return False  # not (yet) a relay of ours: the sender retransmits
+        self._deliver(data[1 + p.NONCE_LEN :], (RELAY_HOST, number))
+        return True
+
+    def _decided(self, slot: tuple[str, str, int], punch: _Punch, remote: Address | None) -> None:
+        self._results[slot] = remote
+        if remote is None:
+            assert punch.nonce is not None
+            number = next(self._relay_numbers)
+            self._relay_in[punch.nonce] = number
+            self._relay_out[number] = punch.nonce
+            self._relay_slots[slot] = remote = (RELAY_HOST, number)
+        if self.on_result is not None:
+            self.on_result(punch.other, remote)
 
     def _from_server(self, data: bytes, addr: Address) -> bool:
         if len(data) < 1 + p.HEADER_SIZE:
@@ -348,7 +417,7 @@ class UDPHolePuncher:
             logger.debug(
                 "peer %d: udp pairing with peer %d: %s %s", me, other, verdict.outcome, remote
             )
-            self._results[slot] = outcome
+            self._decided(slot, punch, outcome)
             if not punch.done.done():
                 punch.done.set_result(outcome)
             return outcome
@@ -421,6 +490,22 @@ class UDPHolePuncher:
         if not punch.heard.done():
             punch.heard.set_result(addr)
         return True
+
+
+class _Router:
+    """The channel's sender: relay addresses go through the server, the rest straight."""
+
+    __slots__ = ("out", "puncher")
+
+    def __init__(self, puncher: UDPHolePuncher, out: DatagramSender) -> None:
+        self.puncher = puncher
+        self.out = out
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        if addr[0] == RELAY_HOST:
+            self.puncher.send_relayed(self.out, data, addr[1])
+        else:
+            self.out.sendto(data, addr)
 
 
 def _mac(

@@ -10,13 +10,14 @@ import asyncio
 import importlib.util
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import pytest
 
 import fmi_async as fmi
+from fmi_async.holepunch.natsim import NATBehavior
 
 pytest_plugins = [p for p in ("tests.storage_servers",) if importlib.util.find_spec(p) is not None]
 
@@ -85,8 +86,19 @@ async def udp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicato
     )
     run_id = uuid.uuid4().hex[:12]
     comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]
-    # Datagrams are handled in loop callbacks, where an exception is only logged:
-    # collect those from the UDP modules and fail the test with them.
+    async with _loop_errors_fail(_UDP_MODULES):
+        try:
+            await asyncio.gather(*(c.open() for c in comms))
+            yield comms
+        finally:
+            await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
+            await server.close()
+
+
+@asynccontextmanager
+async def _loop_errors_fail(modules: tuple[str, ...]) -> AsyncIterator[None]:
+    """Datagrams are handled in loop callbacks, where an exception is only logged:
+    collect those raised in ``modules`` and fail the test with them."""
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
     errors: list[BaseException] = []
@@ -95,7 +107,7 @@ async def udp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicato
         exc = context.get("exception")
         tb = exc.__traceback__ if exc is not None else None
         while tb is not None and exc is not None:
-            if tb.tb_frame.f_code.co_filename.endswith(_UDP_MODULES):
+            if tb.tb_frame.f_code.co_filename.endswith(modules):
                 errors.append(exc)
                 return
             tb = tb.tb_next
@@ -106,11 +118,8 @@ async def udp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicato
 
     loop.set_exception_handler(handler)
     try:
-        await asyncio.gather(*(c.open() for c in comms))
-        yield comms
+        yield
     finally:
-        await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
-        await server.close()
         loop.set_exception_handler(previous)
     assert not errors, f"exceptions in udp loop callbacks: {errors!r}"
 
@@ -215,3 +224,69 @@ def nat_tcp_group(kind: str, punch_timeout: float = 0.3) -> GroupFactory:
             await server.close()
 
     return group
+
+
+NATKind = str | NATBehavior
+
+
+def nat_udp_group(
+    kind: NATKind | Sequence[NATKind], punch_timeout: float = 0.3, **udp: Any
+) -> GroupFactory:
+    """A factory like ``udp_group`` with every peer behind its own simulated NAT box.
+
+    ``kind`` is a :data:`fmi_async.holepunch.natsim.PRESETS` name or a
+    :class:`~fmi_async.holepunch.natsim.NATBehavior` (say with seeded loss),
+    or a list of them, one per peer in turn.  The channel runs with its
+    default ``traversal: auto``, so every pair punches (every peer is behind
+    NAT); pairs that cannot be punched within ``punch_timeout`` go through the
+    server's UDP relay.  ``udp`` adds options of ``backends.UDP``.
+    """
+    kinds = [kind] if isinstance(kind, str | NATBehavior) else list(kind)
+
+    @asynccontextmanager
+    async def group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
+        from fmi_async.holepunch.natsim import NATBox
+        from fmi_async.holepunch.server import RendezvousServer
+
+        server = RendezvousServer(secret=b"test-secret")
+        await server.start("127.0.0.1", 0)
+        host, port = server.address[:2]
+        boxes = [NATBox(kinds[i % len(kinds)]) for i in range(n)]
+        run_id = uuid.uuid4().hex[:12]
+        comms: list[fmi.Communicator] = []
+        async with _loop_errors_fail(_NAT_UDP_MODULES):
+            try:
+                for box in boxes:
+                    await box.start()
+                for i, box in enumerate(boxes):
+                    options = {
+                        "host": host,
+                        "port": port,
+                        "nat": box.options(),
+                        "punch_timeout": punch_timeout,
+                        **udp,
+                    }
+                    config = fmi.Config.from_dict(
+                        {
+                            "backends": {"UDP": options},
+                            "security": {"secret": "test-secret"},
+                        }
+                    )
+                    comms.append(fmi.Communicator(i, n, config, run_id=run_id, **kwargs))
+                await asyncio.gather(*(c.open() for c in comms))
+                yield comms
+            finally:
+                await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
+                await asyncio.gather(*(b.close() for b in boxes), return_exceptions=True)
+                await server.close()
+
+    return group
+
+
+_NAT_UDP_MODULES = (
+    *_UDP_MODULES,
+    "channels/udp_discovery.py",
+    "holepunch/udp.py",
+    "holepunch/natsim.py",
+    "holepunch/server.py",
+)

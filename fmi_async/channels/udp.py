@@ -11,11 +11,16 @@ datagram to the per-peer :class:`~fmi_async.channels.reliable.Link`, sends
 what the link answers, and keeps one timer per link for retransmissions and
 delayed acks.
 
-Peers find each other through a :class:`Discovery`.  The default,
-:class:`RendezvousDiscovery`, registers the socket's address at the same
-rendezvous server as the TCP channel, under ``<comm>/udp``; hole punching
-plugs in here later.  Datagrams whose first byte is 0xF0-0xFF belong to hole
-punching and are handed to ``Discovery.handle_datagram``.
+Peers find each other through a :class:`Discovery`
+(:mod:`fmi_async.channels.udp_discovery`).  By default (``traversal: auto``)
+that is :class:`PunchDiscovery`: the channel's socket registers over UDP at
+the rendezvous server (the same server as the TCP channel's, under
+``<comm>/udp``), pairs with peers behind NAT by hole punching, and pairs that
+cannot be punched talk through the server's UDP relay; ``stats.pairs`` says
+which.  ``traversal: off`` registers the bound address instead and never
+punches (:class:`RendezvousDiscovery`).  Datagrams whose first byte is
+0xF0-0xFF belong to hole punching and are handed to
+``Discovery.handle_datagram``.
 
 ``send`` returns when the caller may reuse its buffers: messages up to 256 KiB
 are copied and ``send`` returns once they are queued (it waits while
@@ -35,7 +40,11 @@ path, as QUIC assumes, RFC 9000 section 14; up to 65000 on loopback),
 ``rto_max`` (seconds: 0.2, 0.02, 2), ``retries`` (8), ``rto_jitter`` (0.1),
 ``ack_delay`` (0.005 s), ``socket_buffer`` (SO_RCVBUF/SO_SNDBUF, 4 MiB),
 ``connect_timeout``, ``lookup_timeout``, ``linger`` (how long ``close`` waits
-for unacknowledged data, default 5 s).
+for unacknowledged data, default 5 s); for NAT traversal, as for TCP:
+``traversal`` (``auto``, ``punch`` or ``off``), ``punch_timeout`` (default
+2 s), ``nat`` (a simulated NAT box's ``options()``; also the
+``FMI_NAT_GATEWAY`` and ``FMI_NAT_UDP_GATEWAY`` environment variables) and
+``keepalive`` (seconds between keep-alives, default 15).
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from ..config import Config
 from ..errors import (
@@ -59,80 +68,28 @@ from ..errors import (
     EndOfStream,
 )
 from ..holepunch.client import RendezvousClient
+from ..holepunch.natsim import network_from_options
+from ..holepunch.udp import UDPHolePuncher
 from ..wire import Key, Payload, encode_frame
 from .backoff import Backoff
 from .base import Channel, Mailbox
 from .datagram import RESERVED_FIRST_BYTE, session_tag
 from .reliable import Endpoint, Link, LinkParams
+from .udp_discovery import (
+    DatagramSender,
+    Discovery,
+    PunchDiscovery,
+    RendezvousDiscovery,
+    Traversal,
+)
 
-__all__ = ["UDPChannel", "Discovery", "DatagramSender", "RendezvousDiscovery"]
+__all__ = ["UDPChannel", "Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery"]
 
 logger = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 _COPY_MAX = 256 * 1024  # messages up to this size are copied and send returns at once
-
-
-class DatagramSender(Protocol):
-    """What the channel needs of a datagram transport (tests wrap it to lose datagrams)."""
-
-    def sendto(self, data: bytes, addr: Address) -> None: ...
-
-
-class Discovery(Protocol):
-    """How a peer publishes its datagram endpoint and finds the others'."""
-
-    async def publish(self, transport: asyncio.DatagramTransport, address: Address) -> None: ...
-
-    async def locate(
-        self, peer: int, transport: asyncio.DatagramTransport, timeout: float
-    ) -> Address: ...
-
-    def handle_datagram(self, data: bytes, addr: Address) -> bool: ...
-
-    async def close(self) -> None: ...
-
-
-class RendezvousDiscovery:
-    """No NAT in the way: register the bound address, look the others up (TCP rendezvous)."""
-
-    def __init__(self, client: RendezvousClient, comm: str, run_id: str, peer: int) -> None:
-        self.client = client
-        self.comm = f"{comm}/udp"  # distinct from the TCP channel's registrations
-        self.run_id = run_id
-        self.peer = peer
-        self._refresh: asyncio.Task[None] | None = None
-
-    def __repr__(self) -> str:
-        return f"<RendezvousDiscovery {self.comm!r} peer={self.peer} via {self.client!r}>"
-
-    async def publish(self, transport: asyncio.DatagramTransport, address: Address) -> None:
-        ok = await self.client.register(self.comm, self.run_id, self.peer, address)
-        if ok.ttl:
-            self._refresh = asyncio.create_task(self._keep_registered(address, ok.ttl))
-
-    async def _keep_registered(self, address: Address, ttl: float) -> None:
-        while True:
-            await asyncio.sleep(max(ttl / 2, 1.0))
-            try:
-                await self.client.register(self.comm, self.run_id, self.peer, address)
-            except Exception as exc:  # the next round tries again
-                logger.warning("peer %d: renewing the udp registration failed: %s", self.peer, exc)
-
-    async def locate(
-        self, peer: int, transport: asyncio.DatagramTransport, timeout: float
-    ) -> Address:
-        host, port = await self.client.lookup(self.comm, self.run_id, peer, timeout)
-        return (host, port)
-
-    def handle_datagram(self, data: bytes, addr: Address) -> bool:
-        return False  # no hole punching here: such datagrams are foreign
-
-    async def close(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh
+_TRAVERSAL: tuple[Traversal, ...] = ("auto", "punch", "off")
 
 
 class _Peer:
@@ -252,8 +209,7 @@ class UDPChannel(Channel):
         self.connect_timeout: float = _number(opts, "connect_timeout", 10.0)
         self.lookup_timeout: float = _number(opts, "lookup_timeout", config.timeout)
         self.linger: float = _number(opts, "linger", min(5.0, config.timeout))
-        client = RendezvousClient(host, port, config.secret, timeout=self.connect_timeout)
-        self.discovery: Discovery = RendezvousDiscovery(client, comm_name, run_id, peer_id)
+        self.discovery: Discovery = self._discovery(host, port)
         # Test hook: wraps the transport's sendto (loss, duplication, reordering).
         self.wrap_transport: Callable[[DatagramSender], DatagramSender] | None = None
         self.address: Address | None = None
@@ -270,6 +226,47 @@ class UDPChannel(Channel):
             rng=random.Random(),
         )
         self._peers: dict[int, _Peer] = {}
+
+    def _discovery(self, host: str, port: int) -> Discovery:
+        """Hole punching and relay (``auto``, ``punch``), or plain registration (``off``)."""
+        opts, config = self.options, self.config
+        traversal = opts.get("traversal", "auto")
+        if traversal not in _TRAVERSAL:
+            raise ConfigError(
+                f"backends.UDP.traversal must be one of {', '.join(_TRAVERSAL)}, "
+                f"got {traversal!r}"
+            )
+        if traversal == "off":
+            client = RendezvousClient(host, port, config.secret, timeout=self.connect_timeout)
+            return RendezvousDiscovery(client, self.comm_name, self.run_id, self.peer_id)
+        simulated = network_from_options(opts)
+        if simulated is not None and simulated.udp_gateway is None:
+            raise ConfigError(
+                "backends.UDP.nat needs the NAT box's udp_gateway, e.g. "
+                '{"gateway": "127.0.0.1:4000", "udp_gateway": "127.0.0.1:4001"} '
+                "(NATBox.options() gives both)"
+            )
+        puncher = UDPHolePuncher(
+            host,
+            port,
+            config.secret,
+            timeout=self.connect_timeout,
+            punch_timeout=_number(opts, "punch_timeout", 2.0),
+            keepalive=_number(opts, "keepalive", 15.0),
+            udp_gateway=simulated.udp_gateway if simulated is not None else None,
+        )
+        client = RendezvousClient(
+            host, port, config.secret, timeout=self.connect_timeout, net=simulated
+        )
+        return PunchDiscovery(
+            puncher,
+            client,
+            self.comm_name,
+            self.run_id,
+            self.peer_id,
+            traversal,
+            self.stats.pairs,
+        )
 
     def __repr__(self) -> str:
         addr = f"{self.address[0]}:{self.address[1]}" if self.address else "-"
@@ -302,6 +299,12 @@ class UDPChannel(Channel):
         port = int(transport.get_extra_info("sockname")[1])
         self.address = (self.bind, port)
         out: DatagramSender = cast(DatagramSender, transport)
+        wrap = getattr(self.discovery, "wrap", None)
+        if wrap is not None:  # through a NAT, to relayed peers
+            out = wrap(transport)
+        attach = getattr(self.discovery, "attach", None)
+        if attach is not None:  # what the discovery unwraps comes back to us
+            attach(self._on_datagram)
         self._out = self.wrap_transport(out) if self.wrap_transport else out
         await super().open()  # open before publishing: peers may send at once
         try:
@@ -413,7 +416,7 @@ class UDPChannel(Channel):
                 timeout = max(0.001, min(self.lookup_timeout, deadline - loop.time()))
                 peer.addr = await self.discovery.locate(dst, self._transport, timeout)
                 self._check_open()
-                self.stats.pairs[dst] = "direct"
+                self.stats.pairs.setdefault(dst, "direct")  # a punching discovery says which
                 logger.debug("peer %d: peer %d is at %s:%d", self.peer_id, dst, *peer.addr)
         return peer
 

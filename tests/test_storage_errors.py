@@ -154,6 +154,43 @@ async def test_redis_error_replies_become_backend_errors(redis_config: Config) -
         await chan.close()
 
 
+async def test_redis_without_scripts_sends_with_transactions(redis_config: Config) -> None:
+    """A server that refuses EVALSHA (here an ACL) still gets every message, in order, with TTL."""
+    user, password = f"noscript-{uuid.uuid4().hex[:8]}", "pw"
+    raw = redis_raw(redis_config)
+    await raw.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+        commands=["+@all", "-@scripting"],
+    )  # fmt: skip
+    config = redis_config.with_backend("redis", username=user, password=password)
+    run = uuid.uuid4().hex[:10]
+    a, b = channel("redis", config, 0, run=run), channel("redis", config, 1, run=run)
+    await asyncio.gather(a.open(), b.open())
+    try:
+        for i in range(3):
+            await a.send(1, ("u", 0), dumps(i))
+        assert a._push is None  # refused once, then MULTI/EXEC only
+        assert 0 < await raw.ttl(a.message_name(0, 1, ("u", 0))) <= a.ttl
+        assert [loads(await b.recv(0, ("u", 0), 5)) for _ in range(3)] == [0, 1, 2]
+        # A real error reply (a string where the list belongs) is an error, and
+        # does not turn scripts off where they work.
+        await b.send(0, ("u", 1), dumps("ok"))
+        assert b._push is None
+        plain = channel("redis", redis_config, 0, run=run)
+        await plain.open()
+        try:
+            await raw.set(plain.message_name(0, 1, ("u", 2)), b"not a list", ex=60)
+            with pytest.raises(BackendError, match="WRONGTYPE"):
+                await plain.send(1, ("u", 2), dumps(1))
+            assert plain._push is not None
+        finally:
+            await plain.close()
+    finally:
+        await asyncio.gather(a.close(), b.close())
+        await raw.acl_deluser(user)
+        await raw.aclose()
+
+
 async def test_redis_chunks_that_expired_are_reported(redis_config: Config) -> None:
     run = uuid.uuid4().hex[:10]
     config = redis_config.with_backend("redis", inline_max=1024, chunk_size=64 * 1024)

@@ -66,6 +66,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 3600
+STREAM_NAME_CACHE = 1024  # stream names a channel remembers (see message_name)
 
 T = TypeVar("T")
 
@@ -211,6 +212,7 @@ class MediatedChannel(Channel):
         self._recv_locks: dict[tuple[int, Key], _LockEntry] = {}
         self._send_locks: dict[tuple[int, Key], _LockEntry] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._stream_names: dict[tuple[int, int, Key], str] = {}
         self._closing = False
 
     def __repr__(self) -> str:
@@ -260,8 +262,19 @@ class MediatedChannel(Channel):
         Without ``seq``: the name of the whole ``(src, dst, key)`` stream (a
         Redis list).
         """
+        if seq is None:
+            # A stream's name is built on every send and receive; user streams
+            # repeat, so remember a bounded number of them.
+            cached = self._stream_names.get((src, dst, key))
+            if cached is not None:
+                return cached
         name = f"{self.prefix}/msg/{src}/{dst}/{_encode_key(key)}"
-        return self._checked(name if seq is None else f"{name}/{seq}")
+        if seq is not None:
+            return self._checked(f"{name}/{seq}")
+        if len(self._stream_names) >= STREAM_NAME_CACHE:
+            self._stream_names.clear()
+        self._stream_names[(src, dst, key)] = self._checked(name)
+        return name
 
     max_name_bytes: ClassVar[int] = 1024
 
@@ -348,8 +361,13 @@ class MediatedChannel(Channel):
             entry = locks[match] = _LockEntry(asyncio.Lock())
         entry.users += 1
         try:
-            async with asyncio.timeout_at(deadline):
+            if entry.users == 1:
+                # Nobody else holds or waits for it: acquire() returns at once,
+                # without the timer a deadline costs on every message.
                 await entry.lock.acquire()
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await entry.lock.acquire()
             try:
                 yield
             finally:

@@ -486,7 +486,8 @@ async def run(args: argparse.Namespace, redis_port: int, moto_url: str) -> None:
         per = sum(counts.values()) / messages
         detail = ", ".join(f"{k} {v / messages:.1f}" for k, v in sorted(counts.items()))
         print(row(label, latencies, None if label.startswith("polling") else polled[0]))
-        print(f"      {per:.1f} Redis commands per message ({detail})")
+        print(f"      {per:.1f} commands run by Redis per message: {detail}")
+    print("      (INFO commandstats also counts the RPUSH and EXPIRE an EVALSHA runs)")
 
     print(
         f"\n3. bcast to {args.peers} peers through the moto server (median [p25 .. p75], "

@@ -169,7 +169,7 @@ async def test_redis_without_scripts_sends_with_transactions(redis_config: Confi
     try:
         for i in range(3):
             await a.send(1, ("u", 0), dumps(i))
-        assert a._push is None  # refused once, then MULTI/EXEC only
+        assert a._push is None  # refused once, then pipelined only
         assert 0 < await raw.ttl(a.message_name(0, 1, ("u", 0))) <= a.ttl
         assert [loads(await b.recv(0, ("u", 0), 5)) for _ in range(3)] == [0, 1, 2]
         # A real error reply (a string where the list belongs) is an error, and

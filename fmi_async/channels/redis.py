@@ -16,10 +16,10 @@ bytes is stored as string keys of at most ``chunk_size`` bytes (Redis caps a
 value at 512 MB) and the list element is only a reference to them.  Chunks,
 list element and TTLs are written in one MULTI/EXEC round trip, so a reader
 never sees a reference before its data; a receiver reads and deletes the
-chunks in one more round trip.  An inline message is one EVALSHA of a
-two-line Lua script (RPUSH, EXPIRE): one command instead of a four-command
-transaction, and no redis-py pipeline (falling back to MULTI/EXEC where the
-server refuses scripts).
+chunks in one more round trip.  A message of at most ``SCRIPT_MAX`` bytes
+is one EVALSHA of a two-line Lua script (RPUSH, EXPIRE), which spares
+redis-py's pipeline machinery; a larger inline message is a plain RPUSH +
+EXPIRE pipeline (also used where the server refuses scripts).
 
 Every key gets the ``ttl`` option (seconds, default 3600) as expiry, so a
 peer that dies before ``close`` leaves nothing that lasts.
@@ -78,6 +78,7 @@ MiB: Final = 1024 * 1024
 REF_MAGIC: Final = b"FMIr"  # a list element that points at chunk keys
 UNLINK_BATCH: Final = 1000
 RESERVED_CONNECTIONS: Final = 2
+SCRIPT_MAX: Final = 8 * 1024  # larger elements: Lua's copy costs more than a pipeline
 # Appends a message and sets its list's TTL in one command (KEYS[1] the list,
 # ARGV the element and the TTL in seconds).
 PUSH_SCRIPT: Final = """
@@ -256,10 +257,11 @@ class RedisChannel(MediatedChannel):
 
         limit = self.socket_timeout + nbytes / (50 * MiB)
         refused: BackendError | None = None
-        if not chunks and not replace and self._push is not None:
-            # An inline message: RPUSH and EXPIRE in one EVALSHA.  A redis-py
-            # pipeline costs an extra task and two more commands per message,
-            # about a third more time on loopback (benchmarks/mediated.py).
+        if not chunks and not replace and len(element) <= SCRIPT_MAX and self._push is not None:
+            # A small message: RPUSH and EXPIRE in one EVALSHA.  A redis-py
+            # pipeline costs an extra task per call, about a fifth of a small
+            # message's time on loopback (benchmarks/mediated.py); above
+            # SCRIPT_MAX, Lua's copy of the argument costs more than that.
             push = self._push
             try:
                 await self._run("rpush", lambda: push(keys=[list_name], args=[element, self.ttl]))
@@ -271,10 +273,14 @@ class RedisChannel(MediatedChannel):
                 # is the RPUSH), so the pipeline below writes the message once.
                 refused = exc
 
-        async def transaction() -> None:
-            # MULTI/EXEC: a reader never sees a reference before its chunks,
-            # nor a replaced object half-way.
-            async with self._redis.pipeline(transaction=True) as pipe:
+        # Chunks and their reference, or a replaced object, go in MULTI/EXEC so
+        # no reader sees half of the write.  An inline message needs no
+        # transaction: a reader popping between RPUSH and EXPIRE only makes the
+        # EXPIRE a no-op.  Either way one round trip.
+        atomic = bool(chunks) or replace
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=atomic) as pipe:
                 for chunk_key, data in chunks:
                     pipe.set(chunk_key, data, ex=self.ttl)
                 if replace:
@@ -283,11 +289,11 @@ class RedisChannel(MediatedChannel):
                 pipe.expire(list_name, self.ttl)
                 await pipe.execute()
 
-        await self._run("multi", transaction, limit)
+        await self._run("multi" if atomic else "rpush", write, limit)
         if refused is not None:
             # The pipeline worked where the script did not: scripting is
             # refused here (an ACL, a proxy without EVAL); stop trying it.
-            logger.debug("%r: Lua script refused (%s); using MULTI/EXEC", self, refused)
+            logger.debug("%r: Lua script refused (%s); pipelining instead", self, refused)
             self._push = None
 
     async def _store(self, name: str, frames: Sequence[Buffer], nbytes: int) -> None:

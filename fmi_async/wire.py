@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -55,6 +56,8 @@ MAGIC: Final = b"FMIw"
 VERSION: Final = 1
 PREFIX = struct.Struct("!4sBBHII")
 LENGTH = struct.Struct("!Q")
+_PREFIX_SIZE: Final = PREFIX.size
+_unpack_prefix: Final = PREFIX.unpack_from
 SERIALIZERS: Final = ("msgpack", "pickle")
 
 # msgpack extension codes used by the msgpack serializer.
@@ -109,6 +112,8 @@ class Payload:
 
     @property
     def nbytes(self) -> int:
+        if not self.buffers:
+            return len(self.header)
         return len(self.header) + sum(_buflen(b) for b in self.buffers)
 
     def copy(self) -> Payload:
@@ -180,7 +185,20 @@ def _mark_large_bytes(value: Any) -> Any:
     return value
 
 
+_SCALARS: Final = frozenset({str, float, bool, type(None)})
+
+
 def _dumps_msgpack(value: Any) -> Payload:
+    kind = type(value)
+    if (
+        kind in _SCALARS
+        or (kind is int and -(2**63) <= value < 2**64)
+        or (kind is bytes and len(value) < OOB_BYTES_THRESHOLD)
+    ):  # the common small value: nothing to mark, nothing out of band
+        try:
+            return Payload(msgpack.packb(value, use_bin_type=True), (), "msgpack")
+        except ValueError:  # a lone surrogate in a str: the long way explains it
+            pass
     buffers: list[Buffer] = []
     value = _mark_large_bytes(value)
 
@@ -239,9 +257,32 @@ def _dumps_msgpack(value: Any) -> Payload:
 
 
 def _loads_msgpack(payload: Payload) -> Any:
-    buffers = payload.buffers
+    ext_hook = _NO_BUFFER_HOOK if not payload.buffers else _ExtDecoder(payload.buffers)
+    try:
+        return msgpack.unpackb(
+            payload.header, ext_hook=ext_hook, raw=False, strict_map_key=False, use_list=True
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types on garbage input
+        raise ProtocolError(f"malformed message header: {type(exc).__name__}: {exc}") from exc
 
-    def ext_hook(code: int, data: bytes) -> Any:
+
+class _ExtDecoder:
+    """The msgpack extension decoder for a frame with these out-of-band buffers.
+
+    An object, not nested closures: closures that call each other form a
+    reference cycle, which would keep every received buffer alive until the
+    garbage collector runs instead of until its last user lets go.
+    """
+
+    __slots__ = ("buffers",)
+
+    def __init__(self, buffers: tuple[Buffer, ...]) -> None:
+        self.buffers = buffers
+
+    def __call__(self, code: int, data: bytes) -> Any:
+        _unpack, _buffer = self._unpack, self._buffer
         if code == _EXT_NDARRAY:
             dtype, shape, index = _unpack(data)
             buf = _buffer(index)
@@ -278,22 +319,17 @@ def _loads_msgpack(payload: Payload) -> Any:
             return complex(real, imag)
         raise ProtocolError(f"unknown msgpack extension code {code}")
 
-    def _buffer(index: Any) -> Buffer:
+    def _buffer(self, index: Any) -> Buffer:
+        buffers = self.buffers
         if not isinstance(index, int) or not 0 <= index < len(buffers):
             raise ProtocolError(f"header refers to buffer {index!r}; frame has {len(buffers)}")
         return buffers[index]
 
-    def _unpack(data: bytes) -> Any:
-        return msgpack.unpackb(
-            data, ext_hook=ext_hook, raw=False, strict_map_key=False, use_list=True
-        )
+    def _unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, ext_hook=self, raw=False, strict_map_key=False, use_list=True)
 
-    try:
-        return _unpack(payload.header)
-    except ProtocolError:
-        raise
-    except Exception as exc:  # msgpack raises many types on garbage input
-        raise ProtocolError(f"malformed message header: {type(exc).__name__}: {exc}") from exc
+
+_NO_BUFFER_HOOK: Final = _ExtDecoder(())
 
 
 def _dumps_pickle(value: Any) -> Payload:
@@ -400,6 +436,45 @@ def _allocate(nbytes: int) -> memoryview:
     return np.empty(nbytes, dtype=np.uint8).data.cast("B")
 
 
+_OWN_REFERENCES: Final = 3
+_COUNTS_REFERENCES: Final = sys.implementation.name == "cpython"  # exact counts, no tracing GC
+
+
+class _Recycler:
+    """Reuses the memory of large received buffers that nobody holds any more.
+
+    Receiving into new memory costs a page fault per page on first touch,
+    which on some virtual machines is slower than the network copy itself.  A
+    training loop receives arrays of the same size again and again, so the
+    last few large buffers are kept here and handed out again once the only
+    reference left to one is ours: every array, view or memoryview made from
+    a buffer holds a reference to it, so a count of one means that no value a
+    user can reach still uses that memory.
+    """
+
+    def __init__(self, slots: int, smallest: int, largest: int) -> None:
+        self._slots = slots
+        self._smallest = smallest
+        self._largest = largest
+        self._pool: list[np.ndarray[Any, Any]] = []
+
+    def allocate(self, nbytes: int) -> memoryview:
+        if not (_COUNTS_REFERENCES and self._slots and self._smallest <= nbytes <= self._largest):
+            return _allocate(nbytes)
+        for i in range(len(self._pool)):  # not enumerate: its tuple would hold a reference
+            arr = self._pool[i]
+            # Ours: the pool's list, `arr` and getrefcount's argument.
+            if arr.nbytes == nbytes and sys.getrefcount(arr) <= _OWN_REFERENCES:
+                del self._pool[i]
+                self._pool.append(arr)  # most recently used last
+                return arr.data.cast("B")
+        arr = np.empty(nbytes, dtype=np.uint8)
+        self._pool.append(arr)
+        if len(self._pool) > self._slots:
+            del self._pool[0]  # the least recently used goes back to the allocator
+        return arr.data.cast("B")
+
+
 class FrameReader:
     """Incremental parser of framed messages, written for ``BufferedProtocol``.
 
@@ -411,9 +486,13 @@ class FrameReader:
     """
 
     _STAGING = 256 * 1024
+    RECYCLE_SLOTS = 2  # large buffers kept for reuse per reader
+    RECYCLE_MIN = 1024 * 1024
+    RECYCLE_MAX = 128 * 1024 * 1024
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._limits = limits
+        self._recycler = _Recycler(self.RECYCLE_SLOTS, self.RECYCLE_MIN, self.RECYCLE_MAX)
         self._staging = bytearray(self._STAGING)
         self._r = 0  # read position in staging
         self._w = 0  # write position in staging
@@ -490,6 +569,8 @@ class FrameReader:
     def _parse(self) -> None:
         while not self._direct:
             if self._prefix is None:
+                if self._parse_small():
+                    continue
                 if self._avail() < PREFIX.size:
                     return
                 self._parse_prefix()
@@ -502,6 +583,36 @@ class FrameReader:
                     return
             else:
                 self._complete()
+
+    def _parse_small(self) -> bool:
+        """Take one whole frame without out-of-band buffers in one step, if staged.
+
+        The common small message skips the state machine; anything else (a
+        partial frame, buffers, a value the checks reject) returns False and
+        goes the long way, which raises the precise error."""
+        r, staging = self._r, self._staging
+        if self._w - r < _PREFIX_SIZE:
+            return False
+        magic, version, flags, klen, hlen, nbufs = _unpack_prefix(staging, r)
+        end = r + _PREFIX_SIZE + klen + hlen
+        limits = self._limits
+        if (
+            nbufs
+            or end > self._w
+            or magic != MAGIC
+            or version != VERSION
+            or klen > limits.max_key
+            or hlen > limits.max_header
+            or hlen > limits.max_total
+            or flags not in _FLAG_SERIALIZERS
+        ):
+            return False
+        k = r + _PREFIX_SIZE
+        key = decode_key(bytes(staging[k : k + klen]))
+        header = bytes(staging[k + klen : end])
+        self._r = end
+        self._frames.append((key, Payload(header, (), _FLAG_SERIALIZERS[flags])))
+        return True
 
     def _parse_prefix(self) -> None:
         magic, version, flags, klen, hlen, nbufs = PREFIX.unpack_from(self._staging, self._r)
@@ -542,7 +653,7 @@ class FrameReader:
     def _fill_buffer(self) -> bool:
         """Move staged bytes into the current buffer; False when more must arrive."""
         if self._target is None:
-            self._target = _allocate(self._lengths[len(self._bufs)])
+            self._target = self._recycler.allocate(self._lengths[len(self._bufs)])
             self._filled = 0
         take = min(self._avail(), len(self._target) - self._filled)
         if take:

@@ -207,3 +207,45 @@ def test_large_buffer_is_received_in_place() -> None:
     reader.buffer_updated(view.nbytes)
     ((key, payload),) = reader.pop_frames()
     assert key == ("u", 0) and np.array_equal(loads(payload), arr)
+
+
+def _receive(reader: FrameReader, value: object) -> object:
+    """Feed one framed value through ``reader`` and decode what comes out."""
+    frames = [f for buf in encode_frame(("u", 0), dumps(value)) for f in reader.feed(buf)]
+    ((_, payload),) = frames
+    return loads(payload)
+
+
+def _address(arr: np.ndarray) -> int:  # type: ignore[type-arg]
+    return int(arr.__array_interface__["data"][0])
+
+
+def test_large_receive_buffers_are_reused_only_once_released() -> None:
+    """Memory a received array still uses is never written again; released memory is."""
+    reader = FrameReader()
+    n = FrameReader.RECYCLE_MIN // 8
+    first = _receive(reader, np.full(n, 1.0))
+    second = _receive(reader, np.full(n, 2.0))
+    view = first[::2]  # type: ignore[index]  # a view keeps the memory in use too
+    del first
+    third = _receive(reader, np.full(n, 3.0))
+    assert isinstance(second, np.ndarray) and isinstance(third, np.ndarray)
+    assert np.all(view == 1.0) and np.all(second == 2.0) and np.all(third == 3.0)
+    assert len({_address(view), _address(second), _address(third)}) == 3  # all in use: new memory
+    address = _address(second)
+    del second
+    fourth = _receive(reader, np.full(n, 4.0))
+    assert isinstance(fourth, np.ndarray) and _address(fourth) == address  # released: reused
+    assert np.all(fourth == 4.0) and np.all(view == 1.0) and np.all(third == 3.0)
+
+
+def test_small_and_huge_receive_buffers_are_not_kept() -> None:
+    reader = FrameReader()
+    small = np.ones(FrameReader.RECYCLE_MIN // 8 - 1)
+    got = _receive(reader, small)
+    address = _address(got)  # type: ignore[arg-type]
+    del got
+    again = _receive(reader, small)
+    assert np.array_equal(again, small)  # type: ignore[arg-type]
+    assert reader._recycler._pool == []  # nothing below the size threshold is pooled
+    assert address

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class ChannelStats:
         }
 
 
+_SWEEP_SLACK = 1e-3  # a timer may fire a clock tick early; such a wait has expired
+
+
 class _Expired(Exception):
     """Internal: a mailbox wait ran out of time."""
 
@@ -80,6 +84,9 @@ class Mailbox:
         self._waiters: dict[tuple[int, Key], deque[asyncio.Future[Payload]]] = {}
         self._error: BaseException | None = None
         self._source_errors: dict[int, BaseException] = {}
+        self._deadlines: dict[asyncio.Future[Payload], float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
 
     def __repr__(self) -> str:
         return (
@@ -114,11 +121,15 @@ class Mailbox:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Payload] = loop.create_future()
         self._waiters.setdefault(match, deque()).append(fut)
-        # A timer that fails the future is much cheaper than asyncio.wait_for,
-        # which wraps the wait in a new task on Python 3.11.
-        timer = None
         if timeout is not None:
-            timer = loop.call_later(timeout, _expire, fut)
+            # Deadlines are kept in a dict that one shared timer sweeps: a wait
+            # that is answered in time (nearly all) costs a dict entry, not a
+            # timer armed and cancelled (asyncio.wait_for would even add a task
+            # on Python 3.11).
+            deadline = loop.time() + timeout
+            self._deadlines[fut] = deadline
+            if deadline < self._sweep_at:
+                self._arm_sweep(loop, deadline)
         try:
             return await fut
         except _Expired:
@@ -127,13 +138,30 @@ class Mailbox:
                 f"({describe_key(key)}) on channel {channel}; the peer never sent it"
             ) from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            if timeout is not None:
+                del self._deadlines[fut]
             waiters = self._waiters.get(match)
             if waiters is not None and fut in waiters:
                 waiters.remove(fut)
                 if not waiters:
                     del self._waiters[match]
+
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._sweep_at = when
+        self._sweeper = loop.call_at(when, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the waits whose deadline passed; sleep until the next one."""
+        self._sweeper, self._sweep_at = None, math.inf
+        now = loop.time() + _SWEEP_SLACK
+        for fut, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                _expire(fut)  # its take() removes the entry as it wakes
+        pending = [d for f, d in self._deadlines.items() if not f.done()]
+        if pending:
+            self._arm_sweep(loop, min(pending))
 
     def fail(self, exc: BaseException) -> None:
         """Wake every waiter with ``exc`` (channel broke or was closed)."""

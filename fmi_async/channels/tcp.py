@@ -420,14 +420,16 @@ class TCPChannel(Channel):
             self.mailbox.deliver(dst, key, payload.copy())
         else:
             buffers = encode_frame(key, payload, self.config.limits)
-            nbytes = sum(memoryview(b).nbytes for b in buffers)
+            if len(buffers) == 1:  # a frame without out-of-band buffers is one bytes object
+                nbytes = len(buffers[0])
+            else:
+                nbytes = sum(memoryview(b).nbytes for b in buffers)
             sender = self._senders.get(dst)
-            lock = self._locks.get(dst)
             if (
                 nbytes <= _SMALL
                 and sender is not None
                 and sender.ready
-                and (lock is None or not lock.locked())
+                and not ((lock := self._locks.get(dst)) and lock.locked())
             ):
                 # Fast path for the common small message on an idle connection:
                 # one write, no lock, no await.

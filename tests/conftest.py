@@ -7,6 +7,7 @@ The collective suite runs on both asyncio and uvloop; set
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import uuid
@@ -186,32 +187,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
-def nat_tcp_group(kind: str, punch_timeout: float = 0.3) -> GroupFactory:
-    """A factory like ``tcp_group`` with every peer behind its own simulated NAT box.
+NATKind = str | NATBehavior
 
-    ``kind`` is a :data:`fmi_async.holepunch.natsim.PRESETS` name; pairs that
-    cannot be punched within ``punch_timeout`` go through the server's relay.
-    """
 
-    @asynccontextmanager
-    async def group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
-        from fmi_async.holepunch.natsim import NATBox
-        from fmi_async.holepunch.server import RendezvousServer
+@asynccontextmanager
+async def _behind_nats(
+    backend: str,
+    kinds: Sequence[NATKind],
+    n: int,
+    options: dict[str, Any],
+    loop_errors: tuple[str, ...] | None,
+    **kwargs: Any,
+) -> AsyncIterator[list[fmi.Communicator]]:
+    """``n`` communicators on ``backend``, each behind its own simulated NAT box
+    (``kinds`` in turn), pairing through one rendezvous server."""
+    from fmi_async.holepunch.natsim import NATBox
+    from fmi_async.holepunch.server import RendezvousServer
 
-        server = RendezvousServer(secret=b"test-secret")
-        await server.start("127.0.0.1", 0)
-        host, port = server.address[:2]
-        boxes = [NATBox(kind) for _ in range(n)]
-        run_id = uuid.uuid4().hex[:12]
-        comms: list[fmi.Communicator] = []
+    server = RendezvousServer(secret=b"test-secret")
+    await server.start("127.0.0.1", 0)
+    host, port = server.address[:2]
+    boxes = [NATBox(kinds[i % len(kinds)]) for i in range(n)]
+    run_id = uuid.uuid4().hex[:12]
+    comms: list[fmi.Communicator] = []
+    watch = _loop_errors_fail(loop_errors) if loop_errors else contextlib.nullcontext()
+    async with watch:
         try:
             for box in boxes:
                 await box.start()
             for i, box in enumerate(boxes):
-                tcp = {"host": host, "port": port, "nat": box.options()}
+                backend_options = {"host": host, "port": port, "nat": box.options(), **options}
                 config = fmi.Config.from_dict(
                     {
-                        "backends": {"TCP": {**tcp, "punch_timeout": punch_timeout}},
+                        "backends": {backend: backend_options},
                         "security": {"secret": "test-secret"},
                     }
                 )
@@ -223,10 +231,18 @@ def nat_tcp_group(kind: str, punch_timeout: float = 0.3) -> GroupFactory:
             await asyncio.gather(*(b.close() for b in boxes), return_exceptions=True)
             await server.close()
 
+
+def nat_tcp_group(kind: str, punch_timeout: float = 0.3) -> GroupFactory:
+    """A factory like ``tcp_group`` with every peer behind its own simulated NAT box.
+
+    ``kind`` is a :data:`fmi_async.holepunch.natsim.PRESETS` name; pairs that
+    cannot be punched within ``punch_timeout`` go through the server's relay.
+    """
+
+    def group(n: int, **kwargs: Any) -> AbstractAsyncContextManager[list[fmi.Communicator]]:
+        return _behind_nats("TCP", [kind], n, {"punch_timeout": punch_timeout}, None, **kwargs)
+
     return group
-
-
-NATKind = str | NATBehavior
 
 
 def nat_udp_group(
@@ -242,43 +258,10 @@ def nat_udp_group(
     server's UDP relay.  ``udp`` adds options of ``backends.UDP``.
     """
     kinds = [kind] if isinstance(kind, str | NATBehavior) else list(kind)
+    options = {"punch_timeout": punch_timeout, **udp}
 
-    @asynccontextmanager
-    async def group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
-        from fmi_async.holepunch.natsim import NATBox
-        from fmi_async.holepunch.server import RendezvousServer
-
-        server = RendezvousServer(secret=b"test-secret")
-        await server.start("127.0.0.1", 0)
-        host, port = server.address[:2]
-        boxes = [NATBox(kinds[i % len(kinds)]) for i in range(n)]
-        run_id = uuid.uuid4().hex[:12]
-        comms: list[fmi.Communicator] = []
-        async with _loop_errors_fail(_NAT_UDP_MODULES):
-            try:
-                for box in boxes:
-                    await box.start()
-                for i, box in enumerate(boxes):
-                    options = {
-                        "host": host,
-                        "port": port,
-                        "nat": box.options(),
-                        "punch_timeout": punch_timeout,
-                        **udp,
-                    }
-                    config = fmi.Config.from_dict(
-                        {
-                            "backends": {"UDP": options},
-                            "security": {"secret": "test-secret"},
-                        }
-                    )
-                    comms.append(fmi.Communicator(i, n, config, run_id=run_id, **kwargs))
-                await asyncio.gather(*(c.open() for c in comms))
-                yield comms
-            finally:
-                await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
-                await asyncio.gather(*(b.close() for b in boxes), return_exceptions=True)
-                await server.close()
+    def group(n: int, **kwargs: Any) -> AbstractAsyncContextManager[list[fmi.Communicator]]:
+        return _behind_nats("UDP", kinds, n, options, _NAT_UDP_MODULES, **kwargs)
 
     return group
 

@@ -153,18 +153,31 @@ def merge_config(user: Mapping[str, Any], host: str, port: int, secret: str) -> 
     """The user's config with the launcher's rendezvous server and secret filled in.
 
     Options the user gave the TCP backend (under ``TCP`` or FMI's ``Direct``)
-    are kept; only its address and ``enabled`` are replaced.
+    are kept; only its address and ``enabled`` are replaced.  A UDP backend
+    the user configured gets the same server's address (it registers and
+    punches over the server's UDP port, the same number); a config that names
+    UDP and not TCP runs over UDP alone.
     """
     merged = copy.deepcopy(dict(user))
     backends = merged.setdefault("backends", {})
     if not isinstance(backends, dict):
         raise ConfigError("config: backends must be an object keyed by backend name")
-    keys = [k for k in backends if isinstance(k, str) and BACKEND_ALIASES.get(k.lower()) == "tcp"]
-    for key in keys or ["TCP"]:
+
+    def named(channel: str) -> list[str]:
+        aliases = BACKEND_ALIASES
+        return [k for k in backends if isinstance(k, str) and aliases.get(k.lower()) == channel]
+
+    tcp, udp = named("tcp"), named("udp")
+    for key in tcp or ([] if udp else ["TCP"]):
         current = backends.get(key) or {}
         if not isinstance(current, dict):
             raise ConfigError(f"config: backends.{key} must be an object")
         backends[key] = {**current, "enabled": True, "host": host, "port": port}
+    for key in udp:
+        current = backends.get(key) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"config: backends.{key} must be an object")
+        backends[key] = {**current, "host": host, "port": port}
     security = merged.setdefault("security", {})
     if not isinstance(security, dict):
         raise ConfigError("config: security must be an object")

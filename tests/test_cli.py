@@ -391,3 +391,37 @@ def test_run_behind_simulated_nat_reports_pairs(
     assert found is not None, summary
     direct, relayed = int(found[1]), int(found[2])
     assert (direct > 0, relayed > 0) == (how == "direct", how == "relayed")
+
+
+def test_merge_config_fills_udp_and_runs_udp_alone_when_only_udp_is_named() -> None:
+    merged = merge_config({"backends": {"UDP": {"mtu": 1400}}}, "127.0.0.1", 5, "s")
+    assert merged["backends"] == {"UDP": {"mtu": 1400, "host": "127.0.0.1", "port": 5}}
+    both = merge_config({"backends": {"UDP": {}, "Direct": {}}}, "127.0.0.1", 5, "s")
+    assert both["backends"]["Direct"] == {"enabled": True, "host": "127.0.0.1", "port": 5}
+    assert both["backends"]["UDP"] == {"host": "127.0.0.1", "port": 5}
+
+
+@pytest.mark.parametrize(("nat", "how"), [("port-restricted", "direct"), ("symmetric", "relayed")])
+def test_run_over_udp_behind_simulated_nat(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nat: str, how: str
+) -> None:
+    config = tmp_path / "udp.json"
+    config.write_text(json.dumps({"backends": {"UDP": {"punch_timeout": 0.5}}}))
+    peer = script(
+        tmp_path,
+        """
+        import fmi_async as fmi
+
+        async def main(comm):
+            total = await comm.allreduce(comm.peer_id + 1)
+            udp = comm.stats()["channels"]["udp"]
+            print("total", total, sorted(set(udp["pairs"].values())), udp["messages_sent"] > 0)
+
+        fmi.run(main)
+        """,
+    )
+    argv = ["run", "-n", "3", "--nat", nat, "--config", str(config), "--timeout", "60", peer]
+    assert main(argv) == 0
+    out, _ = capsys.readouterr()
+    lines = sorted(line.partition("] ")[2] for line in out.splitlines())
+    assert lines == [f"total 6 ['{how}'] True"] * 3

@@ -135,17 +135,22 @@ PEER = textwrap.dedent(
     import fmi_async as fmi
 
     async def main():
-        peer, n, run_id, host, port, secret = sys.argv[1:7]
+        peer, n, run_id, host, port, secret, channel, lan_address = sys.argv[1:9]
+        options = {"host": host, "port": int(port), "punch_timeout": 1.0, "connect_timeout": 3.0}
+        if channel == "tcp":
+            backends = {"TCP": {**options, "bind": "0.0.0.0"}}
+        else:  # its own LAN address, so that peers behind the same NAT find each other
+            backends = {"UDP": {**options, "bind": lan_address}}
         config = fmi.Config.from_dict({
-            "backends": {"TCP": {"host": host, "port": int(port), "bind": "0.0.0.0",
-                                 "punch_timeout": 1.0, "connect_timeout": 3.0}},
-            "security": {"secret": secret}, "timeout": 20.0,
+            "backends": backends, "security": {"secret": secret}, "timeout": 20.0,
         })
         comm = fmi.Communicator(int(peer), int(n), config, run_id=run_id)
         async with comm:
             total = await comm.allreduce(int(peer) + 1)
             total = await comm.allreduce(total)  # a second round over the same pairs
-            pairs = comm.stats()["channels"]["tcp"]["pairs"]
+            stats = comm.stats()["channels"][channel]
+            assert stats["messages_sent"] > 0, stats
+            pairs = stats["pairs"]
         print(json.dumps({"peer": int(peer), "total": total, "pairs": pairs}), flush=True)
 
     asyncio.run(main())
@@ -164,7 +169,7 @@ def netns_ready() -> Iterator[None]:
     cleanup_leftovers()
 
 
-def run_job(ns: dict[str, str], tmp: Path) -> list[dict[str, object]]:
+def run_job(ns: dict[str, str], tmp: Path, channel: str = "tcp") -> list[dict[str, object]]:
     secret = uuid.uuid4().hex
     (tmp / "secret").write_text(secret)
     (tmp / "peer.py").write_text(PEER)
@@ -173,7 +178,10 @@ def run_job(ns: dict[str, str], tmp: Path) -> list[dict[str, object]]:
     server = subprocess.Popen(
         [
             *("ip", "netns", "exec", ns["pub"], sys.executable, "-m", "fmi_async.cli"),
-            *("rendezvous", "--host", "0.0.0.0", "--port", str(PORT)),
+            # Its one public address, not 0.0.0.0: the public namespace has an
+            # address per segment, and a wildcard-bound UDP socket answers from
+            # the outgoing route's address, which the peer's NAT does not let in.
+            *("rendezvous", "--host", SERVER, "--port", str(PORT)),
             *("--secret-file", str(tmp / "secret")),
         ],
         stdout=subprocess.PIPE,
@@ -189,7 +197,8 @@ def run_job(ns: dict[str, str], tmp: Path) -> list[dict[str, object]]:
         run_id = uuid.uuid4().hex[:12]
         for i in range(4):
             lan = ns["lan1"] if i < 2 else ns["lan2"]
-            argv = [str(i), "4", run_id, SERVER, str(PORT), secret]
+            lan_address = "10.1.0.2" if i < 2 else "10.2.0.2"
+            argv = [str(i), "4", run_id, SERVER, str(PORT), secret, channel, lan_address]
             peers.append(
                 subprocess.Popen(
                     ["ip", "netns", "exec", lan, sys.executable, str(tmp / "peer.py"), *argv],
@@ -216,17 +225,18 @@ def run_job(ns: dict[str, str], tmp: Path) -> list[dict[str, object]]:
                     stream.close()
 
 
+@pytest.mark.parametrize("channel", ["tcp", "udp"])
 @pytest.mark.parametrize(
     ("random_ports", "across"), [(False, "direct"), (True, "relayed")], ids=["preserving", "random"]
 )
 def test_allreduce_across_kernel_nat(
-    netns_ready: None, tmp_path: Path, random_ports: bool, across: str
+    netns_ready: None, tmp_path: Path, random_ports: bool, across: str, channel: str
 ) -> None:
-    tag = f"{os.getpid() % 10000}{'r' if random_ports else 'p'}"
+    tag = f"{os.getpid() % 10000}{'r' if random_ports else 'p'}{channel[0]}"
     ns: dict[str, str] = {}
     try:
         ns = build(tag, random_ports)
-        results = run_job(ns, tmp_path)
+        results = run_job(ns, tmp_path, channel)
     finally:
         destroy(ns or {r: f"{PREFIX}{tag}-{r}" for r in ("pub", "nat1", "nat2", "lan1", "lan2")})
     assert sorted(r["peer"] for r in results) == [0, 1, 2, 3]  # type: ignore[type-var]

@@ -569,8 +569,8 @@ class FrameReader:
     def _parse(self) -> None:
         while not self._direct:
             if self._prefix is None:
-                if self._parse_small():
-                    continue
+                while self._parse_small():
+                    pass
                 if self._avail() < PREFIX.size:
                     return
                 self._parse_prefix()

@@ -41,6 +41,7 @@ __all__ = [
     "Limits",
     "Payload",
     "FrameReader",
+    "BufferRecycler",
     "dumps",
     "loads",
     "encode_frame",
@@ -116,9 +117,12 @@ class Payload:
             return len(self.header)
         return len(self.header) + sum(_buflen(b) for b in self.buffers)
 
-    def copy(self) -> Payload:
-        """A payload that owns its memory (the sender may reuse its arrays)."""
-        return Payload(self.header, tuple(bytearray(b) for b in self.buffers), self.serializer)
+    def copy(self, recycler: BufferRecycler | None = None) -> Payload:
+        """A payload that owns its memory (the sender may reuse its arrays);
+        large buffers are copied into ``recycler``'s memory when one is given."""
+        if recycler is None:
+            return Payload(self.header, tuple(bytearray(b) for b in self.buffers), self.serializer)
+        return Payload(self.header, tuple(recycler.copy(b) for b in self.buffers), self.serializer)
 
 
 def _buflen(buf: Buffer) -> int:
@@ -440,7 +444,7 @@ _OWN_REFERENCES: Final = 3
 _COUNTS_REFERENCES: Final = sys.implementation.name == "cpython"  # exact counts, no tracing GC
 
 
-class _Recycler:
+class BufferRecycler:
     """Reuses the memory of large received buffers that nobody holds any more.
 
     Receiving into new memory costs a page fault per page on first touch,
@@ -452,7 +456,9 @@ class _Recycler:
     user can reach still uses that memory.
     """
 
-    def __init__(self, slots: int, smallest: int, largest: int) -> None:
+    def __init__(
+        self, slots: int = 2, smallest: int = 1024 * 1024, largest: int = 128 * 1024 * 1024
+    ) -> None:
         self._slots = slots
         self._smallest = smallest
         self._largest = largest
@@ -474,6 +480,15 @@ class _Recycler:
             del self._pool[0]  # the least recently used goes back to the allocator
         return arr.data.cast("B")
 
+    def copy(self, buf: Buffer) -> Buffer:
+        """A copy of ``buf`` in memory of this recycler (a bytearray when small)."""
+        view = _flat(buf)
+        if view.nbytes < self._smallest:
+            return bytearray(view)
+        out = self.allocate(view.nbytes)
+        out[:] = view
+        return out
+
 
 class FrameReader:
     """Incremental parser of framed messages, written for ``BufferedProtocol``.
@@ -492,7 +507,7 @@ class FrameReader:
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._limits = limits
-        self._recycler = _Recycler(self.RECYCLE_SLOTS, self.RECYCLE_MIN, self.RECYCLE_MAX)
+        self._recycler = BufferRecycler(self.RECYCLE_SLOTS, self.RECYCLE_MIN, self.RECYCLE_MAX)
         self._staging = bytearray(self._STAGING)
         self._r = 0  # read position in staging
         self._w = 0  # write position in staging

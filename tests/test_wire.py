@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 from fmi_async.errors import ProtocolError, SerializationError
 from fmi_async.wire import (
     PREFIX,
+    BufferRecycler,
     FrameReader,
     Limits,
     Payload,
@@ -249,3 +250,18 @@ def test_small_and_huge_receive_buffers_are_not_kept() -> None:
     assert np.array_equal(again, small)  # type: ignore[arg-type]
     assert reader._recycler._pool == []  # nothing below the size threshold is pooled
     assert address
+
+
+def test_payload_copy_into_recycled_memory_is_independent_of_the_sender() -> None:
+    recycler = BufferRecycler()
+    arr = np.arange(FrameReader.RECYCLE_MIN // 8, dtype=np.float64)
+    first = loads(dumps(arr).copy(recycler))
+    arr += 1.0  # the sender reuses its array: the copy must not change
+    assert np.array_equal(first, arr - 1.0)  # type: ignore[operator]
+    second = loads(dumps(arr).copy(recycler))
+    assert _address(first) != _address(second)  # type: ignore[arg-type]  # first still held
+    address = _address(first)  # type: ignore[arg-type]
+    del first
+    third = loads(dumps(arr * 2).copy(recycler))
+    assert _address(third) == address  # type: ignore[arg-type]  # released memory is reused
+    assert np.array_equal(third, arr * 2) and np.array_equal(second, arr)  # type: ignore[arg-type]

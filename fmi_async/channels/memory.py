@@ -14,7 +14,7 @@ import time
 
 from ..config import Config
 from ..errors import ArgumentError, ClosedError
-from ..wire import Key, Payload
+from ..wire import BufferRecycler, Key, Payload
 from .base import Channel, Mailbox
 
 __all__ = ["MemoryChannel", "MemoryHub"]
@@ -56,6 +56,7 @@ class MemoryChannel(Channel):
         self.hub = hub
         self.latency = float(self.options.get("latency", 0.0))
         self.bandwidth = float(self.options.get("bandwidth", 0.0))
+        self._recyclers: dict[int, BufferRecycler] = {}
 
     async def open(self) -> None:
         self.hub.mailboxes[self.peer_id] = self.mailbox
@@ -71,7 +72,10 @@ class MemoryChannel(Channel):
         box = self.hub.mailboxes.get(dst)
         if box is None:
             raise ClosedError(f"peer {dst} is not open on the memory channel")
-        owned = payload.copy()
+        recycler = self._recyclers.get(dst)
+        if recycler is None:
+            recycler = self._recyclers[dst] = BufferRecycler()
+        owned = payload.copy(recycler)  # large buffers land in memory already paged in
         delay = self.latency + (payload.nbytes / self.bandwidth if self.bandwidth else 0.0)
         if delay:
             await asyncio.sleep(delay)

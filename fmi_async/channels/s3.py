@@ -247,6 +247,12 @@ class S3Channel(MediatedChannel):
             except ClientError as exc:
                 if error_code(exc) in _MISSING | _CHANGED:
                     return None
+                if error_code(exc) == "InvalidRange" and start == 0:
+                    # No byte 0: the object is empty.  We never store an empty
+                    # object, so this is one not written completely yet (an
+                    # S3-compatible server that lists a key before its body is
+                    # in); poll again, as for a missing one.
+                    return None
                 raise
             async with reply["Body"] as body:
                 reply["Data"] = await body.read()

@@ -89,6 +89,46 @@ async def test_punch_through_port_restricted_nat_and_encapsulation() -> None:
         assert data == b"\x75 through" and src == pub_a  # the true source, unwrapped
 
 
+async def test_own_send_woken_with_the_invite_joins_the_invited_pairing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both peers behind NAT send to each other at the same moment.
+
+    Peer 1's first send (its lookup answered) is woken in the same loop turn
+    as the server's invite arrives, ahead of the task the invite starts.  It
+    must wait for that pairing: a second pairing from the same side is
+    answered by no one (the server answers a side's latest join), so the send
+    would hang until its timeout.
+    """
+    async with RendezvousServer(SECRET) as srv, peers(srv, 2, nat="port-restricted") as ps:
+        run = uuid.uuid4().hex[:8]
+        (a, ta, _), (b, tb, _) = ps
+        pub_a = await a.publish_udp("W/udp", run, 0, ta)
+        pub_b = await b.publish_udp("W/udp", run, 1, tb)
+        lookup_answered = asyncio.get_running_loop().create_future()
+        handle = b.handle_datagram
+
+        def invite_and_lookup_together(data: bytes, addr: Address) -> bool:
+            # The first datagram after publishing is the invite; the sender is
+            # woken first, so it runs before the task the invite spawns.
+            if not lookup_answered.done():
+                lookup_answered.set_result(None)
+            return handle(data, addr)
+
+        monkeypatch.setattr(b, "handle_datagram", invite_and_lookup_together)
+
+        async def b_sends() -> Address | None:
+            await lookup_answered
+            return await b.punch_udp("W/udp", run, 1, 0, tb, 3.0)
+
+        b_send = asyncio.create_task(b_sends())
+        await asyncio.sleep(0)
+        got_a, got_b = await asyncio.wait_for(
+            asyncio.gather(a.punch_udp("W/udp", run, 0, 1, ta, 3.0), b_send), 5.0
+        )
+        assert got_a == pub_b and got_b == pub_a
+
+
 async def test_symmetric_nats_get_the_relay_verdict() -> None:
     async with (
         RendezvousServer(SECRET) as srv,

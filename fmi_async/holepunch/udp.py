@@ -231,7 +231,7 @@ class UDPHolePuncher:
         if running is not None:  # invited, or punching already
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(running.done)
-        return await self._punch(comm, run_id, peer, dst, timeout)
+        return await self._punch(self._claim(comm, run_id, peer, dst), timeout)
 
     def handle_datagram(self, data: bytes, addr: Address) -> bool:
         """Take a datagram whose first byte is 0xF0-0xFF; False if it is not ours."""
@@ -379,20 +379,32 @@ class UDPHolePuncher:
         if (comm, run_id, other) in self._punches or (comm, run_id, other) in self._results:
             return
         logger.debug("peer %d: invited to punch udp with peer %d", me, other)
-        self._spawn(self._punch(comm, run_id, me, other, self.timeout))
+        # Claimed now, not when the task first runs: a send to ``other`` in
+        # between must wait for this pairing rather than start a second one.
+        self._spawn(self._punch(self._claim(comm, run_id, me, other), self.timeout))
 
-    async def _punch(
-        self, comm: str, run_id: str, me: int, other: int, timeout: float
-    ) -> Address | None:
-        slot = (comm, run_id, other)
+    def _claim(self, comm: str, run_id: str, me: int, other: int) -> _Punch:
+        """Register the pairing with ``other`` before anything awaits.
+
+        One side must run one pairing per peer: the server keeps one side per
+        peer and answers only its latest join, so a second pairing started by
+        the same side would wait for an answer that never comes, and its
+        retried joins would reopen a pairing the other side has finished.
+        """
         lo, hi = min(me, other), max(me, other)
         key: PairKey = (comm, run_id, "udp", lo, hi)
         punch = _Punch(key, me, other)
-        self._punches[slot] = punch
+        self._punches[(comm, run_id, other)] = punch
+        return punch
+
+    async def _punch(self, punch: _Punch, timeout: float) -> Address | None:
+        comm, run_id, _, lo, hi = punch.key
+        me, other = punch.me, punch.other
+        slot = (comm, run_id, other)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        rid = next(self._ids)
         try:
-            rid = next(self._ids)
             local = _local(self._transport) if self.udp_gateway is None else ("0.0.0.0", 0)
             join = p.Join(comm, run_id, me, lo, hi, "udp", local, timeout, id=rid)
             answer = await self._ask(
@@ -427,7 +439,8 @@ class UDPHolePuncher:
                 punch.done.exception()  # retrieved: a waiter may never come
             raise
         finally:
-            self._punches.pop(slot, None)
+            if self._punches.get(slot) is punch:
+                del self._punches[slot]
             self._replies.pop(rid, None)
 
     async def _probe_until_heard(

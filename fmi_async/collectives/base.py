@@ -17,6 +17,7 @@ naming both, instead of silently mixing data or hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -125,8 +126,16 @@ class CollectiveContext:
 
     async def sendrecv(self, dst: int, value: Any, src: int, step: Step) -> Any:
         """Send to ``dst`` and receive from ``src`` concurrently (an exchange)."""
-        _, got = await asyncio.gather(self.send(dst, step, value), self.recv(src, step))
-        return got
+        # The receive waits in a task, the send runs in the caller's: one task per exchange.
+        receive = asyncio.ensure_future(self.recv(src, step))
+        try:
+            await self.send(dst, step, value)
+        except BaseException:
+            receive.cancel()
+            with contextlib.suppress(BaseException):
+                await receive
+            raise
+        return await receive
 
     # -- storage (mediated channels) ------------------------------------------
 

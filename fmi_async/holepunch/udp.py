@@ -520,6 +520,12 @@ class _Router:
         else:
             self.out.sendto(data, addr)
 
+    def is_closing(self) -> bool:
+        """Whether the transport underneath is closing (wrappers that delay
+        datagrams ask before sending late)."""
+        closing = getattr(self.out, "is_closing", None)
+        return bool(closing()) if closing is not None else False
+
 
 def _mac(
     secret: bytes | None, kind: int, comm: str, run_id: str, src: int, dst: int, nonce: bytes

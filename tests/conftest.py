@@ -48,8 +48,10 @@ GroupFactory = Callable[..., AbstractAsyncContextManager[list[fmi.Communicator]]
 
 
 @asynccontextmanager
-async def tcp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
-    """n communicators over the TCP channel, found through a rendezvous server."""
+async def _rendezvous_group(
+    backend: str, n: int, loop_errors: tuple[str, ...] | None, **kwargs: Any
+) -> AsyncIterator[list[fmi.Communicator]]:
+    """n communicators over ``backend``, found through a rendezvous server."""
     from fmi_async.holepunch.server import RendezvousServer
 
     server = RendezvousServer(secret=b"test-secret")
@@ -57,43 +59,30 @@ async def tcp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicato
     host, port = server.address[:2]
     config = fmi.Config.from_dict(
         {
-            "backends": {"TCP": {"enabled": True, "host": host, "port": port}},
+            "backends": {backend: {"enabled": True, "host": host, "port": port}},
             "security": {"secret": "test-secret"},
         }
     )
     run_id = uuid.uuid4().hex[:12]
     comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]
-    try:
-        await asyncio.gather(*(c.open() for c in comms))
-        yield comms
-    finally:
-        await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
-        await server.close()
-
-
-@asynccontextmanager
-async def udp_group(n: int, **kwargs: Any) -> AsyncIterator[list[fmi.Communicator]]:
-    """n communicators over the UDP channel, found through a rendezvous server."""
-    from fmi_async.holepunch.server import RendezvousServer
-
-    server = RendezvousServer(secret=b"test-secret")
-    await server.start("127.0.0.1", 0)
-    host, port = server.address[:2]
-    config = fmi.Config.from_dict(
-        {
-            "backends": {"UDP": {"enabled": True, "host": host, "port": port}},
-            "security": {"secret": "test-secret"},
-        }
-    )
-    run_id = uuid.uuid4().hex[:12]
-    comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]
-    async with _loop_errors_fail(_UDP_MODULES):
+    watch = _loop_errors_fail(loop_errors) if loop_errors else contextlib.nullcontext()
+    async with watch:
         try:
             await asyncio.gather(*(c.open() for c in comms))
             yield comms
         finally:
             await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
             await server.close()
+
+
+def tcp_group(n: int, **kwargs: Any) -> AbstractAsyncContextManager[list[fmi.Communicator]]:
+    """n communicators over the TCP channel, found through a rendezvous server."""
+    return _rendezvous_group("TCP", n, None, **kwargs)
+
+
+def udp_group(n: int, **kwargs: Any) -> AbstractAsyncContextManager[list[fmi.Communicator]]:
+    """n communicators over the UDP channel, found through a rendezvous server."""
+    return _rendezvous_group("UDP", n, _UDP_MODULES, **kwargs)
 
 
 @asynccontextmanager

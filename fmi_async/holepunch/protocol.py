@@ -30,8 +30,9 @@ NAT traversal (see ``docs/holepunching.md``):
   ``(comm, run_id, transport, initiator, responder)``.
 * ``endpoint`` (public, local): the endpoint the server *observed* for this
   join (the NAT's mapping) and the local one the peer reported.
-* ``peer_endpoint`` (peer, public, local, nonce): the other side's endpoints
-  and a per-pairing nonce both sides share.
+* ``peer_endpoint`` (peer, public, local, nonce, relay): the other side's
+  endpoints and a per-pairing nonce both sides share; ``relay`` true when the
+  server already decided ``relay`` for the pair (no punching, no ``result``).
 * ``invite``   (comm, run_id, initiator, responder, transport): pushed on a
   responder's control connection so it joins a pairing it did not ask for.
 * ``result``   (comm, run_id, peer, initiator, responder, transport, ok,
@@ -506,7 +507,10 @@ class PeerEndpoint(Message):
     """Both sides joined: the other side's observed and local endpoints.
 
     ``nonce`` is drawn by the server per pairing and sent to both, so UDP
-    punch probes of one pairing cannot be replayed in another.
+    punch probes of one pairing cannot be replayed in another.  ``relay``
+    (TCP only) says the server already decided ``relay`` for this pairing,
+    because it decided so for the same two peers a short while ago: both
+    sides skip punching and open the relay at once.
     """
 
     TYPE: ClassVar[str] = "peer_endpoint"
@@ -515,6 +519,7 @@ class PeerEndpoint(Message):
     local: Address
     nonce: bytes
     id: int | None = None
+    relay: bool = False
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -523,6 +528,7 @@ class PeerEndpoint(Message):
             "local": list(self.local),
             "nonce": self.nonce,
             "id": self.id,
+            "relay": self.relay,
         }
 
     @classmethod
@@ -533,6 +539,7 @@ class PeerEndpoint(Message):
             _addr(body, "local"),
             _nonce(body),
             _opt_uint(body, "id"),
+            False if body.get("relay") is None else _bool(body, "relay"),
         )
 
 

@@ -23,6 +23,7 @@ from fmi_async.holepunch.pairing import PairingTable
 from fmi_async.holepunch.punch import Membership, _relay, authenticate, pair_tcp
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.wire import dumps, encode_frame, loads
+from tests.conftest import nat_tcp_group
 
 SECRET = "punch-secret"
 
@@ -102,6 +103,65 @@ def test_pairing_table_expiry_silence_and_bounds() -> None:
     # A decided pairing joined again starts afresh.
     again = table.join(key, 0, ("h", 9), ("l", 9), now=28.0)
     assert again is not None and again.outcome is None and list(again.sides) == [0]
+
+
+def test_pairing_table_reuses_a_tcp_relay_verdict_for_the_same_two_peers() -> None:
+    table = PairingTable(
+        join_timeout=10.0, result_timeout=5.0, keep=30.0, relay_memory=100.0, max_pairings=4
+    )
+    forth, back = ("c", "r", "tcp", 0, 1), ("c", "r", "tcp", 1, 0)
+    table.join(forth, 0, ("h", 1), ("l", 1), now=0.0)
+    table.join(forth, 1, ("h", 2), ("l", 2), now=0.0)
+    table.report(forth, 0, False, now=1.0)
+    assert table.report(forth, 1, False, now=1.0) == "relay"
+    assert table.remembered_relay("c", "r", 1, 0, now=1.0)
+
+    # The other direction: relay once both joined, before anyone punched.
+    first = table.join(back, 1, ("h", 3), ("l", 3), now=2.0)
+    assert first is not None and first.outcome is None  # one side alone learns nothing
+    second = table.join(back, 0, ("h", 4), ("l", 4), now=2.0)
+    assert second is first and first.reused and first.outcome == "relay"
+    assert table.report(back, 1, True, now=2.5) == "relay"  # a late report changes nothing
+    assert table.relay_allowed("c", "r", 1, 0, now=2.5) and table.reused == 1
+
+    # Other runs and UDP pairings of the same peers are not affected.
+    udp = ("c", "r", "udp", 1, 0)
+    table.join(udp, 1, ("h", 5), ("l", 5), now=3.0)
+    assert (pairing := table.join(udp, 0, ("h", 6), ("l", 6), now=3.0)) is not None
+    assert pairing.outcome is None and not pairing.reused
+    assert not table.remembered_relay("c", "other-run", 0, 1, now=3.0)
+
+    # Reused verdicts do not extend the memory; it ends after relay_memory.
+    assert table.remembered_relay("c", "r", 0, 1, now=100.9)  # decided at 1.0
+    assert not table.remembered_relay("c", "r", 0, 1, now=101.0)
+    table.expire(now=101.0)
+    table.join(forth, 0, ("h", 7), ("l", 7), now=101.0)
+    again = table.join(forth, 1, ("h", 8), ("l", 8), now=101.0)
+    assert again is not None and again.outcome is None  # punches afresh
+
+    # A direct verdict is never reused.
+    table2 = PairingTable(join_timeout=10.0, result_timeout=5.0, keep=30.0, max_pairings=2)
+    table2.join(forth, 0, ("h", 1), ("l", 1), now=0.0)
+    table2.join(forth, 1, ("h", 2), ("l", 2), now=0.0)
+    table2.report(forth, 0, True, now=1.0)
+    assert table2.report(forth, 1, True, now=1.0) == "direct"
+    table2.join(back, 1, ("h", 3), ("l", 3), now=2.0)
+    direct = table2.join(back, 0, ("h", 4), ("l", 4), now=2.0)
+    assert direct is not None and direct.outcome is None and not direct.reused
+
+
+def test_pairing_table_bounds_remembered_relays() -> None:
+    table = PairingTable(
+        join_timeout=10.0, result_timeout=5.0, keep=1.0, relay_memory=100.0, max_pairings=2
+    )
+    for now, (a, b) in zip((0.0, 10.0, 20.0), ((0, 1), (2, 3), (4, 5)), strict=True):
+        key = ("c", "r", "tcp", a, b)
+        table.join(key, a, ("h", 1), ("l", 1), now=now)
+        table.join(key, b, ("h", 2), ("l", 2), now=now)
+        table.decide(key, "relay", now=now)
+    assert not table.remembered_relay("c", "r", 0, 1, now=21.0)  # the oldest was dropped
+    assert table.remembered_relay("c", "r", 2, 3, now=21.0)
+    assert table.remembered_relay("c", "r", 5, 4, now=21.0)
 
 
 # ---------------------------------------------------------------- pairing over sockets
@@ -287,6 +347,46 @@ async def test_symmetric_against_port_restricted_falls_back_to_relay() -> None:
             assert sym.dropped + cone.dropped > 0  # the punches were really filtered
         finally:
             await asyncio.gather(a.close(), b.close())
+
+
+async def test_reverse_direction_of_a_relayed_pair_is_relayed_without_punching() -> None:
+    """Both sides behind symmetric NATs: the second direction does not wait punch_timeout."""
+    async with (
+        RendezvousServer(SECRET.encode()) as srv,
+        NATBox("symmetric") as nat_a,
+        NATBox("symmetric") as nat_b,
+    ):
+        run_id = uuid.uuid4().hex[:12]
+        opts = {"punch_timeout": 1.0}
+        a = TCPChannel(0, 2, "W", run_id, config(srv, nat=nat_a.options(), **opts), Mailbox(0))
+        b = TCPChannel(1, 2, "W", run_id, config(srv, nat=nat_b.options(), **opts), Mailbox(1))
+        await asyncio.gather(a.open(), b.open())
+        try:
+            start = time.perf_counter()
+            await send(a, 1, "forth")
+            assert await recv(b, 0) == "forth"
+            first = time.perf_counter() - start
+            assert first >= 1.0  # punched for punch_timeout, then relayed
+            start = time.perf_counter()
+            await send(b, 0, "back")
+            assert await recv(a, 1) == "back"
+            second = time.perf_counter() - start
+            assert second < 0.5, f"the reverse direction took {second:.3f}s"
+            assert srv.pairings.reused == 1
+            assert a.stats.pairs == {1: "relayed"} and b.stats.pairs == {0: "relayed"}
+        finally:
+            await asyncio.gather(a.close(), b.close())
+
+
+async def test_relayed_pair_reports_relayed_on_both_sides_in_comm_stats() -> None:
+    async with nat_tcp_group("symmetric", punch_timeout=1.0)(2, timeout=20.0) as comms:
+        await asyncio.wait_for(asyncio.gather(comms[0].send(b"x", 1), comms[1].recv(0)), 10.0)
+        start = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(comms[1].send(b"y", 0), comms[0].recv(1)), 10.0)
+        assert time.perf_counter() - start < 0.5  # no second punch_timeout
+        for comm in comms:
+            pairs = comm.stats()["channels"]["tcp"]["pairs"]
+            assert pairs == {1 - comm.peer_id: "relayed"}
 
 
 async def test_full_cone_against_symmetric_punches() -> None:

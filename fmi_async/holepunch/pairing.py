@@ -9,9 +9,19 @@ outcome, so the two sides can never disagree about how their traffic flows
 (FMI's TCPunch has no such step: one side may believe in a connection the
 other gave up on).
 
+A TCP pair is one connection per direction, so two peers that cannot punch
+would pair (and wait for the punch deadline) twice.  A ``relay`` verdict for
+TCP is therefore remembered per *unordered* pair for ``relay_memory``
+seconds: a later TCP pairing of the same two peers in the same communicator
+and run is decided ``relay`` the moment its second side joins, and both sides
+learn it together, before anyone punches.  ``direct`` verdicts are not
+reused (each direction punches its own connection), nor are UDP ones (a UDP
+pair is paired once anyway).
+
 Everything is bounded: the number of open pairings, how long a pairing waits
 for its second side (``join_timeout``), how long a decided one is remembered
-(``keep``), and how long a ``relay`` verdict allows opening a relay.
+(``keep``), how long a ``relay`` verdict allows opening a relay, and how many
+remembered relay verdicts are kept (``max_pairings``, oldest dropped first).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ __all__ = ["PairKey", "Side", "Pairing", "PairingTable"]
 logger = logging.getLogger(__name__)
 
 PairKey = tuple[str, str, str, int, int]  # comm, run_id, transport, initiator, responder
+PeerPair = tuple[str, str, int, int]  # comm, run_id, lower peer, higher peer
 
 
 @dataclass
@@ -49,6 +60,7 @@ class Pairing:
     sides: dict[int, Side] = field(default_factory=dict)
     outcome: p.Outcome | None = None
     reported_at: float | None = None
+    reused: bool = False  # decided from a remembered relay verdict, nobody punched
     extra: Any = None  # the server's wake-up events; opaque here
 
     def __repr__(self) -> str:
@@ -72,15 +84,20 @@ class PairingTable:
         join_timeout: float = 60.0,
         result_timeout: float = 30.0,
         keep: float = 60.0,
+        relay_memory: float = 600.0,
         max_pairings: int = 10_000,
     ) -> None:
         self.join_timeout = join_timeout
         self.result_timeout = result_timeout
         self.keep = keep
+        self.relay_memory = relay_memory
         self.max_pairings = max_pairings
         self._pairings: OrderedDict[PairKey, Pairing] = OrderedDict()
         self._relays: OrderedDict[tuple[str, str, int, int], float] = OrderedDict()
+        # TCP relay verdicts per unordered pair, until when; oldest first
+        self._remembered: OrderedDict[PeerPair, float] = OrderedDict()
         self.decided: Counter[str] = Counter()  # outcomes so far, for summaries
+        self.reused = 0  # pairings decided from a remembered relay verdict
 
     def __len__(self) -> int:
         return len(self._pairings)
@@ -105,7 +122,17 @@ class PairingTable:
             if until > now:
                 break
             del self._relays[rkey]
+        while self._remembered:
+            pair, until = next(iter(self._remembered.items()))
+            if until > now:
+                break
+            del self._remembered[pair]
         return dropped
+
+    def remembered_relay(self, comm: str, run_id: str, a: int, b: int, now: float) -> bool:
+        """Whether a TCP pairing of peers ``a`` and ``b`` (either way) was relayed lately."""
+        until = self._remembered.get(_peer_pair(comm, run_id, a, b))
+        return until is not None and until > now
 
     def join(
         self,
@@ -148,6 +175,16 @@ class PairingTable:
         pairing.sides[peer] = Side(observed, local, request_id)
         if pairing.complete:
             pairing.expires = max(pairing.expires, now + self.result_timeout + self.keep)
+            comm, run_id, transport, initiator, responder = key
+            if (
+                pairing.outcome is None
+                and transport == "tcp"
+                and self.remembered_relay(comm, run_id, initiator, responder, now)
+            ):
+                # Both sides are in: they hear the verdict together, nobody punches.
+                pairing.reused = True
+                self.reused += 1
+                self.decide(key, "relay", now)
         return pairing
 
     def report(self, key: PairKey, peer: int, ok: bool, now: float) -> p.Outcome | None:
@@ -178,7 +215,15 @@ class PairingTable:
                 self._relays.move_to_end((comm, run_id, initiator, responder))
                 while len(self._relays) > self.max_pairings:
                     self._relays.popitem(last=False)
-            logger.debug("pairing %s/%s %s %d->%d: %s", *key, outcome)
+                if key[2] == "tcp" and not pairing.reused:
+                    # Only a verdict from real punching starts (or restarts) the memory.
+                    pair = _peer_pair(comm, run_id, initiator, responder)
+                    self._remembered[pair] = now + self.relay_memory
+                    self._remembered.move_to_end(pair)
+                    while len(self._remembered) > self.max_pairings:
+                        self._remembered.popitem(last=False)
+            again = " (remembered for this pair)" if pairing.reused else ""
+            logger.debug("pairing %s/%s %s %d->%d: %s%s", *key, outcome, again)
         return pairing.outcome
 
     def overdue(self, key: PairKey, now: float) -> bool:
@@ -196,3 +241,7 @@ class PairingTable:
     ) -> bool:
         until = self._relays.get((comm, run_id, initiator, responder))
         return until is not None and until > now
+
+
+def _peer_pair(comm: str, run_id: str, a: int, b: int) -> PeerPair:
+    return (comm, run_id, min(a, b), max(a, b))

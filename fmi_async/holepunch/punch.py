@@ -23,7 +23,9 @@ invited it).  The steps, each with a deadline:
    connection that passes, so both sides end up with the same one.
 4. **Arbitrate.**  Each side reports whether it got a committed connection;
    the server answers ``direct`` only if both did, otherwise ``relay``, and
-   both get the same verdict.
+   both get the same verdict.  When the server relayed the same two peers
+   (either direction) lately, it says so in ``peer_endpoint`` to both, and
+   steps 2 to 4 are skipped.
 5. **Relay** (if so decided): both open a connection to the server, which
    splices them; the membership handshake runs end to end over it.
 
@@ -278,41 +280,48 @@ async def pair_tcp(
         if answer.local != answer.public:
             candidates.append(answer.local)  # same private network: no NAT in between
         logger.debug(
-            "peer %d: pairing %d->%d, we are %s:%d (local %s:%d), peer %d at %s",
+            "peer %d: pairing %d->%d, we are %s:%d (local %s:%d), peer %d at %s%s",
             me, initiator, responder, *report.public, *local, other, candidates,
+            "; the server relays this pair already" if answer.relay else "",
         )  # fmt: skip
-        winner = await _punch(
-            net,
-            listener,
-            local[1],
-            candidates,
-            member,
-            me,
-            other,
-            committer,
-            loop.time() + punch_timeout,
-            step_timeout,
-        )
-        listener.close()
-        listener = None
-        result = p.sign(
-            p.PunchResult(
-                member.comm, member.run_id, me, initiator, responder, "tcp", winner is not None
-            ),
-            member.secret,
-        )
-        deadline = loop.time() + punch_timeout + step_timeout
-        await send_message(sock, result, deadline, where)
-        verdict = await read_message(sock, deadline, where)
-        if not isinstance(verdict, p.Verdict):
-            if winner is not None:
-                close_socket(winner, reset=True)
-            raise server_error(verdict, where, "a punch result", other, member.comm, member.run_id)
+        winner: socket.socket | None = None
+        outcome: p.Outcome = "relay"  # the server's verdict when answer.relay: no punching
+        if not answer.relay:
+            winner = await _punch(
+                net,
+                listener,
+                local[1],
+                candidates,
+                member,
+                me,
+                other,
+                committer,
+                loop.time() + punch_timeout,
+                step_timeout,
+            )
+            listener.close()
+            listener = None
+            result = p.sign(
+                p.PunchResult(
+                    member.comm, member.run_id, me, initiator, responder, "tcp", winner is not None
+                ),
+                member.secret,
+            )
+            deadline = loop.time() + punch_timeout + step_timeout
+            await send_message(sock, result, deadline, where)
+            verdict = await read_message(sock, deadline, where)
+            if not isinstance(verdict, p.Verdict):
+                if winner is not None:
+                    close_socket(winner, reset=True)
+                raise server_error(
+                    verdict, where, "a punch result", other, member.comm, member.run_id
+                )
+            outcome = verdict.outcome
     finally:
         if listener is not None:
             listener.close()
         close_socket(sock)
-    if verdict.outcome == "direct":
+    if outcome == "direct":
         assert winner is not None
         seconds = time.perf_counter() - started
         return PairResult(winner, "direct", report.public, answer.public, seconds)

@@ -10,7 +10,8 @@ For NAT traversal it pairs two peers that join the same pairing, tells each
 the endpoint it *observed* for the other (the NAT's public mapping), invites
 a responder over its control connection (the connection its register came
 on; over UDP, the endpoint it published from), arbitrates the outcome from
-both punch reports (:mod:`~fmi_async.holepunch.pairing`), and relays the
+both punch reports (:mod:`~fmi_async.holepunch.pairing`; a TCP pair
+relayed lately is told ``relay`` at once, without punching), and relays the
 pairs that cannot be punched (:mod:`~fmi_async.holepunch.relay` for TCP;
 for UDP, datagrams that start with ``0xF4`` and the pairing's nonce are
 forwarded between the pair's two observed endpoints).  UDP datagrams to the
@@ -120,6 +121,7 @@ class RendezvousServer:
         max_connections: int = 4096,
         max_pairings: int = 10_000,
         result_timeout: float = 30.0,
+        relay_memory: float = 600.0,
         relay_wait: float = 30.0,
         relay_idle_timeout: float = 3600.0,
         max_relays: int = 1024,
@@ -140,6 +142,7 @@ class RendezvousServer:
         self.pairings = PairingTable(
             join_timeout=max_lookup_timeout,
             result_timeout=result_timeout,
+            relay_memory=relay_memory,
             max_pairings=max_pairings,
         )
         self._clock = clock
@@ -433,7 +436,10 @@ class RendezvousServer:
                 msg.id,
             )
         side = pairing.sides[other]
-        return p.PeerEndpoint(other, side.observed, side.local, pairing.nonce, msg.id)
+        # A pair relayed lately is relayed again: both sides hear it here, together.
+        return p.PeerEndpoint(
+            other, side.observed, side.local, pairing.nonce, msg.id, relay=pairing.reused
+        )
 
     def _invite(self, msg: p.Join) -> None:
         invite = p.Invite(msg.comm, msg.run_id, msg.initiator, msg.responder, msg.transport)

@@ -439,14 +439,24 @@ def _write(path: Path, data: Any) -> None:
 
 
 async def run_example(args: argparse.Namespace, config: fmi.Config) -> int:
-    """8 peers, ten iterations of allreduce(1 MiB) + bcast(64 KiB), under FAST and CHEAP."""
+    """8 peers, ten iterations of allreduce(1 MiB) + bcast(64 KiB), under FAST and CHEAP.
+
+    Run once per ``requests_per_hour`` in ``--rates``: the rate decides how
+    much of an hour of infrastructure (the rendezvous VM, the Redis node) each
+    message carries, and with it whether CHEAP leaves the direct channel.
+    """
     channels = ["tcp", "redis", "s3"]
     results = await calibrate(config, channels, peers=4, budget=args.calibrate_budget)
     print(describe(results))
-    section = {n: e for n, e in {r.channel: r.model_entry() for r in results}.items()}
-    data = config.to_dict()
-    data["model"] = section
-    calibrated = fmi.Config.from_dict(data)
+    for rate in (float(r) for r in args.rates.split(",")):
+        section = {r.channel: {**r.model_entry(), "requests_per_hour": rate} for r in results}
+        data = config.to_dict()
+        data["model"] = section
+        await _example_job(fmi.Config.from_dict(data), channels, rate)
+    return 0
+
+
+async def _example_job(calibrated: fmi.Config, channels: list[str], rate: float) -> None:
     peers, iters = 8, 10
     for hint in (Hint.FAST, Hint.CHEAP):
         async with local_group(peers, calibrated, channels, timeout=300) as comms:
@@ -464,7 +474,10 @@ async def run_example(args: argparse.Namespace, config: fmi.Config) -> int:
             wall = time.perf_counter() - start
             await asyncio.gather(*(c.barrier() for c in comms))
             stats = [c.stats() for c in comms]
-        print(f"\n=== {hint.name}: {peers} peers, {iters} x (allreduce 1 MiB + bcast 64 KiB)")
+        print(
+            f"\n=== {hint.name}, requests_per_hour {rate:g}: "
+            f"{peers} peers, {iters} x (allreduce 1 MiB + bcast 64 KiB)"
+        )
         print(f"plans: {stats[0]['collectives']}")
         pred = stats[0]["predicted"]
         print(
@@ -477,7 +490,6 @@ async def run_example(args: argparse.Namespace, config: fmi.Config) -> int:
             _write(config_file, calibrated.to_dict())
             print(f"fmi cost stats.json --config calibrated.json  ({hint.name}):")
             main_cost([str(stats_file), "--config", str(config_file)])
-    return 0
 
 
 # ---------------------------------------------------------------- main
@@ -487,6 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="sizes up to 1 MiB, about 5 min")
     parser.add_argument("--example", action="store_true", help="run the docs' worked example")
+    parser.add_argument(
+        "--rates",
+        default="100000,1000",
+        help="--example: requests_per_hour values to run the job under",
+    )
     parser.add_argument("--sizes", help="comma-separated sizes (overrides --quick)")
     parser.add_argument("--peers", default="2,4,8", help="group sizes")
     parser.add_argument("--collectives", default=",".join(COLLECTIVES))

@@ -167,8 +167,11 @@ class Communicator:
             return
         if synchronize is None:
             synchronize = True
-        if synchronize and self._state == "open" and self.num_peers > 1 and any(
-            c.kind == "mediated" for c in self._channels.values()
+        if (
+            synchronize
+            and self._state == "open"
+            and self.num_peers > 1
+            and any(c.kind == "mediated" for c in self._channels.values())
         ):
             storage = next(n for n, c in self._channels.items() if c.kind == "mediated")
             try:
@@ -183,7 +186,8 @@ class Communicator:
                 logger.warning(
                     "peer %d: closing without the final barrier (%s); objects this peer "
                     "stored are deleted now and peers still reading them will time out",
-                    self.peer_id, exc,
+                    self.peer_id,
+                    exc,
                 )
         self._state = "closed"
         await self._close_channels()

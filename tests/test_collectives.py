@@ -128,6 +128,24 @@ async def test_allreduce_ring(group, size: int) -> None:
             ref = reference_fold(fmi.MAX, values) if n == 1 else want
             for r, g in enumerate(got):
                 assert_same(g, ref, f"ring n={n} rank={r}")
+        # An operator whose result has another dtype (int -> bool) is reduced out of place.
+        ints = [np.arange(2 * size + 1) % (r + 2) for r in range(size)]
+        got = await each(comms, lambda c: c.allreduce(ints[c.rank], op=fmi.LAND, algorithm="ring"))
+        for r, g in enumerate(got):
+            assert_same(g, reference_fold(fmi.LAND, ints), f"ring LAND rank={r}")
+        # 2-D inputs, contiguous or not, keep their shape, and no peer's input is written to.
+        mats = [
+            np.arange(12.0).reshape(3, 4) * (r + 1)
+            if r % 2
+            else (np.arange(12.0).reshape(4, 3) * (r + 1)).T
+            for r in range(size)
+        ]
+        before = [m.copy() for m in mats]
+        got = await each(comms, lambda c: c.allreduce(mats[c.rank], algorithm="ring"))
+        for r, g in enumerate(got):
+            assert_same(g, reference_fold(fmi.SUM, before), f"ring 2-D rank={r}")
+        for m, b in zip(mats, before, strict=True):
+            assert_same(m, b, "ring input unchanged")
         big = [np.full(70_000, r + 0.5, dtype=np.float64) for r in range(size)]  # > threshold
         got = await each(comms, lambda c: c.allreduce(big[c.rank]))
         want = np.full(70_000, sum(r + 0.5 for r in range(size)))

@@ -233,8 +233,7 @@ class UDPChannel(Channel):
         traversal = opts.get("traversal", "auto")
         if traversal not in _TRAVERSAL:
             raise ConfigError(
-                f"backends.UDP.traversal must be one of {', '.join(_TRAVERSAL)}, "
-                f"got {traversal!r}"
+                f"backends.UDP.traversal must be one of {', '.join(_TRAVERSAL)}, got {traversal!r}"
             )
         if traversal == "off":
             client = RendezvousClient(host, port, config.secret, timeout=self.connect_timeout)

@@ -155,22 +155,53 @@ async def allreduce_recursive_doubling(ctx: CollectiveContext, value: Any, op: O
 
 
 async def allreduce_ring(ctx: CollectiveContext, value: np.ndarray, op: Op) -> np.ndarray:
-    """Ring reduce-scatter + ring allgather; commutative operators only."""
+    """Ring reduce-scatter + ring allgather; commutative operators only.
+
+    The result is built in one copy of the input: chunks are views into it,
+    reduced in place where the operator's ufunc keeps the dtype, and the
+    gathered chunks are copied into place as they arrive (a channel's send
+    returns when its buffers may be reused, so no send still reads them).
+    Each received chunk is released at once, so a channel's receive buffers
+    are recycled instead of freshly faulted in at every step.
+    """
     size, rank = ctx.size, ctx.rank
     if size == 1:
         return value
-    flat = np.ascontiguousarray(value).reshape(-1)
-    chunks: list[np.ndarray] = [c.copy() for c in np.array_split(flat, size)]
+    out = np.array(value, copy=True, order="C").reshape(-1)
+    views: list[np.ndarray] = np.array_split(out, size)
+    chunks: list[np.ndarray] = list(views)
     right, left = (rank + 1) % size, (rank - 1) % size
     for s in range(size - 1):
         send_i, recv_i = (rank - s) % size, (rank - s - 1) % size
         got = await ctx.sendrecv(right, chunks[send_i], left, ("rs", s))
-        chunks[recv_i] = op(got, chunks[recv_i])
+        mine = chunks[recv_i]
+        if _reduces_in_place(op, got, mine):
+            assert op.ufunc is not None
+            op.ufunc(got, mine, out=mine)
+        else:
+            chunks[recv_i] = op(got, mine)
     for s in range(size - 1):
         send_i, recv_i = (rank + 1 - s) % size, (rank - s) % size
-        chunks[recv_i] = await ctx.sendrecv(right, chunks[send_i], left, ("ag", s))
-    out = np.concatenate(chunks) if chunks else flat
-    return out.reshape(value.shape)
+        got = await ctx.sendrecv(right, chunks[send_i], left, ("ag", s))
+        if _same_layout(got, views[recv_i]):
+            views[recv_i][...] = got
+            chunks[recv_i] = views[recv_i]
+        else:
+            chunks[recv_i] = got
+    if all(c is v for c, v in zip(chunks, views, strict=True)):
+        return out.reshape(value.shape)
+    return np.concatenate(chunks).reshape(value.shape)
+
+
+def _same_layout(a: Any, b: np.ndarray) -> bool:
+    return isinstance(a, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
+
+
+def _reduces_in_place(op: Op, got: Any, mine: np.ndarray) -> bool:
+    """Whether ``op.ufunc(got, mine, out=mine)`` equals ``op(got, mine)``."""
+    if op.ufunc is None or not _same_layout(got, mine) or mine.size == 0:
+        return False
+    return bool(op.ufunc(got[:1], mine[:1]).dtype == mine.dtype)
 
 
 async def allreduce_linear(ctx: CollectiveContext, value: Any, op: Op) -> Any:

@@ -631,7 +631,6 @@ class RendezvousServer:
         for side in pairing.sides.values():
             self._udp_send(p.Verdict(pairing.outcome, side.request_id), side.observed)
 
-
     def _udp_relay(self, data: bytes, source: p.Address) -> None:
         """Forward a relayed datagram (0xF4, nonce, payload) to the other side of its pair.
 

@@ -289,3 +289,25 @@ async def test_redis_blocking_waits_never_starve_the_writes(redis_config: Config
         assert [loads(p) for p in await asyncio.gather(*readers)] == [0, 1, 2]
     finally:
         await asyncio.gather(*(c.close() for c in chans))
+
+
+async def test_redis_inline_limit_counts_data_not_the_frame_header(redis_config: Config) -> None:
+    """An array of exactly inline_max bytes stays inline; one past the header room is chunked."""
+    from fmi_async.channels.redis import HEADER_ROOM
+
+    run = uuid.uuid4().hex[:10]
+    config = redis_config.with_backend("redis", inline_max=64 * 1024, chunk_size=256 * 1024)
+    a, b = channel("redis", config, 0, run=run), channel("redis", config, 1, run=run)
+    await asyncio.gather(a.open(), b.open())
+    raw = redis_raw(redis_config)
+    try:
+        for tag, nbytes, chunked in ((0, 64 * 1024, False), (1, 64 * 1024 + HEADER_ROOM + 1, True)):
+            data = np.arange(nbytes, dtype=np.uint8)
+            await a.send(1, ("u", tag), dumps(data))
+            keys = [k async for k in raw.scan_iter(match=a.prefix + "/data/*")]
+            assert bool(keys) is chunked, (nbytes, keys)
+            got = loads(await b.recv(0, ("u", tag), 5))
+            assert got.dtype == np.uint8 and np.array_equal(got, data)
+    finally:
+        await raw.aclose()
+        await asyncio.gather(a.close(), b.close())

@@ -11,10 +11,12 @@ in one atomic step.  The list is unchanged, every blocked reader is served
 as soon as the object exists, and the writer does not need to know who the
 readers are (no per-reader notifications).
 
-Large values: list elements stay small.  A message above ``inline_max``
-bytes is stored as string keys of at most ``chunk_size`` bytes (Redis caps a
-value at 512 MB) and the list element is only a reference to them.  Chunks,
-list element and TTLs are written in one MULTI/EXEC round trip, so a reader
+Large values: list elements stay small.  A message of more than
+``inline_max`` bytes of data (its frame header, up to ``HEADER_ROOM``, does
+not count, so a 1 MiB array stays inline at the default) is stored as
+string keys of at most ``chunk_size`` bytes (Redis caps a value at
+512 MB) and the list element is only a reference to them.  Chunks, list
+element and TTLs are written in one MULTI/EXEC round trip, so a reader
 never sees a reference before its data; a receiver reads and deletes the
 chunks in one more round trip.  A message of at most ``SCRIPT_MAX`` bytes
 is one EVALSHA of a two-line Lua script (RPUSH, EXPIRE), which spares
@@ -79,6 +81,10 @@ REF_MAGIC: Final = b"FMIr"  # a list element that points at chunk keys
 UNLINK_BATCH: Final = 1000
 RESERVED_CONNECTIONS: Final = 2
 SCRIPT_MAX: Final = 8 * 1024  # larger elements: Lua's copy costs more than a pipeline
+# Room for a frame's own header on top of inline_max: a header is some tens of
+# bytes, and without it a power-of-two array just over the limit paid the
+# chunk path's extra round trip.
+HEADER_ROOM: Final = 4 * 1024
 # Appends a message and sets its list's TTL in one command (KEYS[1] the list,
 # ARGV the element and the TTL in seconds).
 PUSH_SCRIPT: Final = """
@@ -244,7 +250,7 @@ class RedisChannel(MediatedChannel):
     ) -> None:
         """Append one element (inline, or a reference to chunk keys) to ``list_name``."""
         chunks: list[tuple[str, bytes]] = []
-        if nbytes <= self.inline_max:
+        if nbytes <= self.inline_max + HEADER_ROOM:
             element = join_range(frames, 0, nbytes)
         else:
             base = f"{self.prefix}/data/{self.peer_id}.{self._token}/{next(self._counter)}"

@@ -205,7 +205,7 @@ def _reduces_in_place(op: Op, got: Any, mine: np.ndarray) -> bool:
 
 
 async def allreduce_linear(ctx: CollectiveContext, value: Any, op: Op) -> Any:
-    """Gather to rank 0, left fold in rank order, broadcast (non-associative ops)."""
+    """Reduce to rank 0 (binomial; gather and left fold if not associative), then bcast."""
     result = await reduce(ctx, value, op, 0)
     return await bcast(ctx, result, 0)
 

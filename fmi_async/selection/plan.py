@@ -32,6 +32,7 @@ bcast          binomial           L t(n)
 reduce         binomial           L t(n)  (+ t(n) to a non-zero root, non-commutative)
 allreduce      recursive_doubling (log2 P' + 2[P != P']) t(n), P' = 2^floor(log2 P)
 allreduce      ring               2 (P-1) t(n / P)
+allreduce      linear             reduce (or gather, non-associative) + bcast
 gather/scatter binomial           L o + (P-1) n / b
 allgather      bruck              L o + (P-1) n / b
 alltoall       pairwise           (P-1) t(n)
@@ -197,7 +198,12 @@ def _direct(alg: str, s: _Shape, a: float, b: float) -> tuple[float, float, floa
         if alg == "ring":
             return 2 * (p - 1) * t(n / p), 2 * p * (p - 1), 2 * (p - 1) * n
         if alg == "linear":
-            g = _direct("binomial", _Shape("gather", n, p, 0, None, False, None), a, b)
+            # A binomial reduce to rank 0 (P-1 messages of n) where the operator
+            # is associative, a gather (subtrees forwarded whole) where it is
+            # not; then a binomial bcast.
+            assoc = s.operator is None or s.operator.associative
+            first = "reduce" if assoc else "gather"
+            g = _direct("binomial", _Shape(first, n, p, 0, s.operator, False, None), a, b)
             c = _direct("binomial", _Shape("bcast", n, p, 0, None, False, None), a, b)
             return g[0] + c[0], g[1] + c[1], g[2] + c[2]
         pof2 = 1 << (p.bit_length() - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from fmi_async.holepunch.client import RendezvousClient
 from fmi_async.holepunch.natsim import NATBox
 from fmi_async.holepunch.net import HostNetwork, close_socket, read_message, send_message
 from fmi_async.holepunch.pairing import PairingTable
-from fmi_async.holepunch.punch import Membership, _relay, authenticate, pair_tcp
+from fmi_async.holepunch.punch import Membership, _punch, _relay, authenticate, pair_tcp
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.wire import dumps, encode_frame, loads
 from tests.conftest import nat_tcp_group
@@ -409,3 +410,35 @@ async def test_full_cone_against_symmetric_punches() -> None:
             assert a.stats.pairs == {1: "direct"}
         finally:
             await asyncio.gather(a.close(), b.close())
+
+
+async def test_punch_cancelled_mid_handshake_closes_the_accepted_socket() -> None:
+    """A connection accepted while punching, whose membership handshake is cut
+    short by cancellation, is closed there and then, not left to the GC."""
+    loop = asyncio.get_running_loop()
+    net = HostNetwork("127.0.0.1")
+    listener = await net.listen(0)
+    port = listener.sock.getsockname()[1]  # type: ignore[attr-defined]
+    member = Membership("W", "r", SECRET.encode())
+    punching = asyncio.create_task(
+        _punch(net, listener, port, [], member, 0, 1, True, loop.time() + 30.0, 30.0)
+    )
+    client = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+    try:
+        await asyncio.sleep(0.3)  # accepted; the handshake waits for an answer that never comes
+        assert not punching.done()
+        punching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await punching
+        client.settimeout(5.0)
+        received = 0
+        for _ in range(100):  # whatever the handshake sent, then the end of the stream
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            received += len(chunk)
+        else:
+            pytest.fail("the accepted socket was never closed")
+    finally:
+        client.close()
+        listener.close()

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import socket
 import struct
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import BrokenChannelError, CommTimeout
 from . import protocol as p
@@ -93,9 +93,37 @@ class _HostListener:
         return f"<_HostListener {self.sock.getsockname()}>"
 
     async def accept(self, timeout: float) -> tuple[socket.socket, Address]:
+        # Not loop.sock_accept: a cancellation (the timeout, or the punch
+        # race ending) that lands after the kernel handed over a connection
+        # but before this coroutine resumed would drop that socket unclosed.
+        # With our own future the connection is always either returned or
+        # closed here.
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            conn, addr = await loop.sock_accept(self.sock)
+        got: asyncio.Future[tuple[socket.socket, Any]] = loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if got.done():
+                return
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                got.set_exception(exc)
+            else:
+                got.set_result((conn, addr))
+
+        loop.add_reader(fd, ready)
+        try:
+            async with asyncio.timeout(timeout):
+                conn, addr = await got
+        except BaseException:
+            if got.done() and not got.cancelled() and got.exception() is None:
+                close_socket(got.result()[0])
+            raise
+        finally:
+            loop.remove_reader(fd)
         conn.setblocking(False)
         return conn, (str(addr[0]), int(addr[1]))
 

@@ -364,6 +364,10 @@ async def _punch(
     """Race connects from ``local_port`` against accepts; the committed stream or None."""
     loop = asyncio.get_running_loop()
     winner: asyncio.Future[socket.socket] = loop.create_future()
+    # Every socket an attempt opened and no handshake has settled yet: an
+    # attempt cancelled mid-handshake (or before its task first ran) leaves
+    # its socket here, and the finally below closes it.
+    unsettled: set[socket.socket] = set()
 
     async def handshake(sock: socket.socket) -> bool:
         try:
@@ -378,8 +382,10 @@ async def _punch(
             )
         except (FMIError, OSError) as exc:
             logger.debug("peer %d: punched connection to peer %d failed: %s", me, other, exc)
+            unsettled.discard(sock)
             close_socket(sock)
             return False
+        unsettled.discard(sock)
         if winner.done():
             close_socket(sock)
             return False
@@ -397,6 +403,7 @@ async def _punch(
                 await asyncio.sleep(_FIRST_BACKOFF)
                 continue
             logger.debug("peer %d: accepted a punched connection from %s:%d", me, *remote)
+            unsettled.add(sock)
             tasks.add(asyncio.create_task(handshake(sock)))
 
     async def connect_loop(dst: Address) -> None:
@@ -412,6 +419,7 @@ async def _punch(
             except (OSError, TimeoutError, FMIError) as exc:
                 logger.debug("peer %d: connect to %s:%d failed: %s", me, *dst, exc)
             else:
+                unsettled.add(sock)
                 if await handshake(sock):
                     return
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
@@ -429,6 +437,8 @@ async def _punch(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for sock in unsettled:
+            close_socket(sock)
     if not winner.done():
         winner.cancel()
         return None

@@ -388,6 +388,19 @@ async def test_silent_connection_closed_after_hello_timeout() -> None:
             writer.close()
 
 
+async def test_close_drops_connections_still_proving_membership() -> None:
+    """Closing a channel while a connection is mid-handshake closes that socket
+    at once (not at garbage collection, with a ResourceWarning)."""
+    async with tcp_peers(2, connect_timeout=30.0) as (chans, _):
+        reader, writer = await raw_connection(chans[1])
+        try:
+            await asyncio.sleep(0.2)  # accepted; its handshake waits for a hello
+            await chans[1].close()
+            assert await closed_by_peer(reader)
+        finally:
+            writer.close()
+
+
 async def test_truncated_frame_fails_waiters_of_that_source() -> None:
     async with tcp_peers(3) as (chans, _):
         waiter = asyncio.create_task(recv(chans[1], 2, tag=4, timeout=10.0))

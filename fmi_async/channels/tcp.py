@@ -71,7 +71,7 @@ from ..errors import (
 from ..holepunch import protocol as hp
 from ..holepunch.client import ControlConnection, RendezvousClient
 from ..holepunch.natsim import network_from_options
-from ..holepunch.net import HostNetwork, Network, close_socket
+from ..holepunch.net import HostNetwork, Network, close_socket, sock_accept
 from ..holepunch.punch import Membership, authenticate, pair_tcp
 from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
 from .base import Channel, Mailbox
@@ -323,7 +323,7 @@ class TCPChannel(Channel):
         self._senders: dict[int, _Sender] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._incoming: set[_Receiver] = set()
-        self._handshakes = 0
+        self._unproven: set[socket.socket] = set()  # accepted, membership not yet proven
 
     def __repr__(self) -> str:
         addr = self.listen_address
@@ -388,12 +388,15 @@ class TCPChannel(Channel):
         await super().close()  # from here on, lost connections are not failures
         if self._control is not None:
             await self._control.close()
-        if self._listen_sock is not None:
-            close_socket(self._listen_sock)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
+        if self._listen_sock is not None:  # after the accept loop stopped watching it
+            close_socket(self._listen_sock)
+        for conn in list(self._unproven):  # accepted, cancelled before proving membership
+            close_socket(conn, reset=True)
+        self._unproven.clear()
         for receiver in list(self._incoming):
             if receiver.transport is not None:
                 receiver.transport.abort()
@@ -518,10 +521,9 @@ class TCPChannel(Channel):
 
     async def _accept_loop(self, listen: socket.socket) -> None:
         """Accept plain connections; each must prove membership before it may send."""
-        loop = asyncio.get_running_loop()
         while self.is_open:
             try:
-                conn, addr = await loop.sock_accept(listen)
+                conn, addr = await sock_accept(listen)
             except OSError as exc:
                 if not self.is_open:
                     return
@@ -529,14 +531,14 @@ class TCPChannel(Channel):
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
-            if self._handshakes >= _MAX_HANDSHAKES:
+            if len(self._unproven) >= _MAX_HANDSHAKES:
                 logger.warning("peer %d: too many unproven connections; refusing", self.peer_id)
                 close_socket(conn, reset=True)
                 continue
+            self._unproven.add(conn)
             self._spawn(self._admit(conn, addr))
 
     async def _admit(self, conn: socket.socket, addr: Any) -> None:
-        self._handshakes += 1
         try:
             deadline = asyncio.get_running_loop().time() + self.connect_timeout
             src = await authenticate(
@@ -550,10 +552,11 @@ class TCPChannel(Channel):
             )
         except (FMIError, OSError) as exc:
             logger.warning("peer %d: closing a connection from %s: %s", self.peer_id, addr, exc)
+            self._unproven.discard(conn)
             close_socket(conn, reset=True)
             return
-        finally:
-            self._handshakes -= 1
+        # Cancelled (the channel closing): the socket stays in _unproven for close().
+        self._unproven.discard(conn)
         await self._receive_on(conn, src)
 
     async def _receive_on(self, conn: socket.socket, src: int) -> None:

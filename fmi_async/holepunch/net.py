@@ -85,6 +85,41 @@ def close_socket(sock: socket.socket, *, reset: bool = False) -> None:
         sock.close()
 
 
+async def sock_accept(listen: socket.socket) -> tuple[socket.socket, Any]:
+    """``loop.sock_accept``, except that cancellation never drops a connection.
+
+    With ``loop.sock_accept``, a cancellation (a timeout, a race ended, a
+    channel closing) that lands after the kernel handed over a connection but
+    before the awaiting coroutine resumed loses that socket unclosed.  Here
+    the connection is either returned or closed.
+    """
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[tuple[socket.socket, Any]] = loop.create_future()
+    fd = listen.fileno()
+
+    def ready() -> None:
+        if got.done():
+            return
+        try:
+            conn, addr = listen.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            got.set_exception(exc)
+        else:
+            got.set_result((conn, addr))
+
+    loop.add_reader(fd, ready)
+    try:
+        return await got
+    except BaseException:
+        if got.done() and not got.cancelled() and got.exception() is None:
+            close_socket(got.result()[0])
+        raise
+    finally:
+        loop.remove_reader(fd)
+
+
 class _HostListener:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -93,37 +128,8 @@ class _HostListener:
         return f"<_HostListener {self.sock.getsockname()}>"
 
     async def accept(self, timeout: float) -> tuple[socket.socket, Address]:
-        # Not loop.sock_accept: a cancellation (the timeout, or the punch
-        # race ending) that lands after the kernel handed over a connection
-        # but before this coroutine resumed would drop that socket unclosed.
-        # With our own future the connection is always either returned or
-        # closed here.
-        loop = asyncio.get_running_loop()
-        got: asyncio.Future[tuple[socket.socket, Any]] = loop.create_future()
-        fd = self.sock.fileno()
-
-        def ready() -> None:
-            if got.done():
-                return
-            try:
-                conn, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                got.set_exception(exc)
-            else:
-                got.set_result((conn, addr))
-
-        loop.add_reader(fd, ready)
-        try:
-            async with asyncio.timeout(timeout):
-                conn, addr = await got
-        except BaseException:
-            if got.done() and not got.cancelled() and got.exception() is None:
-                close_socket(got.result()[0])
-            raise
-        finally:
-            loop.remove_reader(fd)
+        async with asyncio.timeout(timeout):
+            conn, addr = await sock_accept(self.sock)
         conn.setblocking(False)
         return conn, (str(addr[0]), int(addr[1]))
 

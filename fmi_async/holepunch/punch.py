@@ -308,8 +308,13 @@ async def pair_tcp(
                 member.secret,
             )
             deadline = loop.time() + punch_timeout + step_timeout
-            await send_message(sock, result, deadline, where)
-            verdict = await read_message(sock, deadline, where)
+            try:
+                await send_message(sock, result, deadline, where)
+                verdict = await read_message(sock, deadline, where)
+            except BaseException:
+                if winner is not None:
+                    close_socket(winner, reset=True)
+                raise
             if not isinstance(verdict, p.Verdict):
                 if winner is not None:
                     close_socket(winner, reset=True)
@@ -429,16 +434,20 @@ async def _punch(
     tasks.add(asyncio.create_task(accept_loop()))
     for dst in candidates:
         tasks.add(asyncio.create_task(connect_loop(dst)))
+    returning = False
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await asyncio.shield(winner)
+        returning = True
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for sock in unsettled:
             close_socket(sock)
+        if not returning and winner.done() and not winner.cancelled():
+            close_socket(winner.result(), reset=True)  # we were cancelled: nobody takes it
     if not winner.done():
         winner.cancel()
         return None

@@ -77,5 +77,7 @@ async def test_poll_until_gives_up_at_the_deadline_after_a_last_attempt() -> Non
 
     start = loop.time()
     assert await poll_until(attempt, start + 0.3, Backoff(initial=0.05, maximum=10)) is None
-    assert 0.3 <= times[-1] - start < 0.4  # the last attempt is made at the deadline
-    assert loop.time() - start < 0.45
+    # The last attempt is made at the deadline, not after the next (up to 10 s)
+    # wait; the upper bounds leave room for a loaded host's scheduling delays.
+    assert 0.3 <= times[-1] - start < 1.0
+    assert loop.time() - start < 1.0

@@ -332,6 +332,21 @@ async def test_mixed_nat_and_public_peers() -> None:
             await asyncio.gather(public.close(), natted.close())
 
 
+@asynccontextmanager
+async def natted_pair(
+    srv: RendezvousServer, box_a: NATBox, box_b: NATBox, **options: Any
+) -> AsyncIterator[tuple[TCPChannel, TCPChannel]]:
+    """Peers 0 and 1 of one run, behind ``box_a`` and ``box_b``, opened and closed."""
+    run_id = uuid.uuid4().hex[:12]
+    a = TCPChannel(0, 2, "W", run_id, config(srv, nat=box_a.options(), **options), Mailbox(0))
+    b = TCPChannel(1, 2, "W", run_id, config(srv, nat=box_b.options(), **options), Mailbox(1))
+    await asyncio.gather(a.open(), b.open())
+    try:
+        yield a, b
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
 async def test_symmetric_against_port_restricted_falls_back_to_relay() -> None:
     """RFC 5128 section 3.3.5: a symmetric NAT on one side defeats a port-restricted other."""
     async with (
@@ -339,18 +354,11 @@ async def test_symmetric_against_port_restricted_falls_back_to_relay() -> None:
         NATBox("symmetric") as sym,
         NATBox("port-restricted") as cone,
     ):
-        run_id = uuid.uuid4().hex[:12]
-        short = {"punch_timeout": 0.5}
-        a = TCPChannel(0, 2, "W", run_id, config(srv, nat=sym.options(), **short), Mailbox(0))
-        b = TCPChannel(1, 2, "W", run_id, config(srv, nat=cone.options(), **short), Mailbox(1))
-        await asyncio.gather(a.open(), b.open())
-        try:
+        async with natted_pair(srv, sym, cone, punch_timeout=0.5) as (a, b):
             await send(a, 1, "x" * 100_000)
             assert await recv(b, 0) == "x" * 100_000
             assert a.stats.pairs == {1: "relayed"}
             assert sym.dropped + cone.dropped > 0  # the punches were really filtered
-        finally:
-            await asyncio.gather(a.close(), b.close())
 
 
 async def test_reverse_direction_of_a_relayed_pair_is_relayed_without_punching() -> None:
@@ -360,12 +368,7 @@ async def test_reverse_direction_of_a_relayed_pair_is_relayed_without_punching()
         NATBox("symmetric") as nat_a,
         NATBox("symmetric") as nat_b,
     ):
-        run_id = uuid.uuid4().hex[:12]
-        opts = {"punch_timeout": 2.0}
-        a = TCPChannel(0, 2, "W", run_id, config(srv, nat=nat_a.options(), **opts), Mailbox(0))
-        b = TCPChannel(1, 2, "W", run_id, config(srv, nat=nat_b.options(), **opts), Mailbox(1))
-        await asyncio.gather(a.open(), b.open())
-        try:
+        async with natted_pair(srv, nat_a, nat_b, punch_timeout=2.0) as (a, b):
             start = time.perf_counter()
             await send(a, 1, "forth")
             assert await recv(b, 0) == "forth"
@@ -378,8 +381,6 @@ async def test_reverse_direction_of_a_relayed_pair_is_relayed_without_punching()
             assert second < 1.5, f"the reverse direction took {second:.3f}s"  # < punch_timeout
             assert srv.pairings.reused == 1
             assert a.stats.pairs == {1: "relayed"} and b.stats.pairs == {0: "relayed"}
-        finally:
-            await asyncio.gather(a.close(), b.close())
 
 
 async def test_relayed_pair_reports_relayed_on_both_sides_in_comm_stats() -> None:
@@ -400,16 +401,10 @@ async def test_full_cone_against_symmetric_punches() -> None:
         NATBox("symmetric") as sym,
         NATBox("full-cone") as cone,
     ):
-        run_id = uuid.uuid4().hex[:12]
-        a = TCPChannel(0, 2, "W", run_id, config(srv, nat=sym.options()), Mailbox(0))
-        b = TCPChannel(1, 2, "W", run_id, config(srv, nat=cone.options()), Mailbox(1))
-        await asyncio.gather(a.open(), b.open())
-        try:
+        async with natted_pair(srv, sym, cone) as (a, b):
             await send(a, 1, "hi")
             assert await recv(b, 0) == "hi"
             assert a.stats.pairs == {1: "direct"}
-        finally:
-            await asyncio.gather(a.close(), b.close())
 
 
 async def test_punch_cancelled_mid_handshake_closes_the_accepted_socket() -> None:

@@ -50,7 +50,13 @@ from servers import redis_and_moto  # benchmarks/servers.py
 
 import fmi_async as fmi
 from fmi_async.selection import plan as planmod  # private helpers: the what-if model only
-from fmi_async.selection.calibrate import calibrate, describe, local_group, models_from
+from fmi_async.selection.calibrate import (
+    calibrate,
+    cost_model_from,
+    describe,
+    local_group,
+    measure_reduce_bandwidth,
+)
 from fmi_async.selection.model import CostModel
 from fmi_async.selection.plan import Hint, Plan, plan, plans
 from fmi_async.selection.report import (
@@ -250,8 +256,9 @@ def shared_seconds(
     message whatever the number of peers.  Here all peers share one CPU: the
     time is at least the whole group's work (every message's overhead and
     every byte) divided by how many streams really run in parallel, which
-    calibration measured as aggregate / single bandwidth.  Proposed for
-    model.py/plan.py as ``ChannelModel.concurrency`` (default unbounded).
+    calibration measured as aggregate / single bandwidth.  plan() applies
+    the same bound with ``ChannelModel.concurrency``; this recomputes it from
+    the calibration's raw ratio, as a cross-check.
     """
     m = models.channel(p.channel)
     shape = planmod._Shape(
@@ -266,6 +273,7 @@ def shared_seconds(
         _, req, moved = planmod._mediated(p.channel, m, p.algorithm, shape)
         calls = sum(v for k, v in req.items() if not k.endswith("_units"))
         work = calls * m.overhead + moved / m.bandwidth
+    work += planmod._folds(p.family, p.algorithm, shape)[1] / models.reduce_bandwidth
     return max(p.seconds, work / concurrency[p.channel])
 
 
@@ -383,7 +391,9 @@ async def run_sweep(args: argparse.Namespace, config: fmi.Config) -> int:
     print(f"calibrating {', '.join(channels)} (4 peers in this process) ...", flush=True)
     results = await calibrate(config, channels, peers=4, budget=args.calibrate_budget)
     print(describe(results), flush=True)
-    models = CostModel(models_from(results, config))
+    reduce_bandwidth = measure_reduce_bandwidth()
+    print(f"folding (numpy SUM, float64, 8 MiB): {reduce_bandwidth / 1e9:.2f} GB/s", flush=True)
+    models = cost_model_from(results, config, reduce_bandwidth)
     concurrency = {r.channel: max(1.0, r.aggregate_bandwidth / r.bandwidth) for r in results}
     sizes = (
         parse_sizes(args.sizes) if args.sizes else list(QUICK_SIZES if args.quick else FULL_SIZES)

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .ops import Op, as_op
 from .selection.cost import channel_cost
-from .selection.model import CostModel, load_models
+from .selection.model import load_cost_model
 from .selection.plan import Hint, Plan, plan
 from .wire import dumps, loads
 
@@ -93,7 +93,7 @@ class Communicator:
         self._collectives: Counter[str] = Counter()
         self._predicted_seconds = 0.0
         self._predicted_usd = 0.0
-        self._models = CostModel(load_models(self.config.model), faas_memory_mb=faas_memory)
+        self._models = load_cost_model(self.config.model, faas_memory)
         self._opened_at: float | None = None
 
     # ---------------------------------------------------------------- life cycle

@@ -163,6 +163,10 @@ class Config:
         return out
 
 
+COMPUTE = "compute"
+"""Name of the ``model`` section's entry for the peers' own work (not a channel)."""
+
+
 def _backend_name(name: Any, origin: str) -> str:
     if not isinstance(name, str) or name.lower() not in BACKEND_ALIASES:
         raise ConfigError(
@@ -177,7 +181,10 @@ def _normalize_section(section: Any, origin: str, what: str) -> dict[str, dict[s
         raise ConfigError(f"{origin}: {what} must be an object keyed by backend name")
     out: dict[str, dict[str, Any]] = {}
     for name, opts in section.items():
-        key = _backend_name(name, f"{origin}: {what}")
+        if what == "model" and isinstance(name, str) and name.lower() == COMPUTE:
+            key = COMPUTE  # the model's one entry that is not a channel
+        else:
+            key = _backend_name(name, f"{origin}: {what}")
         if not isinstance(opts, Mapping):
             raise ConfigError(f"{origin}: {what}.{name} must be an object")
         out[key] = dict(opts)

@@ -57,11 +57,11 @@ import numpy as np
 from ..channels import channel_class
 from ..channels.base import Channel, Mailbox
 from ..communicator import Communicator
-from ..config import BACKEND_ALIASES, Config
+from ..config import BACKEND_ALIASES, COMPUTE, Config
 from ..errors import ArgumentError, CommTimeout, ConfigError, FMIError
 from ..local import local_peers
 from ..wire import dumps
-from .model import ChannelModel, load_models
+from .model import ChannelModel, CostModel, load_cost_model, load_models
 from .report import CHANNEL_KINDS, fmt_bytes, fmt_rate, fmt_seconds, parse_sizes, render_table
 
 __all__ = [
@@ -252,18 +252,54 @@ class ChannelCalibration:
         return float(f"{max(1.0, self.aggregate_bandwidth / self.bandwidth):.3g}")
 
 
-def model_section(results: Sequence[ChannelCalibration]) -> dict[str, dict[str, float]]:
-    return {r.channel: r.model_entry() for r in results}
+def model_section(
+    results: Sequence[ChannelCalibration], reduce_bandwidth: float | None = None
+) -> dict[str, dict[str, float]]:
+    section = {r.channel: r.model_entry() for r in results}
+    if reduce_bandwidth is not None:
+        section[COMPUTE] = {"reduce_bandwidth_Bps": float(f"{reduce_bandwidth:.6g}")}
+    return section
+
+
+def _merged(
+    results: Sequence[ChannelCalibration], config: Config | None, reduce_bandwidth: float | None
+) -> dict[str, dict[str, Any]]:
+    section: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (config or Config()).model.items()}
+    for name, entry in model_section(results, reduce_bandwidth).items():
+        section.setdefault(name, {}).update(entry)
+    return section
 
 
 def models_from(
     results: Sequence[ChannelCalibration], config: Config | None = None
 ) -> dict[str, ChannelModel]:
-    """The models a config would load after ``--write`` (calibrated numbers win)."""
-    section: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (config or Config()).model.items()}
-    for name, entry in model_section(results).items():
-        section.setdefault(name, {}).update(entry)
-    return load_models(section)
+    """The channel models a config would load after ``--write`` (calibrated numbers win)."""
+    return load_models(_merged(results, config, None))
+
+
+def cost_model_from(
+    results: Sequence[ChannelCalibration],
+    config: Config | None = None,
+    reduce_bandwidth: float | None = None,
+) -> CostModel:
+    """The whole model a config would load after ``--write``, compute entry included."""
+    return load_cost_model(_merged(results, config, reduce_bandwidth))
+
+
+def measure_reduce_bandwidth(nbytes: int = 8 << 20, reps: int = 15) -> float:
+    """Bytes per second numpy's SUM folds float64 arrays into a new result.
+
+    A new result each time, as the collectives fold (the result's pages are
+    touched for the first time whenever the allocator hands out fresh memory).
+    """
+    a = np.ones(max(1, nbytes // 8))
+    b = np.ones_like(a)
+    times = []
+    for _ in range(max(3, reps)):
+        start = time.perf_counter()
+        np.add(a, b)
+        times.append(time.perf_counter() - start)
+    return a.nbytes / max(statistics.median(times), 1e-9)
 
 
 # ---------------------------------------------------------------- groups of local peers
@@ -522,7 +558,9 @@ async def calibrate(
 # ---------------------------------------------------------------- writing the config
 
 
-def write_models(path: Path, results: Sequence[ChannelCalibration]) -> None:
+def write_models(
+    path: Path, results: Sequence[ChannelCalibration], reduce_bandwidth: float | None = None
+) -> None:
     """Put the fitted numbers into ``path``'s ``model`` section, keeping the rest.
 
     An existing entry for the channel (under any of its names, such as FMI's
@@ -548,8 +586,14 @@ def write_models(path: Path, results: Sequence[ChannelCalibration]) -> None:
             if not isinstance(entry, dict):
                 raise ConfigError(f"{path}: model.{key} must be an object")
             entry.update(r.model_entry())
+    if reduce_bandwidth is not None:
+        compute = next((k for k in model if str(k).lower() == COMPUTE), COMPUTE)
+        entry = model.setdefault(compute, {})
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: model.{compute} must be an object")
+        entry.update(model_section([], reduce_bandwidth)[COMPUTE])
     checked = Config.from_dict(raw, origin=str(path))
-    load_models(checked.model)
+    load_cost_model(checked.model)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(raw, indent=2) + "\n")
     os.replace(tmp, path)
@@ -648,14 +692,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
         )
     )
+    reduce_bandwidth = measure_reduce_bandwidth()
     print(f"fitted t(n) = overhead + n / bandwidth, {args.peers} peers in one process:")
     print(describe(results))
+    print(f"\nfolding (numpy SUM, float64, 8 MiB, new result): {fmt_rate(reduce_bandwidth)}")
     if args.write:
-        write_models(args.config, results)
-        print(f"\nwrote model.{{{','.join(r.channel for r in results)}}} into {args.config}")
+        write_models(args.config, results, reduce_bandwidth)
+        names = [*(r.channel for r in results), COMPUTE]
+        print(f"\nwrote model.{{{','.join(names)}}} into {args.config}")
     else:
         print("\nmodel section (--write puts it into --config):")
-        print(json.dumps(model_section(results), indent=2))
+        print(json.dumps(model_section(results, reduce_bandwidth), indent=2))
     return 0
 
 

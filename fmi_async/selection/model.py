@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..config import COMPUTE
 from ..errors import ConfigError
 
 __all__ = [
@@ -43,13 +44,22 @@ __all__ = [
     "CostModel",
     "DEFAULT_MODELS",
     "FAAS_GB_SECOND",
+    "REDUCE_BANDWIDTH",
     "from_fmi",
+    "load_cost_model",
     "load_models",
 ]
 
 # AWS Lambda, x86, first 6 billion GB-seconds a month: $0.0000166667 per GB-s
 # (aws.amazon.com/lambda/pricing).
 FAAS_GB_SECOND = 0.0000166667
+
+# Bytes of an operand a peer folds into its accumulator per second (the gamma
+# of Thakur, Rabenseifner and Gropp's alpha-beta-gamma model): numpy applying
+# SUM to float64 arrays of 1-64 MiB into a new result, about 1-2 GB/s on the
+# development machine (first-touch page faults of the result included).
+# `fmi calibrate` measures it (model.compute.reduce_bandwidth_Bps).
+REDUCE_BANDWIDTH = 1.0e9
 
 _S3_TIER1 = 0.005 / 1000  # PUT, COPY, POST, LIST: $0.005 per 1,000 (aws.amazon.com/s3/pricing)
 _S3_TIER2 = 0.0004 / 1000  # GET, SELECT and all other requests: $0.0004 per 1,000
@@ -134,6 +144,9 @@ DEFAULT_MODELS: dict[str, ChannelModel] = {
         bandwidth=2e9,
         aggregate_bandwidth=4e9,
         message_requests={},
+        # Its peers share one event loop by construction: one piece of work
+        # at a time (what `fmi calibrate` writes for it, too).
+        concurrency=1.0,
         source="loopback measurement, 2-core VM",
     ),
     # FMI's direct channel (TCPunch) measured on AWS Lambda: 0.34 ms per
@@ -234,6 +247,12 @@ class CostModel:
     channels: Mapping[str, ChannelModel]
     faas_gb_second: float = FAAS_GB_SECOND
     faas_memory_mb: float = 2048.0
+    reduce_bandwidth: float = REDUCE_BANDWIDTH  # bytes folded per second by one peer
+
+    def __post_init__(self) -> None:
+        r = self.reduce_bandwidth
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0 < r < math.inf):
+            raise ConfigError(f"model.compute.reduce_bandwidth_Bps must be positive, got {r!r}")
 
     def channel(self, name: str) -> ChannelModel:
         try:
@@ -318,8 +337,27 @@ def load_models(model_section: Mapping[str, Mapping[str, Any]]) -> dict[str, Cha
     """Defaults overlaid with a config's ``model`` section (FMI's or ours)."""
     models = dict(DEFAULT_MODELS)
     for name, section in model_section.items():
+        if name == COMPUTE:
+            continue
         base = models.get(name)
         if base is None:
             raise ConfigError(f"model section for unknown channel {name!r}")
         models[name] = from_fmi(name, section, base)
     return models
+
+
+def load_cost_model(
+    model_section: Mapping[str, Mapping[str, Any]], faas_memory_mb: float = 2048.0
+) -> CostModel:
+    """Channel models and the ``compute`` entry of a config's ``model`` section."""
+    compute = model_section.get(COMPUTE, {})
+    unknown = set(compute) - {"reduce_bandwidth_Bps"}
+    if unknown:
+        raise ConfigError(
+            f"model.compute has unknown keys {sorted(unknown)}; it takes reduce_bandwidth_Bps"
+        )
+    return CostModel(
+        load_models(model_section),
+        faas_memory_mb=float(faas_memory_mb),
+        reduce_bandwidth=compute.get("reduce_bandwidth_Bps", REDUCE_BANDWIDTH),
+    )

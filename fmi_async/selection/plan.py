@@ -20,7 +20,9 @@ message, so peers that disagree raise
 A plan's time is the larger of its critical path (below) and its total work
 (every message's overhead and every byte's transfer time) divided by the
 channel's ``concurrency``: peers on separate machines work in parallel
-(unbounded), peers sharing one event loop one after another (1).
+(unbounded), peers sharing one event loop one after another (1).  Reductions
+add the bytes folded by the operator at ``1 / reduce_bandwidth`` seconds per
+byte (:func:`_folds`), to the critical path and to the total work alike.
 
 Round structures (``L = ceil(log2 P)``, ``t(n) = overhead + n / bandwidth``;
 a point-to-point message over storage is a put and a get, ``2 t(n)``):
@@ -227,6 +229,40 @@ def _direct(alg: str, s: _Shape, a: float, b: float) -> tuple[float, float, floa
     raise ArgumentError(f"no collective named {op!r}")
 
 
+def _folds(family: str, alg: str, s: _Shape) -> tuple[float, float]:
+    """Bytes folded by an operator (critical path, whole group) in a collective.
+
+    Every operand a peer folds into its accumulator costs ``n / reduce_bandwidth``
+    (the model's gamma).  It separates algorithms that move the same bytes but
+    fold different amounts: recursive doubling folds on every peer in every
+    round, a reduce to one peer only P - 1 times.
+    """
+    p, n, op = s.peers, s.nbytes, s.op
+    if p == 1 or op not in ("reduce", "allreduce", "reduce_scatter", "scan", "exscan"):
+        return 0.0, 0.0
+    every = (p - 1) * n  # each peer's operand folded once, somewhere
+    associative = s.operator is None or s.operator.associative
+    if op == "reduce_scatter" or alg in ("ring", "split"):
+        return every / p, every  # parts of n/P, one part per peer
+    if family == "mediated":
+        if alg == "tree":  # scan over storage: up to two folds per level
+            return 2 * _log2ceil(p) * n, 2 * every
+        return every, every  # one peer folds everything (fetch_fold, root, chain)
+    if alg == "chain" or not associative:
+        return every, every
+    if op == "allreduce" and alg == "recursive_doubling":
+        pof2 = 1 << (p.bit_length() - 1)
+        levels = pof2.bit_length() - 1
+        extra = 1 if p != pof2 else 0
+        return (levels + extra) * n, (pof2 * levels + (p - pof2)) * n
+    if op in ("scan", "exscan"):  # recursive doubling: a prefix and a partial per round
+        msgs = sum(1 for m in range(_log2ceil(p)) for r in range(p) if r ^ (1 << m) < p)
+        return 2 * _log2ceil(p) * n, 1.5 * msgs * n
+    if alg == "linear" and op == "reduce":
+        return every, every  # gathered, then folded at the root
+    return _log2ceil(p) * n, every  # binomial reduce (also the first half of linear allreduce)
+
+
 def _add(total: dict[str, float], more: Mapping[str, float], times: float = 1.0) -> None:
     for k, v in more.items():
         total[k] = total.get(k, 0.0) + v * times
@@ -310,6 +346,10 @@ def _estimate(
         secs, req, moved = _mediated(name, m, alg, s)
         calls = sum(v for k, v in req.items() if not k.endswith("_units"))
         work = calls * m.overhead + moved / m.bandwidth
+    gamma = 1.0 / models.reduce_bandwidth
+    path_folds, all_folds = _folds(family, alg, s)
+    secs += path_folds * gamma
+    work += all_folds * gamma
     # However short the critical path, the group cannot do more than
     # `concurrency` pieces of work at once (one event loop: one at a time).
     if math.isfinite(m.concurrency):

@@ -33,7 +33,7 @@ from ..config import Config
 from ..errors import ArgumentError, ConfigError, FMIError
 from ..ops import SUM
 from .cost import channel_cost
-from .model import CostModel, load_models
+from .model import CostModel, load_cost_model
 from .plan import OPERATIONS, Hint, Plan, plan, plans
 
 __all__ = [
@@ -158,7 +158,7 @@ def _load_config(path: Path | None) -> Config:
 
 
 def _models(config: Config, faas_memory: float) -> CostModel:
-    return CostModel(load_models(config.model), faas_memory_mb=faas_memory)
+    return load_cost_model(config.model, faas_memory)
 
 
 def _channels(config: Config, names: str | None) -> list[tuple[str, str]]:

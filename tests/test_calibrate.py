@@ -22,7 +22,7 @@ from fmi_async.selection.calibrate import (
     models_from,
     write_models,
 )
-from fmi_async.selection.model import DEFAULT_MODELS, load_models
+from fmi_async.selection.model import DEFAULT_MODELS, load_cost_model, load_models
 
 KiB, MiB = 1024, 1024 * 1024
 SIZES = [8, KiB, 64 * KiB, MiB, 4 * MiB]
@@ -185,6 +185,11 @@ def test_command_writes_a_config_that_loads(
     for name in ("memory", "tcp"):
         assert models[name] != DEFAULT_MODELS[name]
         assert models[name].overhead > 0 and models[name].bandwidth > 0
+    # The folding rate is measured and written next to the channels.
+    assert "folding (numpy SUM" in out
+    written = config.model["compute"]["reduce_bandwidth_Bps"]
+    assert 1e6 < written < 1e12
+    assert load_cost_model(config.model).reduce_bandwidth == written
 
 
 @pytest.mark.parametrize(

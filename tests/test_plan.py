@@ -18,8 +18,15 @@ from hypothesis import strategies as st
 
 import fmi_async as fmi
 from fmi_async.config import Config
-from fmi_async.selection.model import DEFAULT_MODELS, CostModel, load_models
-from fmi_async.selection.plan import OPERATIONS, Hint, plan, plans
+from fmi_async.errors import ConfigError
+from fmi_async.selection.model import (
+    DEFAULT_MODELS,
+    REDUCE_BANDWIDTH,
+    CostModel,
+    load_cost_model,
+    load_models,
+)
+from fmi_async.selection.plan import OPERATIONS, Hint, _folds, _Shape, plan, plans
 
 from .reference import REDUCTIONS, assert_same, reference_fold, value
 
@@ -222,3 +229,61 @@ async def test_every_direct_plan_runs_correctly(size: int) -> None:
                             assert_same(g, ref, f"{fn} {case} {alg} rank {r}")
         stats = comms[0].stats()
         assert stats["predicted"]["seconds"] >= 0 and stats["cost"]["total_usd"] >= 0
+
+
+def test_compute_entry_of_the_model_section() -> None:
+    """``model.compute.reduce_bandwidth_Bps`` sets gamma; bad values say what to fix."""
+    config = Config.from_dict({"model": {"Compute": {"reduce_bandwidth_Bps": 5e8}}})
+    models = load_cost_model(config.model)
+    assert models.reduce_bandwidth == 5e8
+    assert load_cost_model({}).reduce_bandwidth == REDUCE_BANDWIDTH
+    with pytest.raises(ConfigError, match="reduce_bandwidth_Bps"):
+        load_cost_model({"compute": {"reduce_bandwidth_Bps": 0}})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_cost_model({"compute": {"flops": 1}})
+    # A slower fold makes every reduction slower, and nothing else.
+    slow = load_cost_model({"compute": {"reduce_bandwidth_Bps": 1e6}})
+    kw = {"nbytes": 1 << 20, "num_peers": 4, "channels": [("tcp", "direct")]}
+    for op, extra in [("allreduce", {"operator": fmi.SUM}), ("bcast", {})]:
+        fast_plans = plans(op, models=models, **kw, **extra)  # type: ignore[arg-type]
+        slow_plans = plans(op, models=slow, **kw, **extra)  # type: ignore[arg-type]
+        for f, s in zip(fast_plans, slow_plans, strict=True):
+            assert (s.seconds > f.seconds) if op == "allreduce" else (s.seconds == f.seconds)
+
+
+@pytest.mark.parametrize("peers", [2, 3, 4, 5, 8, 16])
+def test_folds_count_what_the_algorithms_fold(peers: int) -> None:
+    """Whole-group folds: (P-1) operands of n for every algorithm that folds each
+    operand once; recursive doubling folds on every peer in every round."""
+    n = 1000.0
+    shape = _Shape("allreduce", n, peers, 0, fmi.SUM, True, 1000)
+    every = (peers - 1) * n
+    for alg in ("ring", "linear"):
+        path, total = _folds("direct", alg, shape)
+        assert total == every and 0 < path <= total
+    pof2 = 1 << (peers.bit_length() - 1)
+    path, total = _folds("direct", "recursive_doubling", shape)
+    levels = pof2.bit_length() - 1
+    assert total == (pof2 * levels + peers - pof2) * n >= every
+    assert path == (levels + (peers != pof2)) * n
+    for alg in ("root", "split"):
+        assert _folds("mediated", alg, shape)[1] == every
+    assert _folds("direct", "binomial", _Shape("bcast", n, peers, 0, None, True, 1000)) == (0, 0)
+
+
+def test_one_event_loop_two_peers_allreduce_folds_once() -> None:
+    """On a channel whose peers share one event loop, recursive doubling and a
+    reduce-then-bcast move the same bytes at P = 2, but recursive doubling
+    folds on both peers: the model picks the one that folds once."""
+    chosen = plan(
+        "allreduce",
+        nbytes=8 << 20,
+        num_peers=2,
+        channels=[("memory", "direct")],
+        models=MODELS,
+        operator=fmi.SUM,
+        is_array=True,
+        elements=1 << 20,
+        hint=Hint.FAST,
+    )
+    assert chosen.algorithm == "linear", chosen

@@ -56,10 +56,12 @@ FAAS_GB_SECOND = 0.0000166667
 
 # Bytes of an operand a peer folds into its accumulator per second (the gamma
 # of Thakur, Rabenseifner and Gropp's alpha-beta-gamma model): numpy applying
-# SUM to float64 arrays of 1-64 MiB into a new result, about 1-2 GB/s on the
-# development machine (first-touch page faults of the result included).
-# `fmi calibrate` measures it (model.compute.reduce_bandwidth_Bps).
-REDUCE_BANDWIDTH = 1.0e9
+# SUM to float64 arrays into a new result measured medians of 4 GB/s (64 MiB)
+# to 25 GB/s (1 MiB) on the development machine, and 0.35-1.8 GB/s in the
+# samples whose result pages were touched for the first time; the default
+# takes the large-array median.  `fmi calibrate` measures it
+# (model.compute.reduce_bandwidth_Bps).
+REDUCE_BANDWIDTH = 4.0e9
 
 _S3_TIER1 = 0.005 / 1000  # PUT, COPY, POST, LIST: $0.005 per 1,000 (aws.amazon.com/s3/pricing)
 _S3_TIER2 = 0.0004 / 1000  # GET, SELECT and all other requests: $0.0004 per 1,000

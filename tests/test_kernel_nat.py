@@ -201,8 +201,8 @@ def run_job(
         for i in range(4):
             lan = ns["lan1"] if i < 2 else ns["lan2"]
             lan_address = "10.1.0.2" if i < 2 else "10.2.0.2"
-            argv = [str(i), "4", run_id, SERVER, str(PORT), secret, channel, lan_address]
-            argv.append(str(punch_timeout))
+            argv = [str(i), "4", run_id, SERVER, str(PORT), secret, channel, lan_address,
+                    str(punch_timeout)]  # fmt: skip
             peers.append(
                 subprocess.Popen(
                     ["ip", "netns", "exec", lan, sys.executable, str(tmp / "peer.py"), *argv],

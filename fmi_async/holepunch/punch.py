@@ -311,16 +311,14 @@ async def pair_tcp(
             try:
                 await send_message(sock, result, deadline, where)
                 verdict = await read_message(sock, deadline, where)
+                if not isinstance(verdict, p.Verdict):
+                    raise server_error(
+                        verdict, where, "a punch result", other, member.comm, member.run_id
+                    )
             except BaseException:
                 if winner is not None:
                     close_socket(winner, reset=True)
                 raise
-            if not isinstance(verdict, p.Verdict):
-                if winner is not None:
-                    close_socket(winner, reset=True)
-                raise server_error(
-                    verdict, where, "a punch result", other, member.comm, member.run_id
-                )
             outcome = verdict.outcome
     finally:
         if listener is not None:
@@ -385,13 +383,12 @@ async def _punch(
                 deadline=min(deadline, loop.time() + step_timeout),
                 may_commit=lambda: not winner.done(),
             )
+            proven = True
         except (FMIError, OSError) as exc:
             logger.debug("peer %d: punched connection to peer %d failed: %s", me, other, exc)
-            unsettled.discard(sock)
-            close_socket(sock)
-            return False
+            proven = False
         unsettled.discard(sock)
-        if winner.done():
+        if not proven or winner.done():
             close_socket(sock)
             return False
         winner.set_result(sock)

@@ -148,6 +148,11 @@ def _log2ceil(p: int) -> int:
     return (p - 1).bit_length() if p > 1 else 0
 
 
+def _scan_messages(p: int) -> int:
+    """Messages of a recursive-doubling scan: rank r sends to r ^ 2^m when it exists."""
+    return sum(1 for m in range(_log2ceil(p)) for r in range(p) if r ^ (1 << m) < p)
+
+
 def _valid(family: str, algorithm: str, s: _Shape) -> bool:
     op = s.operator
     associative = op is None or op.associative
@@ -222,7 +227,7 @@ def _direct(alg: str, s: _Shape, a: float, b: float) -> tuple[float, float, floa
     if op in ("scan", "exscan"):
         if alg == "chain":
             return (p - 1) * t(n), p - 1, (p - 1) * n
-        msgs = sum(1 for m in range(big_l) for r in range(p) if r ^ (1 << m) < p)
+        msgs = _scan_messages(p)
         return big_l * t(n), msgs, msgs * n
     if op == "barrier":
         return big_l * t(0), p * big_l, 0.0
@@ -256,8 +261,7 @@ def _folds(family: str, alg: str, s: _Shape) -> tuple[float, float]:
         extra = 1 if p != pof2 else 0
         return (levels + extra) * n, (pof2 * levels + (p - pof2)) * n
     if op in ("scan", "exscan"):  # recursive doubling: a prefix and a partial per round
-        msgs = sum(1 for m in range(_log2ceil(p)) for r in range(p) if r ^ (1 << m) < p)
-        return 2 * _log2ceil(p) * n, 1.5 * msgs * n
+        return 2 * _log2ceil(p) * n, 1.5 * _scan_messages(p) * n
     if alg == "linear" and op == "reduce":
         return every, every  # gathered, then folded at the root
     return _log2ceil(p) * n, every  # binomial reduce (also the first half of linear allreduce)

@@ -7,24 +7,27 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from .channels import channel_class
-from .channels.base import Channel, Mailbox
+from .channels.base import Channel, Mailbox, ReceiveGuard, abort_payload
 from .channels.memory import MemoryHub
 from .collectives import direct
 from .collectives.base import CollectiveContext
-from .config import Config
+from .config import Config, check_timeout
 from .errors import (
+    AbortedError,
     ArgumentError,
+    BrokenCommunicatorError,
     ClosedError,
     CommTimeout,
     ConfigError,
     FMIError,
+    PeerError,
     RootError,
     SizeMismatchError,
 )
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 # Which enabled channel carries point-to-point traffic when the config does
 # not name one: fastest kinds first.
 P2P_PREFERENCE = ("memory", "mpi", "tcp", "udp", "redis", "dynamodb", "s3")
+ANNOUNCE_TIMEOUT = 10.0
+"""Longest time spent telling the other peers that a collective was abandoned."""
 OpLike = Op | str | Callable[[Any, Any], Any]
 
 
@@ -82,10 +87,17 @@ class Communicator:
         if hub is not None and "memory" not in self.config.backends:
             self.config = self.config.with_backend("memory")
         self.run_id = run_id or os.environ.get("FMI_RUN_ID", "default")
-        self.timeout = float(timeout) if timeout is not None else self.config.timeout
+        self.timeout = (
+            check_timeout(timeout, "Communicator timeout")
+            if timeout is not None
+            else self.config.timeout
+        )
         self._hint = hint
         self._hub = hub
         self._mailbox = Mailbox(peer_id)
+        self._guard = ReceiveGuard()
+        self._background: set[asyncio.Task[None]] = set()
+        self._broken: BaseException | None = None
         self._channels: dict[str, Channel] = {}
         self._p2p: Channel | None = None
         self._seq = 0
@@ -162,14 +174,21 @@ class Communicator:
         would delete an object, a broadcast value say, that a slower peer has
         yet to read.  ``async with`` synchronizes on a normal exit and skips
         it when leaving with an exception; ``synchronize`` forces either way.
+
+        Raises the barrier's :class:`~fmi_async.errors.FMIError` when that
+        final barrier fails (after closing everything all the same): the
+        peers did not all finish, and objects a slower peer still needed are
+        gone, so a clean exit must not be reported.
         """
         if self._state == "closed":
             return
         if synchronize is None:
             synchronize = True
+        failure: FMIError | None = None
         if (
             synchronize
             and self._state == "open"
+            and self._broken is None
             and self.num_peers > 1
             and any(c.kind == "mediated" for c in self._channels.values())
         ):
@@ -189,9 +208,22 @@ class Communicator:
                     self.peer_id,
                     exc,
                 )
+                failure = exc
         self._state = "closed"
+        await self._settle_background()
+        self._guard.cancel()
         await self._close_channels()
         logger.debug("%r closed", self)
+        if failure is not None:
+            raise PeerError(
+                f"peer {self.peer_id} closed {self.comm_name!r} without the final barrier: "
+                f"{failure}"
+            ) from failure
+
+    async def _settle_background(self) -> None:
+        """Let the aborts still being announced reach the other peers (each bounded)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _close_channels(self) -> None:
         for chan in list(self._channels.values()):
@@ -213,8 +245,7 @@ class Communicator:
         await self.close(synchronize=exc_type is None)
 
     def _channel(self, name: str | None = None) -> Channel:
-        if self._state != "open":
-            raise ClosedError(f"{self!r} is not open; use `async with comm:` or await comm.open()")
+        self._usable()
         if name is None:
             assert self._p2p is not None
             return self._p2p
@@ -304,10 +335,25 @@ class Communicator:
             raise ArgumentError(f"tag must be an int or str, got {tag!r}")
 
     def _deadline(self, timeout: float | None) -> float:
-        t = self.timeout if timeout is None else timeout
-        if t <= 0:
-            raise ArgumentError(f"timeout must be positive, got {t}")
+        t = self.timeout if timeout is None else check_timeout(timeout)
         return asyncio.get_running_loop().time() + t
+
+    def _usable(self) -> None:
+        if self._state != "open":
+            raise ClosedError(f"{self!r} is not open; use `async with comm:` or await comm.open()")
+        if self._broken is not None:
+            raise BrokenCommunicatorError(
+                f"{self!r} is broken and cannot be used: {self._broken}"
+            ) from self._broken
+
+    def _break(self, exc: BaseException) -> None:
+        """Make every later call fail with ``exc`` as the cause (the job lease was lost)."""
+        if self._broken is None:
+            logger.error("peer %d: communicator broken: %s", self.peer_id, exc)
+            self._broken = exc
+            self._mailbox.fail(
+                BrokenCommunicatorError(f"{self!r} is broken and cannot be used: {exc}")
+            )
 
     # ---------------------------------------------------------------- point to point
 
@@ -317,6 +363,8 @@ class Communicator:
         """Send ``value`` to peer ``dst``; matched by ``(source, tag)`` on the other side."""
         self._check_peer(dst, "dst")
         self._check_tag(tag)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         chan = self._channel()
         payload = dumps(value, self.config.serializer)
         if timeout is None:
@@ -338,51 +386,67 @@ class Communicator:
         """Receive the next value peer ``src`` sent with ``tag``."""
         self._check_peer(src, "src")
         self._check_tag(tag)
+        t = self.timeout if timeout is None else check_timeout(timeout)
         chan = self._channel()
-        t = self.timeout if timeout is None else timeout
-        payload = await chan.recv(src, ("u", tag), t)
+        if chan.kind == "direct":
+            payload = await chan.recv(src, ("u", tag), t)
+        else:
+            payload = await self._guard.recv(chan, src, ("u", tag), t)
         return loads(payload)
 
     # ---------------------------------------------------------------- collectives
 
-    def _begin(
-        self,
-        op: str,
-        timeout: float | None,
-        *,
-        nbytes: int | None = None,
-        operator: Op | None = None,
-        value: Any = None,
-        root: int = 0,
-        algorithm: str | None = None,
-        channel: str | None = None,
-    ) -> tuple[CollectiveContext, Plan]:
-        """Everything synchronous before the first await: the plan is chosen and the
-        sequence number taken here, so collectives started together
-        (``asyncio.gather``) are numbered in call order on every peer."""
-        if self._state != "open":
-            raise ClosedError(f"{self!r} is not open; use `async with comm:` or await comm.open()")
-        is_array, elements, signature = False, None, ""
-        if isinstance(value, np.ndarray):
-            is_array, elements = True, int(value.size)
-            nbytes = int(value.nbytes)
-            signature = f"{value.dtype.str}{list(value.shape)}"
-        chosen = plan(
-            op,
-            nbytes=nbytes,
-            num_peers=self.num_peers,
-            channels=[(name, chan.kind) for name, chan in self._channels.items()],
-            models=self._models,
-            operator=operator,
-            is_array=is_array,
-            elements=elements,
-            root=root,
-            signature=signature,
-            hint=self._hint,
-            channel=channel,
-            algorithm=algorithm,
-        )
+    def _start(
+        self, op: str, timeout: float | None, prepare: Callable[[], _Call]
+    ) -> tuple[CollectiveContext, Plan, tuple[Any, ...]]:
+        """Everything synchronous before the first await.
+
+        The sequence number is taken first, then the call is checked and the
+        plan chosen.  A check that fails on this peer only (a wrong root, an
+        unknown operator, a value the serializer cannot carry) would leave the
+        other peers inside collective ``seq`` while this one moved on; so
+        the failure is announced to them (they raise
+        :class:`~fmi_async.errors.AbortedError` naming this peer and the
+        cause) and the sequence stays aligned on every peer.  Collectives
+        started together (``asyncio.gather``) are numbered in call order.
+        """
+        self._usable()
         self._seq += 1
+        seq = self._seq
+        try:
+            deadline = self._deadline(timeout)
+            call = prepare()
+            chosen = plan(
+                op,
+                nbytes=call.nbytes,
+                num_peers=self.num_peers,
+                channels=[(name, chan.kind) for name, chan in self._channels.items()],
+                models=self._models,
+                operator=call.operator,
+                is_array=call.is_array,
+                elements=call.elements,
+                root=call.root,
+                signature=call.signature,
+                hint=self._hint,
+                channel=call.channel,
+                algorithm=call.algorithm,
+            )
+            ctx = CollectiveContext(
+                rank=self.peer_id,
+                size=self.num_peers,
+                seq=seq,
+                op=op,
+                plan=chosen.ident,
+                channel=self._channels[chosen.channel],
+                deadline=deadline,
+                serializer=self.config.serializer,
+                mailbox=self._mailbox,
+                guard=self._guard,
+            )
+            self._mailbox.begin(seq, ctx.tag, chosen.ident)
+        except BaseException as exc:
+            self._abandon(seq, op, exc)
+            raise
         self._collectives[f"{op}/{chosen.channel}/{chosen.family}:{chosen.algorithm}"] += 1
         self._predicted_seconds += chosen.seconds
         self._predicted_usd += chosen.usd
@@ -390,22 +454,67 @@ class Communicator:
             "peer %d: %s #%d plan %s (predicted %.3gs, $%.3g)",
             self.peer_id,
             op,
-            self._seq,
+            seq,
             chosen.ident,
             chosen.seconds,
             chosen.usd,
         )
-        ctx = CollectiveContext(
-            rank=self.peer_id,
-            size=self.num_peers,
-            seq=self._seq,
-            op=op,
-            plan=chosen.ident,
-            channel=self._channels[chosen.channel],
-            deadline=self._deadline(timeout),
-            serializer=self.config.serializer,
+        return ctx, chosen, call.args
+
+    async def _collective(
+        self, op: str, timeout: float | None, prepare: Callable[[], _Call]
+    ) -> Any:
+        """Check, plan, run and settle one collective (see :meth:`_start`)."""
+        ctx, chosen, args = self._start(op, timeout, prepare)
+        try:
+            result = await self._run(ctx, chosen, *args)
+        except BaseException as exc:
+            self._abandon(ctx.seq, op, exc)
+            raise
+        self._mailbox.finish(ctx.seq)
+        return result
+
+    def _abandon(self, seq: int, op: str, exc: BaseException) -> None:
+        """This peer leaves collective ``seq`` with ``exc``: evict its messages and,
+        unless another peer's abort is the cause, tell every other peer why."""
+        self._mailbox.finish(seq, failed=True)
+        if isinstance(exc, AbortedError) or self.num_peers == 1:
+            return
+        logger.debug(
+            "peer %d: %s #%d abandoned (%r); telling the others", self.peer_id, op, seq, exc
         )
-        return ctx, chosen
+        self._spawn(self._announce(seq, op, exc))
+
+    async def _announce(self, seq: int, op: str, exc: BaseException) -> None:
+        """Best effort, bounded: an abort of ``seq`` on every channel, to every other peer."""
+        payload = abort_payload(self.peer_id, op, exc)
+        others = [p for p in range(self.num_peers) if p != self.peer_id]
+
+        async def one(chan: Channel) -> None:
+            if chan.kind == "direct":
+                sends = (chan.send(dst, ("a", seq), payload) for dst in others)
+                await asyncio.gather(*sends, return_exceptions=True)
+            else:
+                storage: Any = chan
+                await storage.put(("a", seq), payload)
+
+        async with asyncio.timeout(min(self.timeout, ANNOUNCE_TIMEOUT)):
+            results = await asyncio.gather(
+                *(one(c) for c in self._channels.values() if c.is_open), return_exceptions=True
+            )
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.debug("peer %d: abort of #%d not delivered: %r", self.peer_id, seq, result)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("peer %d: background task failed: %r", self.peer_id, task.exception())
 
     async def _run(self, ctx: CollectiveContext, chosen: Plan, *args: Any) -> Any:
         """Run the chosen algorithm of the chosen family."""
@@ -426,6 +535,31 @@ class Communicator:
         """Raise SerializationError now, before any message of the collective is sent."""
         dumps(value, self.config.serializer)
 
+    def _reduction(
+        self,
+        value: Any,
+        op: OpLike,
+        args: Callable[[Op], tuple[Any, ...]],
+        *,
+        nbytes: int | None,
+        channel: str | None,
+        algorithm: str | None,
+        root: int = 0,
+        rooted: bool = False,
+        array: Any = None,
+    ) -> _Call:
+        oper = as_op(op)
+        return _Call(
+            args(oper),
+            nbytes=nbytes,
+            channel=channel,
+            algorithm=algorithm,
+            operator=oper,
+            value=value if array is None else array,
+            root=root,
+            rooted=rooted,
+        )
+
     async def bcast(
         self,
         value: Any = None,
@@ -442,13 +576,14 @@ class Communicator:
         the root knows the real one); give the same value on every peer, or
         leave it to the default (``fmi_async.selection.plan.DEFAULT_NBYTES``).
         """
-        self._check_root(root, "bcast")
-        if self.peer_id == root:
-            self._serializable(value)
-        ctx, chosen = self._begin(
-            "bcast", timeout, nbytes=nbytes, root=root, channel=channel, algorithm=algorithm
-        )
-        return await self._run(ctx, chosen, value, root)
+
+        def prepare() -> _Call:
+            self._check_root(root, "bcast")
+            if self.peer_id == root:
+                self._serializable(value)
+            return _Call((value, root), nbytes, channel, algorithm, root=root, rooted=True)
+
+        return await self._collective("bcast", timeout, prepare)
 
     async def barrier(
         self,
@@ -458,10 +593,7 @@ class Communicator:
         algorithm: str | None = None,
     ) -> None:
         """Return once every peer has entered the barrier."""
-        ctx, chosen = self._begin(
-            "barrier", timeout, nbytes=0, channel=channel, algorithm=algorithm
-        )
-        await self._run(ctx, chosen)
+        await self._collective("barrier", timeout, lambda: _Call((), 0, channel, algorithm))
 
     async def gather(
         self,
@@ -474,12 +606,13 @@ class Communicator:
         algorithm: str | None = None,
     ) -> list[Any] | None:
         """Every peer's value, in rank order, on ``root``; ``None`` elsewhere."""
-        self._check_root(root, "gather")
-        self._serializable(value)
-        ctx, chosen = self._begin(
-            "gather", timeout, nbytes=nbytes, root=root, channel=channel, algorithm=algorithm
-        )
-        result: list[Any] | None = await self._run(ctx, chosen, value, root)
+
+        def prepare() -> _Call:
+            self._check_root(root, "gather")
+            self._serializable(value)
+            return _Call((value, root), nbytes, channel, algorithm, root=root, rooted=True)
+
+        result: list[Any] | None = await self._collective("gather", timeout, prepare)
         return result
 
     async def scatter(
@@ -493,15 +626,16 @@ class Communicator:
         algorithm: str | None = None,
     ) -> Any:
         """Item ``i`` of the root's list, on peer ``i``."""
-        self._check_root(root, "scatter")
-        items: list[Any] | None = None
-        if self.peer_id == root:
-            items = self._check_list(values, "scatter")
-            self._serializable(items)
-        ctx, chosen = self._begin(
-            "scatter", timeout, nbytes=nbytes, root=root, channel=channel, algorithm=algorithm
-        )
-        return await self._run(ctx, chosen, items, root)
+
+        def prepare() -> _Call:
+            self._check_root(root, "scatter")
+            items: list[Any] | None = None
+            if self.peer_id == root:
+                items = self._check_list(values, "scatter")
+                self._serializable(items)
+            return _Call((items, root), nbytes, channel, algorithm, root=root, rooted=True)
+
+        return await self._collective("scatter", timeout, prepare)
 
     async def reduce(
         self,
@@ -515,20 +649,23 @@ class Communicator:
         algorithm: str | None = None,
     ) -> Any:
         """``op`` over every peer's value, in rank order, on ``root``; ``None`` elsewhere."""
-        self._check_root(root, "reduce")
-        oper = as_op(op)
-        self._serializable(value)
-        ctx, chosen = self._begin(
-            "reduce",
-            timeout,
-            nbytes=nbytes,
-            operator=oper,
-            value=value,
-            root=root,
-            channel=channel,
-            algorithm=algorithm,
-        )
-        return await self._run(ctx, chosen, value, oper, root)
+
+        def prepare() -> _Call:
+            self._check_root(root, "reduce")
+            call = self._reduction(
+                value,
+                op,
+                lambda oper: (value, oper, root),
+                nbytes=nbytes,
+                channel=channel,
+                algorithm=algorithm,
+                root=root,
+                rooted=True,
+            )
+            self._serializable(value)
+            return call
+
+        return await self._collective("reduce", timeout, prepare)
 
     async def allreduce(
         self,
@@ -541,18 +678,9 @@ class Communicator:
         algorithm: str | None = None,
     ) -> Any:
         """``op`` over every peer's value, in rank order, on every peer."""
-        oper = as_op(op)
-        self._serializable(value)
-        ctx, chosen = self._begin(
-            "allreduce",
-            timeout,
-            nbytes=nbytes,
-            operator=oper,
-            value=value,
-            channel=channel,
-            algorithm=algorithm,
+        return await self._collective(
+            "allreduce", timeout, self._simple_reduction(value, op, nbytes, channel, algorithm)
         )
-        return await self._run(ctx, chosen, value, oper)
 
     async def allgather(
         self,
@@ -564,11 +692,12 @@ class Communicator:
         algorithm: str | None = None,
     ) -> list[Any]:
         """Every peer's value, in rank order, on every peer."""
-        self._serializable(value)
-        ctx, chosen = self._begin(
-            "allgather", timeout, nbytes=nbytes, channel=channel, algorithm=algorithm
-        )
-        result: list[Any] = await self._run(ctx, chosen, value)
+
+        def prepare() -> _Call:
+            self._serializable(value)
+            return _Call((value,), nbytes, channel, algorithm)
+
+        result: list[Any] = await self._collective("allgather", timeout, prepare)
         return result
 
     async def alltoall(
@@ -581,12 +710,13 @@ class Communicator:
         algorithm: str | None = None,
     ) -> list[Any]:
         """Item ``j`` of peer ``i``'s list becomes item ``i`` of peer ``j``'s result."""
-        items = self._check_list(values, "alltoall")
-        self._serializable(items)
-        ctx, chosen = self._begin(
-            "alltoall", timeout, nbytes=nbytes, channel=channel, algorithm=algorithm
-        )
-        result: list[Any] = await self._run(ctx, chosen, items)
+
+        def prepare() -> _Call:
+            items = self._check_list(values, "alltoall")
+            self._serializable(items)
+            return _Call((items,), nbytes, channel, algorithm)
+
+        result: list[Any] = await self._collective("alltoall", timeout, prepare)
         return result
 
     async def reduce_scatter(
@@ -605,24 +735,27 @@ class Communicator:
         ``num_peers`` parts (``numpy.array_split``: the first parts are one row
         longer when the length does not divide), or a list of ``num_peers`` values.
         """
-        oper = as_op(op)
-        if isinstance(value, np.ndarray):
-            if value.ndim == 0:
-                raise SizeMismatchError("reduce_scatter needs an array with at least one axis")
-            parts = list(np.array_split(value, self.num_peers))
-        else:
-            parts = self._check_list(value, "reduce_scatter")
-        self._serializable(parts)
-        ctx, chosen = self._begin(
-            "reduce_scatter",
-            timeout,
-            nbytes=nbytes,
-            operator=oper,
-            value=value if isinstance(value, np.ndarray) else None,
-            channel=channel,
-            algorithm=algorithm,
-        )
-        return await self._run(ctx, chosen, parts, oper)
+
+        def prepare() -> _Call:
+            if isinstance(value, np.ndarray):
+                if value.ndim == 0:
+                    raise SizeMismatchError("reduce_scatter needs an array with at least one axis")
+                parts = list(np.array_split(value, self.num_peers))
+            else:
+                parts = self._check_list(value, "reduce_scatter")
+            call = self._reduction(
+                None,
+                op,
+                lambda oper: (parts, oper),
+                nbytes=nbytes,
+                channel=channel,
+                algorithm=algorithm,
+                array=value if isinstance(value, np.ndarray) else None,
+            )
+            self._serializable(parts)
+            return call
+
+        return await self._collective("reduce_scatter", timeout, prepare)
 
     async def scan(
         self,
@@ -635,18 +768,9 @@ class Communicator:
         algorithm: str | None = None,
     ) -> Any:
         """Inclusive prefix reduction: peer ``i`` gets ``op(v0, ..., vi)``."""
-        oper = as_op(op)
-        self._serializable(value)
-        ctx, chosen = self._begin(
-            "scan",
-            timeout,
-            nbytes=nbytes,
-            operator=oper,
-            value=value,
-            channel=channel,
-            algorithm=algorithm,
+        return await self._collective(
+            "scan", timeout, self._simple_reduction(value, op, nbytes, channel, algorithm)
         )
-        return await self._run(ctx, chosen, value, oper)
 
     async def exscan(
         self,
@@ -659,15 +783,82 @@ class Communicator:
         algorithm: str | None = None,
     ) -> Any:
         """Exclusive prefix reduction: peer ``i`` gets ``op(v0, ..., v(i-1))``; peer 0 ``None``."""
-        oper = as_op(op)
-        self._serializable(value)
-        ctx, chosen = self._begin(
-            "exscan",
-            timeout,
-            nbytes=nbytes,
-            operator=oper,
-            value=value,
-            channel=channel,
-            algorithm=algorithm,
+        return await self._collective(
+            "exscan", timeout, self._simple_reduction(value, op, nbytes, channel, algorithm)
         )
-        return await self._run(ctx, chosen, value, oper)
+
+    def _simple_reduction(
+        self,
+        value: Any,
+        op: OpLike,
+        nbytes: int | None,
+        channel: str | None,
+        algorithm: str | None,
+    ) -> Callable[[], _Call]:
+        def prepare() -> _Call:
+            call = self._reduction(
+                value,
+                op,
+                lambda oper: (value, oper),
+                nbytes=nbytes,
+                channel=channel,
+                algorithm=algorithm,
+            )
+            self._serializable(value)
+            return call
+
+        return prepare
+
+
+class _Call:
+    """A checked collective call: the algorithm's arguments and what plan() needs.
+
+    The signature every peer's plan identifier carries names everything the
+    peers must agree on beyond the algorithm: dtype and shape of arrays, the
+    root of rooted collectives, and the operator of reductions (its name and
+    properties: two peers passing ``SUM`` and ``MAX`` run different plans).
+    """
+
+    __slots__ = (
+        "algorithm",
+        "args",
+        "channel",
+        "elements",
+        "is_array",
+        "nbytes",
+        "operator",
+        "root",
+        "signature",
+    )
+
+    def __init__(
+        self,
+        args: tuple[Any, ...],
+        nbytes: int | None,
+        channel: str | None,
+        algorithm: str | None,
+        *,
+        operator: Op | None = None,
+        value: Any = None,
+        root: int = 0,
+        rooted: bool = False,
+    ) -> None:
+        self.args = args
+        self.nbytes = nbytes
+        self.channel = channel
+        self.algorithm = algorithm
+        self.operator = operator
+        self.root = root
+        self.is_array = False
+        self.elements: int | None = None
+        parts: list[str] = []
+        if isinstance(value, np.ndarray):
+            self.is_array, self.elements = True, int(value.size)
+            self.nbytes = int(value.nbytes)
+            parts.append(f"{value.dtype.str}{list(value.shape)}")
+        if rooted:
+            parts.append(f"root={root}")
+        if operator is not None:
+            flags = ("c" if operator.commutative else "") + ("a" if operator.associative else "")
+            parts.append(f"op={operator.name}:{flags}")
+        self.signature = "/".join(parts)

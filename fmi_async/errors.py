@@ -30,6 +30,8 @@ __all__ = [
     "EndOfStream",
     "BackendError",
     "AuthenticationError",
+    "AbortedError",
+    "BrokenCommunicatorError",
 ]
 
 
@@ -103,3 +105,23 @@ class BackendError(ChannelError):
 
 class AuthenticationError(FMIError, PermissionError):
     """A peer or join failed to prove knowledge of the shared secret."""
+
+
+class AbortedError(PeerError):
+    """Another peer abandoned the collective this peer is running, and said why.
+
+    ``peer`` is the peer that gave up, ``cause`` the name of the error it
+    raised (``RootError``, ``PlanMismatchError``, ``CommTimeout``, ...).  The
+    collective's sequence number stays aligned on every peer, so the
+    communicator can be used again.
+    """
+
+    def __init__(self, message: str, *, peer: int = -1, cause: str = "") -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.cause = cause
+
+
+class BrokenCommunicatorError(PeerError):
+    """The communicator cannot be used any more (its job lease was lost, or it closed
+    with an error); every later call raises this, with the first cause chained."""

@@ -11,7 +11,15 @@ communicator).
 
 Each message carries the plan identifier.  A peer that receives a message
 sent under another plan raises :class:`~fmi_async.errors.PlanMismatchError`
-naming both, instead of silently mixing data or hanging.
+naming both, instead of silently mixing data or hanging.  On direct channels
+the key also carries a short tag of the plan (``("c", seq, "#1a2b3c4d",
+step...)``), so the receiving mailbox sees a mismatch as soon as the message
+arrives, whatever step the other algorithm waits on.
+
+Waits on storage channels run in slices: between two slices the context
+looks for an abort object of the collective (``("a", seq)``, put by a peer
+that gave up), so a doomed collective fails within a slice instead of at
+its deadline.  Direct channels need no polling: aborts arrive in the mailbox.
 """
 
 from __future__ import annotations
@@ -19,17 +27,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ..channels.base import Channel
+from ..channels.base import Channel, Mailbox, ReceiveGuard, abort_error, plan_tag
 from ..errors import ArgumentError, CommTimeout, PlanMismatchError, ProtocolError
 from ..wire import Payload, dumps, loads
 
-__all__ = ["CollectiveContext", "StorageOps", "Step"]
+__all__ = ["CollectiveContext", "StorageOps", "Step", "ABORT_PROBE_FIRST", "ABORT_PROBE_MAX"]
 
 logger = logging.getLogger(__name__)
 
 Step = int | str | tuple[int | str, ...]
+
+ABORT_PROBE_FIRST = 0.25
+"""Seconds a storage wait runs before its first look for an abort (doubling after)."""
+ABORT_PROBE_MAX = 2.0
+"""Longest slice between two looks for an abort on a storage channel."""
 
 
 class StorageOps(Protocol):
@@ -54,6 +69,8 @@ class CollectiveContext:
         channel: Channel,
         deadline: float | None,
         serializer: str = "msgpack",
+        mailbox: Mailbox | None = None,
+        guard: ReceiveGuard | None = None,
     ) -> None:
         self.rank = rank
         self.size = size
@@ -63,6 +80,10 @@ class CollectiveContext:
         self.channel = channel
         self.deadline = deadline
         self.serializer = serializer
+        self.mailbox = mailbox
+        self.guard = guard
+        self.direct = channel.kind == "direct"
+        self.tag = plan_tag(plan)
 
     def __repr__(self) -> str:
         return (
@@ -74,6 +95,8 @@ class CollectiveContext:
 
     def key(self, step: Step) -> tuple[str | int, ...]:
         parts = step if isinstance(step, tuple) else (step,)
+        if self.direct:
+            return ("c", self.seq, self.tag, *parts)
         return ("c", self.seq, *parts)
 
     def remaining(self) -> float | None:
@@ -116,10 +139,47 @@ class CollectiveContext:
         await self.send_payload(dst, step, self.pack(value))
 
     async def recv_payload(self, src: int, step: Step) -> Payload:
+        key = self.key(step)
+        if self.direct:
+            try:
+                return await self.channel.recv(src, key, self.remaining())
+            except CommTimeout as exc:
+                raise self._timeout(exc) from None
+        guard = self.guard
+
+        async def fetch(seconds: float) -> Payload:
+            if guard is None:
+                return await self.channel.recv(src, key, seconds)
+            return await guard.recv(self.channel, src, key, seconds)
+
+        return await self._sliced(fetch, "")
+
+    async def _sliced(self, fetch: Callable[[float], Awaitable[Payload]], who: str) -> Payload:
+        """Wait on storage in slices, looking for an abort of this collective between them."""
+        piece = ABORT_PROBE_FIRST
+        while True:
+            left = self.remaining()
+            remaining = math.inf if left is None else left
+            wait = min(remaining, piece)
+            try:
+                payload: Payload = await fetch(wait)
+                return payload
+            except CommTimeout as exc:
+                if wait >= remaining:
+                    raise CommTimeout(f"{self.op} (collective #{self.seq}): {exc}{who}") from None
+            await self._look_for_abort()
+            piece = min(piece * 2, ABORT_PROBE_MAX)
+
+    async def _look_for_abort(self) -> None:
+        if self.mailbox is not None:
+            verdict = self.mailbox.aborted(self.seq)
+            if verdict is not None:
+                raise verdict
         try:
-            return await self.channel.recv(src, self.key(step), self.remaining())
-        except CommTimeout as exc:
-            raise self._timeout(exc) from None
+            payload = await self._mediated().get(("a", self.seq), 0)
+        except CommTimeout:
+            return  # nobody gave up
+        raise abort_error(payload, self.seq, self.rank)
 
     async def recv(self, src: int, step: Step) -> Any:
         return self.unpack(await self.recv_payload(src, step), src)
@@ -150,9 +210,11 @@ class CollectiveContext:
         await self._mediated().put(self.key(step), self.pack(value))
 
     async def get(self, step: Step, origin: int | str = "storage") -> Any:
-        try:
-            payload = await self._mediated().get(self.key(step), self.remaining())
-        except CommTimeout as exc:
-            who = f" (peer {origin} stores it)" if isinstance(origin, int) else ""
-            raise CommTimeout(f"{self.op} (collective #{self.seq}): {exc}{who}") from None
-        return self.unpack(payload, origin)
+        key = self.key(step)
+        storage = self._mediated()
+
+        async def fetch(seconds: float) -> Payload:
+            return await storage.get(key, seconds)
+
+        who = f" (peer {origin} stores it)" if isinstance(origin, int) else ""
+        return self.unpack(await self._sliced(fetch, who), origin)

@@ -32,6 +32,10 @@ __all__ = [
     "AuthenticationError",
     "AbortedError",
     "BrokenCommunicatorError",
+    "JobConflictError",
+    "JobConflictTimeout",
+    "JobMismatchError",
+    "LeaseLostError",
 ]
 
 
@@ -125,3 +129,30 @@ class AbortedError(PeerError):
 class BrokenCommunicatorError(PeerError):
     """The communicator cannot be used any more (its job lease was lost, or it closed
     with an error); every later call raises this, with the first cause chained."""
+
+
+class JobConflictError(FMIError):
+    """Another job holds, or opened at the same moment, this communicator's name and run id.
+
+    Peers of two jobs with the same ``comm_name`` and run id would read each
+    other's messages; the job lease (:mod:`fmi_async.lease`) turns every such
+    collision it can see into this error.  Give each job a distinct ``run_id``
+    (``fmi run`` makes one per run).
+    """
+
+
+class JobConflictTimeout(JobConflictError, CommTimeout):
+    """The deadline passed while waiting (``job.on_conflict: "wait"``) for another job's lease.
+
+    Both a :class:`JobConflictError` and a :class:`CommTimeout` (so a
+    ``TimeoutError``): the wait was for another job, and it ran out of time.
+    """
+
+
+class JobMismatchError(FMIError):
+    """Peers of one communicator disagree on ``num_peers``; found when the communicator opens."""
+
+
+class LeaseLostError(FMIError):
+    """An open communicator's job lease was lost: another job took its name and run id after
+    the lease expired, or the lease could not be renewed for longer than its TTL."""

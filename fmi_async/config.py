@@ -8,8 +8,17 @@ parameters per backend).  It loads unchanged.  Our extensions:
   ``DynamoDB``, ``MPI``;
 * top-level keys: ``timeout`` (seconds, the default deadline of every
   operation), ``serializer`` (``"msgpack"`` or ``"pickle"``), ``channel`` (the
-  preferred point-to-point channel), ``security.secret`` (shared secret for
-  joins and peer proofs), ``limits`` (frame limits, see :class:`fmi_async.wire.Limits`).
+  preferred point-to-point channel), ``security`` (see below), ``limits``
+  (frame limits, see :class:`fmi_async.wire.Limits`).
+
+The ``security`` section (``docs/security.md`` has the threat model):
+``secret`` (the shared secret every direct connection and rendezvous request
+proves knowledge of), ``insecure`` (``true`` to run direct channels without a
+secret, which is refused otherwise), ``handshake_timeout`` (seconds an
+accepted connection has to prove membership, default 5),
+``max_unproven`` and ``max_unproven_per_source`` (connections proving
+membership at once, in all and per source address; beyond them the oldest is
+dropped, default 128 and 32).
 
 Backend names are case-insensitive and normalized to lower case
 (``direct`` becomes ``tcp``).
@@ -18,6 +27,7 @@ Backend names are case-insensitive and normalized to lower case
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +51,15 @@ BACKEND_ALIASES: dict[str, str] = {
 }
 KNOWN_BACKENDS = frozenset(BACKEND_ALIASES.values())
 _TOP_LEVEL = {"backends", "model", "timeout", "serializer", "channel", "security", "limits"}
+_SECURITY_KEYS = frozenset(
+    ("secret", "insecure", "handshake_timeout", "max_unproven", "max_unproven_per_source")
+)
+_INF = float("inf")
+SECRET_CHANNELS = frozenset(("tcp", "udp"))
+"""Channels that authenticate peers with ``security.secret`` themselves (storage
+channels rely on their backend's credentials, memory peers share one process)."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,10 @@ class Config:
     channel: str | None = None
     secret: bytes | None = None
     limits: Limits = field(default_factory=Limits)
+    insecure: bool = False
+    handshake_timeout: float = 5.0
+    max_unproven: int = 128
+    max_unproven_per_source: int = 32
 
     # ---------------------------------------------------------------- loading
 
@@ -108,12 +131,7 @@ class Config:
         channel = data.get("channel")
         if channel is not None:
             channel = _backend_name(channel, origin)
-        security = data.get("security", {})
-        if not isinstance(security, Mapping):
-            raise ConfigError(f"{origin}: security must be an object")
-        secret = security.get("secret")
-        if secret is not None and not isinstance(secret, str):
-            raise ConfigError(f"{origin}: security.secret must be a string")
+        security = _security(data.get("security", {}), origin)
         limits_raw = data.get("limits", {})
         try:
             limits = Limits(**limits_raw)
@@ -125,8 +143,8 @@ class Config:
             timeout=float(timeout),
             serializer=serializer,
             channel=channel,
-            secret=secret.encode() if secret is not None else None,
             limits=limits,
+            **security,
         )
 
     # ---------------------------------------------------------------- queries
@@ -134,6 +152,32 @@ class Config:
     def enabled(self) -> list[str]:
         """Names of enabled backends, in a fixed order shared by every peer."""
         return sorted(n for n, o in self.backends.items() if o.get("enabled", True))
+
+    def check_security(self, channel: str) -> None:
+        """Refuse to run ``channel`` (``tcp`` or ``udp``) without a secret, unless opted out.
+
+        Raises :class:`~fmi_async.errors.ConfigError` naming the two keys
+        that fix it when neither ``security.secret`` nor ``security.insecure``
+        is set.  The opt-out is logged as a WARNING (logging, not
+        :mod:`warnings`: it is a fact about the deployment, not about the
+        calling code, and must not turn into an exception under
+        ``-W error``).
+        """
+        if self.secret is not None:
+            return
+        if not self.insecure:
+            raise ConfigError(
+                f"channel {channel} needs a shared secret: set security.secret (the same on "
+                "every peer and on the rendezvous server; `fmi run` makes one per run), or "
+                "set security.insecure: true to run without one, where anyone who knows the "
+                "communicator name can join as a peer (see docs/security.md)"
+            )
+        logger.warning(
+            "channel %s runs WITHOUT a secret (security.insecure: true): anyone who can reach "
+            "the rendezvous server or this peer and knows the communicator name can join, read "
+            "and inject messages",
+            channel,
+        )
 
     def options(self, backend: str) -> dict[str, Any]:
         return dict(self.backends.get(_backend_name(backend, "config"), {}))
@@ -156,8 +200,15 @@ class Config:
         }
         if self.channel:
             out["channel"] = self.channel
+        security: dict[str, Any] = {}
         if self.secret is not None:
-            out["security"] = {"secret": self.secret.decode()}
+            security["secret"] = self.secret.decode()
+        defaults = Config()
+        for key in sorted(_SECURITY_KEYS - {"secret"}):
+            if getattr(self, key) != getattr(defaults, key):
+                security[key] = getattr(self, key)
+        if security:
+            out["security"] = security
         if self.limits != Limits():
             out["limits"] = asdict(self.limits)
         return out
@@ -165,6 +216,46 @@ class Config:
 
 COMPUTE = "compute"
 """Name of the ``model`` section's entry for the peers' own work (not a channel)."""
+
+
+def _security(section: Any, origin: str) -> dict[str, Any]:
+    """The ``security`` section as :class:`Config` fields, or :class:`ConfigError`."""
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{origin}: security must be an object")
+    unknown = set(section) - _SECURITY_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{origin}: unknown key(s) {sorted(unknown)} in security; expected some of "
+            f"{sorted(_SECURITY_KEYS)}"
+        )
+    out: dict[str, Any] = {}
+    secret = section.get("secret")
+    if secret is not None:
+        if not isinstance(secret, str) or not secret:
+            raise ConfigError(f"{origin}: security.secret must be a non-empty string")
+        out["secret"] = secret.encode()
+    insecure = section.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{origin}: security.insecure must be true or false, got {insecure!r}")
+    out["insecure"] = insecure
+    if "handshake_timeout" in section:
+        value = section["handshake_timeout"]
+        # not 0 < value < inf also refuses nan, whose comparisons are all false
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < _INF:
+            raise ConfigError(
+                f"{origin}: security.handshake_timeout must be a positive, finite number of "
+                f"seconds, got {value!r}"
+            )
+        out["handshake_timeout"] = float(value)
+    for key in ("max_unproven", "max_unproven_per_source"):
+        if key in section:
+            value = section[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{origin}: security.{key} must be a positive integer, got {value!r}"
+                )
+            out[key] = value
+    return out
 
 
 def _backend_name(name: Any, origin: str) -> str:

@@ -189,6 +189,7 @@ class UDPChannel(Channel):
                 '{"UDP": {"enabled": true, "host": "10.0.0.5", "port": 10000}}; start one '
                 "with `fmi rendezvous`, or use `fmi run`, which starts one for you"
             )
+        config.check_security(self.name)
         self.bind = str(opts.get("bind", "127.0.0.1"))
         self.advertise = str(opts.get("advertise", self.bind))
         rto_max = _number(opts, "rto_max", 2.0)

@@ -246,7 +246,10 @@ async def test_unreachable_rendezvous_fails_open() -> None:
         sock.bind((LOOPBACK, 0))
         port = sock.getsockname()[1]
     config = Config.from_dict(
-        {"backends": {"TCP": {"host": LOOPBACK, "port": port, "connect_timeout": 1.0}}}
+        {
+            "backends": {"TCP": {"host": LOOPBACK, "port": port, "connect_timeout": 1.0}},
+            "security": {"secret": SECRET},
+        }
     )
     chan = TCPChannel(0, 2, "W", "r", config, Mailbox(0))
     with pytest.raises(BrokenChannelError, match=f"{LOOPBACK}:{port}"):
@@ -258,7 +261,10 @@ def test_config_errors() -> None:
     with pytest.raises(ConfigError, match="host and port"):
         TCPChannel(0, 2, "W", "r", Config.from_dict({"backends": {"TCP": {}}}), Mailbox(0))
     fmi_style = Config.from_dict(
-        {"backends": {"Direct": {"host": "h", "port": 10000, "max_timeout": 1500}}}
+        {
+            "backends": {"Direct": {"host": "h", "port": 10000, "max_timeout": 1500}},
+            "security": {"secret": SECRET},
+        }
     )
     chan = TCPChannel(0, 2, "W", "r", fmi_style, Mailbox(0))
     assert chan.connect_timeout == 1.5 and chan.rendezvous == ("h", 10000)

@@ -17,7 +17,16 @@ behind NAT.  The first send to a peer looks it up there and then
 Every connection, whichever way it opened, starts with the membership
 handshake of :func:`~fmi_async.holepunch.punch.authenticate` (HMAC over
 ``security.secret``, comm name, run id and nonces from both sides); a
-connection that fails it is dropped before a single frame is read.
+connection that fails it is dropped before a single frame is read.  The
+channel refuses to open without ``security.secret`` unless
+``security.insecure`` is true.  Connections accepted on the listening port
+must prove membership within ``security.handshake_timeout``; while they have
+not, they count against ``security.max_unproven`` (and
+``max_unproven_per_source`` per source address), and a new connection over
+either limit evicts the oldest unproven one
+(:class:`~fmi_async.holepunch.admission.Admission`), so strangers cannot
+exhaust the handshake slots.  A connecting peer whose handshake was cut off
+that way tries again while its ``connect_timeout`` lasts.
 
 A peer *sends* only on connections it opened and *receives* only on
 connections it accepted.  Two peers that send to each other at the same
@@ -52,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -60,6 +70,7 @@ from typing import Any, cast
 from ..config import Config
 from ..errors import (
     ArgumentError,
+    AuthenticationError,
     BrokenChannelError,
     ClosedError,
     CommTimeout,
@@ -69,6 +80,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..holepunch import protocol as hp
+from ..holepunch.admission import Admission
 from ..holepunch.client import ControlConnection, RendezvousClient
 from ..holepunch.natsim import network_from_options
 from ..holepunch.net import HostNetwork, Network, close_socket, sock_accept
@@ -82,7 +94,7 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024  # bytes per write of a large buffer
 _SMALL = 256 * 1024  # frames up to this size are joined and written at once
-_MAX_HANDSHAKES = 64  # connections proving membership at once; more are refused
+_CONNECT_ATTEMPTS = 4  # handshakes a connecting peer tries when the other side drops them
 _TRAVERSAL = ("auto", "punch", "off")
 
 
@@ -290,6 +302,7 @@ class TCPChannel(Channel):
                 '{"TCP": {"enabled": true, "host": "10.0.0.5", "port": 10000}}; start one '
                 "with `fmi rendezvous`, or use `fmi run`, which starts one for you"
             )
+        config.check_security(self.name)
         self.rendezvous: hp.Address = (host, port)
         self.bind = str(opts.get("bind", "127.0.0.1"))
         self.advertise = str(opts.get("advertise", self.bind))
@@ -323,7 +336,12 @@ class TCPChannel(Channel):
         self._senders: dict[int, _Sender] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._incoming: set[_Receiver] = set()
-        self._unproven: set[socket.socket] = set()  # accepted, membership not yet proven
+        # accepted, membership not yet proven: the admission policy and each one's handshake
+        self._unproven: Admission[socket.socket] = Admission(
+            config.max_unproven, config.max_unproven_per_source
+        )
+        self._handshakes: dict[socket.socket, asyncio.Task[bool]] = {}
+        self.handshake_timeout = min(config.handshake_timeout, self.connect_timeout)
 
     def __repr__(self) -> str:
         addr = self.listen_address
@@ -394,9 +412,9 @@ class TCPChannel(Channel):
             await asyncio.wait(list(self._tasks), timeout=5.0)
         if self._listen_sock is not None:  # after the accept loop stopped watching it
             close_socket(self._listen_sock)
-        for conn in list(self._unproven):  # accepted, cancelled before proving membership
+        for conn in self._unproven:  # accepted, cancelled before proving membership
+            self._unproven.settle(conn)
             close_socket(conn, reset=True)
-        self._unproven.clear()
         for receiver in list(self._incoming):
             if receiver.transport is not None:
                 receiver.transport.abort()
@@ -489,10 +507,57 @@ class TCPChannel(Channel):
         return proto
 
     async def _connect_plain(self, dst: int, addr: hp.Address) -> socket.socket:
-        """Connect to a listening peer (through our NAT, if any) and prove membership."""
+        """Connect to a listening peer (through our NAT, if any) and prove membership.
+
+        A peer under a flood of connections may evict our handshake before
+        it completes (its oldest unproven connection goes first): a
+        handshake cut off like that is tried again, a few times, within
+        ``connect_timeout``.  An endpoint that stays silent through the
+        handshake is not treated as a slow peer: it did not prove
+        membership, so :class:`~fmi_async.errors.AuthenticationError`.
+        """
+        host, port = addr
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        for attempt in range(1, _CONNECT_ATTEMPTS + 1):
+            sock = await self._dial(dst, addr, max(0.001, deadline - loop.time()))
+            try:
+                await authenticate(
+                    sock, self.member, self.peer_id, committer=True, other=dst, deadline=deadline
+                )
+            except BrokenChannelError as exc:
+                close_socket(sock)
+                if attempt == _CONNECT_ATTEMPTS or loop.time() >= deadline:
+                    raise BrokenChannelError(
+                        f"peer {dst} at {host}:{port} closed {attempt} membership handshake(s) "
+                        f"of peer {self.peer_id} before they completed ({exc}); has it "
+                        "crashed, or is its port flooded with connections?"
+                    ) from exc
+                logger.info(
+                    "peer %d: handshake with peer %d cut off (%s); trying again",
+                    self.peer_id, dst, exc,
+                )  # fmt: skip
+                await asyncio.sleep(min(0.02 * attempt, max(0.0, deadline - loop.time())))
+                continue
+            except CommTimeout as exc:
+                close_socket(sock)
+                raise AuthenticationError(
+                    f"peer {dst} at {host}:{port} did not prove membership to peer "
+                    f"{self.peer_id} within {self.connect_timeout:.3g}s (it stayed silent): "
+                    f"whoever listens there may not be peer {dst} (a rendezvous server "
+                    "without a secret lets anyone register), or it is too busy to answer"
+                ) from exc
+            except BaseException:
+                close_socket(sock)
+                raise
+            logger.debug("peer %d: connected to peer %d at %s:%d", self.peer_id, dst, host, port)
+            return sock
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _dial(self, dst: int, addr: hp.Address, timeout: float) -> socket.socket:
         host, port = addr
         try:
-            sock, _ = await self.net.connect(addr, timeout=self.connect_timeout)
+            sock, _ = await self.net.connect(addr, timeout=timeout)
         except TimeoutError:
             raise CommTimeout(
                 f"peer {self.peer_id} could not connect to peer {dst} at {host}:{port} within "
@@ -503,15 +568,6 @@ class TCPChannel(Channel):
                 f"peer {self.peer_id} cannot connect to peer {dst} at {host}:{port}: "
                 f"{exc.strerror or exc}; has peer {dst} closed or crashed?"
             ) from exc
-        try:
-            deadline = asyncio.get_running_loop().time() + self.connect_timeout
-            await authenticate(
-                sock, self.member, self.peer_id, committer=True, other=dst, deadline=deadline
-            )
-        except BaseException:
-            close_socket(sock)
-            raise
-        logger.debug("peer %d: connected to peer %d at %s:%d", self.peer_id, dst, host, port)
         return sock
 
     # ---------------------------------------------------------------- receive side
@@ -520,7 +576,13 @@ class TCPChannel(Channel):
         return 0 <= peer < self.num_peers and peer != self.peer_id
 
     async def _accept_loop(self, listen: socket.socket) -> None:
-        """Accept plain connections; each must prove membership before it may send."""
+        """Accept plain connections; each must prove membership before it may send.
+
+        Unproven connections are bounded by the admission policy: one over
+        a limit evicts the oldest unproven connection (of its source, then
+        of all), never the new one; see the module doc.
+        """
+        loop = asyncio.get_running_loop()
         while self.is_open:
             try:
                 conn, addr = await sock_accept(listen)
@@ -531,16 +593,38 @@ class TCPChannel(Channel):
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
-            if len(self._unproven) >= _MAX_HANDSHAKES:
-                logger.warning("peer %d: too many unproven connections; refusing", self.peer_id)
-                close_socket(conn, reset=True)
-                continue
-            self._unproven.add(conn)
-            self._spawn(self._admit(conn, addr))
+            source = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+            for old in self._unproven.admit(conn, source, loop.time()):
+                task = self._handshakes.get(old)
+                if task is not None:
+                    task.cancel()  # its done callback closes the socket
+                else:
+                    close_socket(old, reset=True)
+            evicted = self._unproven.report(loop.time())
+            if evicted:
+                logger.warning(
+                    "peer %d: %d connection(s) that had not proved membership evicted to make "
+                    "room (limits: security.max_unproven=%d, max_unproven_per_source=%d); is "
+                    "someone flooding this port (latest from %s)?",
+                    self.peer_id, evicted, self._unproven.max_total,
+                    self._unproven.max_per_source, source,
+                )  # fmt: skip
+            task = self._spawn(self._admit(conn, addr))
+            self._handshakes[conn] = task
+            task.add_done_callback(functools.partial(self._handshake_done, conn))
 
-    async def _admit(self, conn: socket.socket, addr: Any) -> None:
+    def _handshake_done(self, conn: socket.socket, task: asyncio.Task[bool]) -> None:
+        """Close an accepted socket whose handshake did not hand it over (failed,
+        timed out, evicted, or cancelled by close(), even before it first ran)."""
+        self._handshakes.pop(conn, None)
+        self._unproven.settle(conn)
+        if task.cancelled() or task.exception() is not None or not task.result():
+            close_socket(conn, reset=True)
+
+    async def _admit(self, conn: socket.socket, addr: Any) -> bool:
+        """Prove membership within the handshake deadline; True once the socket is handed on."""
         try:
-            deadline = asyncio.get_running_loop().time() + self.connect_timeout
+            deadline = asyncio.get_running_loop().time() + self.handshake_timeout
             src = await authenticate(
                 conn,
                 self.member,
@@ -550,14 +634,16 @@ class TCPChannel(Channel):
                 deadline=deadline,
                 valid_peer=self._valid_peer,
             )
+        except (CommTimeout, BrokenChannelError) as exc:
+            # silent or gone: a flood would make a warning per connection
+            logger.debug("peer %d: closing a connection from %s: %s", self.peer_id, addr, exc)
+            return False
         except (FMIError, OSError) as exc:
             logger.warning("peer %d: closing a connection from %s: %s", self.peer_id, addr, exc)
-            self._unproven.discard(conn)
-            close_socket(conn, reset=True)
-            return
-        # Cancelled (the channel closing): the socket stays in _unproven for close().
-        self._unproven.discard(conn)
+            return False
+        self._unproven.settle(conn)  # proven: its slot is free for the next one
         await self._receive_on(conn, src)
+        return True
 
     async def _receive_on(self, conn: socket.socket, src: int) -> None:
         if not self.is_open:

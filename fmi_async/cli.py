@@ -1,9 +1,13 @@
 """The ``fmi`` command.
 
-``fmi rendezvous``  run a rendezvous server until Ctrl-C (or SIGTERM).
+``fmi rendezvous``  run a rendezvous server until Ctrl-C (or SIGTERM); it
+                    needs ``--secret-file`` (or ``--insecure`` to run
+                    without a secret, which it warns about).
 ``fmi run``         start N peers of a script on this machine, like ``mpirun``:
                     a rendezvous server runs inside the launcher, every peer
-                    gets its identity and a config in environment variables,
+                    gets its identity and a config in environment variables
+                    (with a random secret of this run, which the server
+                    requires too),
                     output is prefixed with ``[peer i]``, and the run stops as
                     a whole when one peer fails.  With ``--nat`` (default
                     ``port-restricted``) every peer sits behind its own
@@ -70,6 +74,18 @@ def _rendezvous_args(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="file holding the shared secret; peers must use it as security.secret",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without a secret: anyone who can reach the server may register, look up "
+        "and join (refused unless given; see docs/security.md)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a new connection has to send its first complete request (default 5)",
+    )
     parser.add_argument("--ttl", type=float, default=3600.0, help="registration lifetime (s)")
 
 
@@ -103,9 +119,24 @@ async def _until_signalled() -> None:
 
 def _cmd_rendezvous(args: argparse.Namespace) -> int:
     secret = _read_secret(args.secret_file)
+    if secret is None and not args.insecure:
+        raise ConfigError(
+            "refusing to run a rendezvous server without a secret: give --secret-file FILE "
+            "(the peers set the same text as security.secret), or --insecure to run without "
+            "one, where anyone who can reach the server may register, look up and join"
+        )
+    if secret is not None and args.insecure:
+        raise ConfigError("--insecure and --secret-file contradict each other; give one")
+    if not 0 < args.handshake_timeout < float("inf"):
+        raise ConfigError("--handshake-timeout must be a positive number of seconds")
 
     async def serve() -> None:
-        server = RendezvousServer(secret, ttl=args.ttl)
+        server = RendezvousServer(
+            secret,
+            insecure=secret is None,
+            ttl=args.ttl,
+            handshake_timeout=args.handshake_timeout,
+        )
         try:
             await server.start(args.host, args.port)
         except OSError as exc:

@@ -149,7 +149,7 @@ async def test_unspecified_host_replaced_by_observed(server: RendezvousServer) -
 
 async def test_entries_expire_after_ttl() -> None:
     now = [0.0]
-    async with RendezvousServer(ttl=10.0, clock=lambda: now[0]) as srv:
+    async with RendezvousServer(ttl=10.0, clock=lambda: now[0], insecure=True) as srv:
         client = client_for(srv, None)
         await client.register("W", "r", 0, (LOOPBACK, 1))
         assert await client.lookup("W", "r", 0, 0.1) == (LOOPBACK, 1)
@@ -159,7 +159,7 @@ async def test_entries_expire_after_ttl() -> None:
 
 
 async def test_bounded_pending_lookups_and_entries() -> None:
-    async with RendezvousServer(max_pending=1, max_entries=1) as srv:
+    async with RendezvousServer(max_pending=1, max_entries=1, insecure=True) as srv:
         client = client_for(srv, None)
         waiting = asyncio.create_task(client.lookup("W", "r", 5, timeout=5.0))
         for _ in range(100):  # until the first lookup waits at the server
@@ -200,7 +200,7 @@ async def test_non_request_message_rejected(server: RendezvousServer) -> None:
 
 
 async def test_idle_connection_closed() -> None:
-    async with RendezvousServer(idle_timeout=0.2) as srv:
+    async with RendezvousServer(idle_timeout=0.2, insecure=True) as srv:
         reader, writer = await asyncio.open_connection(*srv.address)
         try:
             start = time.monotonic()
@@ -211,7 +211,7 @@ async def test_idle_connection_closed() -> None:
 
 
 async def test_close_ends_waiting_lookups() -> None:
-    srv = RendezvousServer()
+    srv = RendezvousServer(insecure=True)
     await srv.start(LOOPBACK, 0)
     client = client_for(srv, None)
     task = asyncio.create_task(client.lookup("W", "r", 3, timeout=30.0))
@@ -228,7 +228,7 @@ async def test_close_ends_waiting_lookups() -> None:
 
 
 async def test_server_lifecycle_errors() -> None:
-    srv = RendezvousServer()
+    srv = RendezvousServer(insecure=True)
     with pytest.raises(ArgumentError, match="not started"):
         _ = srv.address
     await srv.start(LOOPBACK, 0)

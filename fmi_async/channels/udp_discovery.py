@@ -4,8 +4,9 @@ A :class:`Discovery` publishes this peer's datagram endpoint and locates the
 others'.  Two implementations:
 
 * :class:`RendezvousDiscovery` (``traversal: off``) registers the bound (or
-  advertised) address at the rendezvous server over TCP and looks peers up
-  there.  Nothing crosses a NAT.
+  advertised) address at the rendezvous server over a long-lived TCP control
+  connection (which renews it, and to which the registration stays bound)
+  and looks peers up there.  Nothing crosses a NAT.
 * :class:`PunchDiscovery` (``traversal: auto``, the default, or ``punch``)
   is backed by :class:`~fmi_async.holepunch.udp.UDPHolePuncher`.  It
   registers over UDP *from the channel's own socket*, so the server records
@@ -27,12 +28,12 @@ was invited and has not sent yet.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
-from ..holepunch.client import RendezvousClient
+from ..holepunch import protocol as p
+from ..holepunch.client import ControlConnection, RendezvousClient
 from ..holepunch.udp import RELAY_HOST, UDPHolePuncher
 
 __all__ = ["Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery", "Traversal"]
@@ -69,30 +70,39 @@ class Discovery(Protocol):
 
 
 class RendezvousDiscovery:
-    """No NAT in the way: register the bound address, look the others up (TCP rendezvous)."""
+    """No NAT in the way: register the bound address, look the others up (TCP rendezvous).
+
+    The register goes over a :class:`~fmi_async.holepunch.client.ControlConnection`,
+    which renews it and reconnects by itself; on a rendezvous server without a
+    secret the registration belongs to that connection, so nobody else can
+    replace it while this peer is there.
+    """
 
     def __init__(self, client: RendezvousClient, comm: str, run_id: str, peer: int) -> None:
         self.client = client
         self.comm = f"{comm}/udp"  # distinct from the TCP channel's registrations
         self.run_id = run_id
         self.peer = peer
-        self._refresh: asyncio.Task[None] | None = None
+        self._control: ControlConnection | None = None
 
     def __repr__(self) -> str:
         return f"<RendezvousDiscovery {self.comm!r} peer={self.peer} via {self.client!r}>"
 
     async def publish(self, transport: asyncio.DatagramTransport, address: Address) -> None:
-        ok = await self.client.register(self.comm, self.run_id, self.peer, address)
-        if ok.ttl:
-            self._refresh = asyncio.create_task(self._keep_registered(address, ok.ttl))
+        def no_invites(invite: p.Invite) -> None:  # nothing to punch with traversal off
+            logger.debug("peer %d: ignoring %r (udp traversal is off)", self.peer, invite)
 
-    async def _keep_registered(self, address: Address, ttl: float) -> None:
-        while True:
-            await asyncio.sleep(max(ttl / 2, 1.0))
-            try:
-                await self.client.register(self.comm, self.run_id, self.peer, address)
-            except Exception as exc:  # the next round tries again
-                logger.warning("peer %d: renewing the udp registration failed: %s", self.peer, exc)
+        control = ControlConnection(
+            self.client,
+            self.comm,
+            self.run_id,
+            self.peer,
+            address,
+            no_invites,
+            renew=min(15.0, max(1.0, self.client.timeout)),
+        )
+        await control.start()
+        self._control = control
 
     async def locate(
         self, peer: int, transport: asyncio.DatagramTransport, timeout: float
@@ -104,10 +114,8 @@ class RendezvousDiscovery:
         return False  # no hole punching here: such datagrams are foreign
 
     async def close(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh
+        if self._control is not None:
+            await self._control.close()
 
 
 class PunchDiscovery:

@@ -14,8 +14,10 @@ so behind a simulated NAT the server observes the NAT's mapping.
 Every step has a deadline, and failures are mapped onto the library's errors
 with messages that say what to check: :class:`~fmi_async.errors.CommTimeout`
 when the peer never registers, :class:`~fmi_async.errors.AuthenticationError`
-when the secrets differ, :class:`~fmi_async.errors.BrokenChannelError` when
-the server cannot be reached.
+when the secrets differ (or, on a server without a secret, when another
+registrant holds this peer's registration), and
+:class:`~fmi_async.errors.BrokenChannelError` when the server cannot be
+reached.
 """
 
 from __future__ import annotations
@@ -196,10 +198,9 @@ class RendezvousClient:
         if not isinstance(answer, p.Error):
             return ProtocolError(f"unexpected {answer.TYPE!r} answer from {self._where} to {what}")
         if answer.code == "auth":
-            return AuthenticationError(
-                f"{self._where} rejected {what}: {answer.message}; use the same "
-                "security.secret on every peer and on the server"
-            )
+            # The server says why: a proof that does not match its secret, or a
+            # registration that someone else holds (on a server without a secret).
+            return AuthenticationError(f"{self._where} rejected {what}: {answer.message}")
         if answer.code == "timeout":
             return CommTimeout(
                 f"peer {request.peer} of communicator {request.comm!r} (run {request.run_id}) "
@@ -323,6 +324,8 @@ class ControlConnection:
                 await self._serve()
             except asyncio.CancelledError:
                 raise
+            except AuthenticationError as exc:  # refused: worth a line, it will not heal by itself
+                logger.warning("peer %d: control connection: %s", self.peer, exc)
             except Exception as exc:
                 logger.debug("peer %d: control connection: %s", self.peer, exc)
             if self._writer is not None:

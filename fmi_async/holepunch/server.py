@@ -22,7 +22,27 @@ Everything is bounded, because the server may face the internet: entries
 expire after a TTL unless renewed, the number of entries, of waiting lookups
 and of connections is capped, every connection has an idle timeout, and a
 malformed message closes its connection.  With a shared secret every
-register and lookup must carry a valid HMAC proof.
+register, lookup, join, result and relay request must carry a valid HMAC
+proof, and a request that does not is answered ``auth`` and its connection
+closed.  Without one the server refuses to start unless ``insecure=True``
+says so explicitly, and then warns.
+
+Strangers cannot hold connections: a new connection is *unproven* until its
+first complete request was accepted, must deliver that request within
+``handshake_timeout``, and counts against ``max_unproven`` and
+``max_unproven_per_source``; one over either limit evicts the oldest
+unproven connection (:class:`~fmi_async.holepunch.admission.Admission`).
+Every later message, once begun, must also be complete within
+``handshake_timeout`` (a slowloris trickle is cut off).
+
+A registration belongs to its first registrant: its control connection
+(over TCP) or its source endpoint (over UDP).  On a server without a secret,
+a register for the same ``(comm, run_id, peer)`` from anyone else is refused
+while the entry lives and its owner is still there (its connection open, or
+over UDP renewed within ``idle_timeout``), so a stranger cannot take over a
+peer's registration.  With a secret every registrant proved membership, and
+a member's register replaces the entry (a peer that reconnected before the
+server noticed its old connection died).  See ``docs/security.md``.
 
 :class:`Registry` holds the table without any I/O (time is passed in), so its
 expiry logic is tested without sockets or sleeping.
@@ -39,8 +59,9 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Final
 
-from ..errors import ArgumentError, ProtocolError
+from ..errors import ArgumentError, ConfigError, ProtocolError
 from . import protocol as p
+from .admission import Admission
 from .pairing import Pairing, PairingTable, PairKey
 from .relay import splice
 
@@ -65,6 +86,7 @@ class Registry:
         self.max_entries = max_entries
         self._entries: OrderedDict[EntryKey, tuple[p.Address, float]] = OrderedDict()
         self._nat: dict[EntryKey, bool] = {}
+        self._owners: dict[EntryKey, object] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -81,18 +103,36 @@ class Registry:
                 break
             del self._entries[key]
             self._nat.pop(key, None)
+            self._owners.pop(key, None)
             dropped += 1
         return dropped
 
-    def register(self, key: EntryKey, addr: p.Address, now: float, nat: bool = False) -> bool:
-        """Add or renew an entry; False if the table is full."""
+    def register(
+        self, key: EntryKey, addr: p.Address, now: float, nat: bool = False, owner: object = None
+    ) -> bool:
+        """Add or renew an entry for ``owner``; False if the table is full.
+
+        Whether ``owner`` may take an entry someone else holds is the
+        caller's decision (:meth:`owner` and :meth:`renewed` tell it who
+        holds it and since when).
+        """
         self.expire(now)
         if key not in self._entries and len(self._entries) >= self.max_entries:
             return False
         self._entries[key] = (addr, now + self.ttl)
         self._nat[key] = nat
+        self._owners[key] = owner
         self._entries.move_to_end(key)
         return True
+
+    def owner(self, key: EntryKey, now: float) -> object:
+        """Who holds the live entry ``key`` (None if nobody, or registered without an owner)."""
+        return self._owners.get(key) if self.get(key, now) is not None else None
+
+    def renewed(self, key: EntryKey) -> float | None:
+        """When the entry was last registered or renewed."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[1] - self.ttl
 
     def get(self, key: EntryKey, now: float) -> p.Address | None:
         entry = self._entries.get(key)
@@ -106,12 +146,21 @@ class Registry:
 
 
 class RendezvousServer:
-    """Asyncio rendezvous server; ``async with`` or :meth:`start`/:meth:`close`."""
+    """Asyncio rendezvous server; ``async with`` or :meth:`start`/:meth:`close`.
+
+    Raises :class:`~fmi_async.errors.ConfigError` when built without a
+    ``secret`` and without ``insecure=True``, and
+    :class:`~fmi_async.errors.ArgumentError` for limits that cannot work.
+    """
 
     def __init__(
         self,
         secret: bytes | None = None,
         *,
+        insecure: bool = False,
+        handshake_timeout: float = 5.0,
+        max_unproven: int = 1024,
+        max_unproven_per_source: int = 32,
         ttl: float = 3600.0,
         default_lookup_timeout: float = 30.0,
         max_lookup_timeout: float = 600.0,
@@ -127,9 +176,24 @@ class RendezvousServer:
         max_relays: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if ttl <= 0 or default_lookup_timeout <= 0 or idle_timeout <= 0:
-            raise ArgumentError("ttl, default_lookup_timeout and idle_timeout must be positive")
+        if ttl <= 0 or default_lookup_timeout <= 0 or idle_timeout <= 0 or handshake_timeout <= 0:
+            raise ArgumentError(
+                "ttl, default_lookup_timeout, idle_timeout and handshake_timeout must be positive"
+            )
+        if secret is not None and not secret:
+            raise ConfigError("the rendezvous server's secret must not be empty")
+        if secret is None and not insecure:
+            raise ConfigError(
+                "a rendezvous server needs a shared secret (RendezvousServer(secret=...), "
+                "`fmi rendezvous --secret-file FILE`), or insecure=True (`--insecure`) to run "
+                "without one, where anyone who can reach it may register, look up and join"
+            )
         self.secret = secret
+        self.insecure = secret is None
+        self.handshake_timeout = handshake_timeout
+        self._unproven: Admission[asyncio.Task[None]] = Admission(
+            max_unproven, max_unproven_per_source
+        )
         self.default_lookup_timeout = default_lookup_timeout
         self.max_lookup_timeout = max_lookup_timeout
         self.idle_timeout = idle_timeout
@@ -198,6 +262,13 @@ class RendezvousServer:
         self._server, self._udp = server, transport
         self._address = (str(sockname[0]), int(sockname[1]))
         logger.info("rendezvous server listening on %s:%d (tcp and udp)", *self._address)
+        if self.secret is None:
+            logger.warning(
+                "rendezvous server on %s:%d runs WITHOUT a secret (insecure): anyone who can "
+                "reach it may register, look up and join any communicator; peers stay safe "
+                "only with their own security.secret (see docs/security.md)",
+                *self._address,
+            )
 
     async def close(self) -> None:
         """Stop listening, end every connection and wake every waiting lookup."""
@@ -236,28 +307,45 @@ class RendezvousServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._handlers) >= self.max_connections:
-            logger.warning("rendezvous: too many connections, refusing one")
-            writer.close()
-            return
-        self._handlers.add(task)
         peername = writer.get_extra_info("peername")
         observed: p.Address | None = (
             (str(peername[0]), int(peername[1])) if isinstance(peername, tuple) else None
         )
+        self._admit(task, observed)
+        if len(self._handlers) >= self.max_connections:
+            logger.warning("rendezvous: too many connections, refusing one")
+            self._unproven.settle(task)
+            writer.close()
+            return
+        self._handlers.add(task)
         controls: set[EntryKey] = set()
         try:
             await self._serve_connection(reader, writer, observed, controls)
         except asyncio.CancelledError:
-            pass  # server closing
+            pass  # server closing, or evicted while unproven
         except (ConnectionError, OSError) as exc:
             logger.debug("rendezvous: connection from %s ended: %s", observed, exc)
         finally:
+            self._unproven.settle(task)
             self._handlers.discard(task)
             for key in controls:
                 if self._controls.get(key) is writer:
                     del self._controls[key]
             writer.close()
+
+    def _admit(self, task: asyncio.Task[None], observed: p.Address | None) -> None:
+        """Count a new connection as unproven; evict the oldest ones over the limits."""
+        source = observed[0] if observed is not None else "?"
+        now = asyncio.get_running_loop().time()
+        for old in self._unproven.admit(task, source, now):
+            old.cancel()
+        evicted = self._unproven.report(now)
+        if evicted:
+            logger.warning(
+                "rendezvous: %d connection(s) that had sent no valid request evicted to make "
+                "room (max_unproven=%d, max_unproven_per_source=%d; latest from %s)",
+                evicted, self._unproven.max_total, self._unproven.max_per_source, source,
+            )  # fmt: skip
 
     async def _serve_connection(
         self,
@@ -267,6 +355,14 @@ class RendezvousServer:
         controls: set[EntryKey],
     ) -> None:
         decoder = p.Decoder()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        proven = False
+        # An unproven connection must complete its first request by this time;
+        # afterwards every message, once begun, within handshake_timeout.
+        message_deadline: float | None = loop.time() + min(
+            self.handshake_timeout, self.idle_timeout
+        )
 
         async def send(message: p.Message) -> None:
             writer.write(p.encode(message))
@@ -275,10 +371,15 @@ class RendezvousServer:
 
         while True:
             try:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await reader.read(65536)
+                if message_deadline is None:
+                    async with asyncio.timeout(self.idle_timeout):
+                        data = await reader.read(65536)
+                else:
+                    async with asyncio.timeout_at(message_deadline):
+                        data = await reader.read(65536)
             except TimeoutError:
-                logger.debug("rendezvous: closing idle connection from %s", observed)
+                what = "idle" if message_deadline is None else "too slow a"
+                logger.debug("rendezvous: closing %s connection from %s", what, observed)
                 return
             if not data:
                 return
@@ -288,6 +389,14 @@ class RendezvousServer:
                 logger.warning("rendezvous: bad message from %s: %s", observed, exc)
                 await send(p.Error("bad_request", str(exc)))
                 return
+            if not decoder.mid_message:
+                message_deadline = None
+            elif messages or message_deadline is None:  # a new message begins here
+                message_deadline = loop.time() + self.handshake_timeout
+            if not proven and messages:
+                proven = True  # a whole request came in time; one refused closes us below
+                if task is not None:
+                    self._unproven.settle(task)
             for i, message in enumerate(messages):
                 if isinstance(message, p.RelayJoin):
                     # The connection becomes one half of a relay: nothing may follow.
@@ -297,7 +406,7 @@ class RendezvousServer:
                     await self._relay(message, reader, writer)
                     return
                 try:
-                    answer = await self._handle(message, observed, send)
+                    answer = await self._handle(message, observed, send, owner=writer)
                 except Exception:  # a bug here must not take the server down
                     logger.exception("rendezvous: failed to handle %r", message)
                     answer = p.Error("internal", "the rendezvous server failed; see its log")
@@ -307,15 +416,18 @@ class RendezvousServer:
                     controls.add(key)
                 if answer is not None:
                     await send(answer)
+                if isinstance(answer, p.Error) and answer.code in ("auth", "bad_request"):
+                    return  # no second guess on the same connection
 
     async def _handle(
         self,
         message: p.Message,
         observed: p.Address | None,
         send: Callable[[p.Message], Awaitable[None]],
+        owner: asyncio.StreamWriter | None = None,
     ) -> p.Message | None:
         if isinstance(message, p.Register):
-            return self._register(message, observed)
+            return self._register(message, observed, owner)
         if isinstance(message, p.Lookup):
             return await self._lookup(message)
         if isinstance(message, p.Join) and observed is not None:
@@ -324,7 +436,9 @@ class RendezvousServer:
             return await self._result(message)
         return p.Error("bad_request", f"the rendezvous server does not accept {message.TYPE!r}")
 
-    def _register(self, msg: p.Register, observed: p.Address | None) -> p.Message:
+    def _register(
+        self, msg: p.Register, observed: p.Address | None, owner: object = None
+    ) -> p.Message:
         if not p.verify(msg, self.secret):
             logger.warning("rendezvous: rejected register of peer %d from %s", msg.peer, observed)
             return p.Error("auth", _AUTH_HINT, msg.id)
@@ -335,7 +449,16 @@ class RendezvousServer:
         # A local endpoint that is not the observed one: a translator sits in between.
         nat = msg.local is not None and observed is not None and msg.local != observed
         key = (msg.comm, msg.run_id, msg.peer)
-        if not self.registry.register(key, addr, self._clock(), nat):
+        now = self._clock()
+        if self._taken(key, owner, now):
+            logger.warning(
+                "rendezvous: refused register of %s/%s peer %d from %s: another registrant "
+                "holds it", msg.comm, msg.run_id, msg.peer, observed,
+            )  # fmt: skip
+            return p.Error("auth", _taken_hint(msg), msg.id)
+        if owner is None:
+            owner = observed
+        if not self.registry.register(key, addr, now, nat, owner):
             return p.Error(
                 "overloaded",
                 f"the rendezvous server holds {self.registry.max_entries} entries already; "
@@ -350,6 +473,24 @@ class RendezvousServer:
             if not fut.done():
                 fut.set_result(addr)
         return p.Ok(observed, self.registry.ttl, msg.id)
+
+    def _taken(self, key: EntryKey, owner: object, now: float) -> bool:
+        """Whether another registrant, still present, holds ``key`` (without a secret only).
+
+        Present means: its control connection is open (TCP), or it renewed
+        within ``idle_timeout`` (UDP, where the owner is its source endpoint).
+        With a secret every registrant proved membership, so a member may
+        re-register from anywhere.
+        """
+        if self.secret is not None:
+            return False
+        current = self.registry.owner(key, now)
+        if current is None or current is owner or current == owner:
+            return False
+        if isinstance(current, asyncio.StreamWriter):
+            return not current.is_closing()
+        renewed = self.registry.renewed(key)
+        return renewed is not None and now - renewed < self.idle_timeout
 
     async def _lookup(self, msg: p.Lookup) -> p.Message:
         if not p.verify(msg, self.secret):
@@ -563,7 +704,11 @@ class RendezvousServer:
             return
         key = (msg.comm, msg.run_id, msg.peer)
         nat = msg.local is not None and msg.local != addr
-        if not self.registry.register(key, addr, self._clock(), nat):
+        now = self._clock()
+        if self._taken(key, addr, now):
+            self._udp_send(p.Error("auth", _taken_hint(msg), msg.id), addr)
+            return
+        if not self.registry.register(key, addr, now, nat, addr):
             self._udp_send(p.Error("overloaded", "the registry is full", msg.id), addr)
             return
         self._udp_controls[key] = addr
@@ -734,6 +879,17 @@ _AUTH_HINT = (
 )
 
 
+def _taken_hint(msg: p.Register) -> str:
+    return (
+        f"peer {msg.peer} of communicator {msg.comm!r} (run {msg.run_id}) is registered "
+        "already by another registrant that is still connected.  This server has no secret, "
+        "so a registration belongs to whoever made it first until it expires or its "
+        "connection closes.  If that is not an earlier run of this peer, someone else took "
+        "its name: run the server with a secret (`fmi rendezvous --secret-file`) and give "
+        "every peer the same security.secret"
+    )
+
+
 async def serve_forever(
     host: str = "0.0.0.0",
     port: int = 10000,
@@ -743,7 +899,7 @@ async def serve_forever(
     **options: Any,
 ) -> None:
     """Run a rendezvous server until cancelled (Ctrl-C in ``fmi rendezvous``)."""
-    server = RendezvousServer(secret, **options)
+    server = RendezvousServer(secret, **options)  # ConfigError without secret or insecure=True
     await server.start(host, port)
     try:
         if ready is not None:

@@ -102,9 +102,12 @@ class Mailbox:
     * **Aborts.**  ``("a", seq)`` messages carry another peer's verdict that
       collective ``seq`` is doomed; every wait of that collective fails at
       once with it, and later ones fail without waiting.
-    * **Plan agreement.**  :meth:`begin` records this peer's plan hash for a
-      collective; a message of the same collective under another plan hash
+    * **Plan agreement.**  :meth:`begin` records this peer's plan tag for a
+      collective; a message of the same collective under another plan tag
       fails it at once with :class:`~fmi_async.errors.PlanMismatchError`.
+      Peers whose plans differ so much that no message ever crosses (each
+      waits on another) are caught by ``("q", seq)`` probes: a peer that
+      waited a while for another tells it its plan.
     """
 
     def __init__(self, owner: int) -> None:
@@ -136,13 +139,16 @@ class Mailbox:
 
     def deliver(self, src: int, key: Key, payload: Payload) -> None:
         kind = key[0] if key else None
-        if kind == "c" or kind == "a":
+        if kind == "c" or kind == "a" or kind == "q":
             seq = key[1]
             if not isinstance(seq, int) or self._is_finished(seq):
                 self.dropped += 1  # a message of a collective this peer has left
                 return
             if kind == "a":
                 self._on_abort(seq, payload)
+                return
+            if kind == "q":
+                self._on_probe(seq, src, payload)
                 return
             if seq in self._aborts:
                 self.dropped += 1
@@ -328,6 +334,18 @@ class Mailbox:
     def _on_abort(self, seq: int, payload: Payload) -> None:
         self.abort(seq, abort_error(payload, seq, self.owner))
 
+    def _on_probe(self, seq: int, src: int, payload: Payload) -> None:
+        """A peer waiting on this one for collective ``seq`` says which plan it runs."""
+        theirs = _plan_of(payload)
+        tag = plan_tag(theirs)
+        expected = self._plans.get(seq)
+        if expected is None:
+            early = self._early.setdefault(seq, {})
+            if tag not in early:
+                early[tag] = (src, payload)
+        elif tag != expected[0]:
+            self._mismatch(seq, src, theirs)
+
     def _mismatch(self, seq: int, src: int, theirs: str) -> None:
         mine = self._plans.get(seq, ("", "?"))[1]
         self.abort(
@@ -360,6 +378,11 @@ def _plan_of(payload: Payload) -> str:
         return str(loads(payload)[0])
     except Exception:
         return "?"
+
+
+def plan_probe(plan: str) -> Payload:
+    """What a ``("q", seq)`` probe carries: the waiting peer's plan identifier."""
+    return dumps([plan])
 
 
 def _collective_seq(key: Key) -> int | None:

@@ -31,7 +31,14 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ..channels.base import Channel, Mailbox, ReceiveGuard, abort_error, plan_tag
+from ..channels.base import (
+    Channel,
+    Mailbox,
+    ReceiveGuard,
+    abort_error,
+    plan_probe,
+    plan_tag,
+)
 from ..errors import ArgumentError, CommTimeout, PlanMismatchError, ProtocolError
 from ..wire import Payload, dumps, loads
 
@@ -45,6 +52,8 @@ ABORT_PROBE_FIRST = 0.25
 """Seconds a storage wait runs before its first look for an abort (doubling after)."""
 ABORT_PROBE_MAX = 2.0
 """Longest slice between two looks for an abort on a storage channel."""
+PLAN_PROBE_AFTER = 1.0
+"""Seconds a wait on a direct channel runs before it tells the awaited peer its plan."""
 
 
 class StorageOps(Protocol):
@@ -84,6 +93,8 @@ class CollectiveContext:
         self.guard = guard
         self.direct = channel.kind == "direct"
         self.tag = plan_tag(plan)
+        self._probed: set[int] = set()
+        self._published = False
 
     def __repr__(self) -> str:
         return (
@@ -141,6 +152,17 @@ class CollectiveContext:
     async def recv_payload(self, src: int, step: Step) -> Payload:
         key = self.key(step)
         if self.direct:
+            remaining = self.remaining()
+            first = remaining if remaining is None else min(remaining, PLAN_PROBE_AFTER)
+            try:
+                return await self.channel.recv(src, key, first)
+            except CommTimeout as exc:
+                if first is None or first >= remaining:  # type: ignore[operator]
+                    raise self._timeout(exc) from None
+            # A long wait: perhaps ``src`` runs another plan and waits on us too,
+            # so that no message of either ever crosses.  Tell it ours; if they
+            # differ its mailbox fails the collective and the abort comes back.
+            await self._send_probe(src)
             try:
                 return await self.channel.recv(src, key, self.remaining())
             except CommTimeout as exc:
@@ -152,10 +174,18 @@ class CollectiveContext:
                 return await self.channel.recv(src, key, seconds)
             return await guard.recv(self.channel, src, key, seconds)
 
-        return await self._sliced(fetch, "")
+        return await self._sliced(fetch, "", src)
 
-    async def _sliced(self, fetch: Callable[[float], Awaitable[Payload]], who: str) -> Payload:
-        """Wait on storage in slices, looking for an abort of this collective between them."""
+    async def _sliced(
+        self, fetch: Callable[[float], Awaitable[Payload]], who: str, src: int | None
+    ) -> Payload:
+        """Wait on storage in slices, looking for an abort of this collective between them.
+
+        After the first slice this peer also publishes its plan (``("q", seq,
+        rank)``) and compares it with the awaited peer's, if that one published
+        too: peers whose plans differ so much that each waits on another would
+        otherwise only meet their deadline.
+        """
         piece = ABORT_PROBE_FIRST
         while True:
             left = self.remaining()
@@ -167,19 +197,47 @@ class CollectiveContext:
             except CommTimeout as exc:
                 if wait >= remaining:
                     raise CommTimeout(f"{self.op} (collective #{self.seq}): {exc}{who}") from None
-            await self._look_for_abort()
+            await self._look_for_abort(src)
             piece = min(piece * 2, ABORT_PROBE_MAX)
 
-    async def _look_for_abort(self) -> None:
+    async def _send_probe(self, dst: int) -> None:
+        if dst in self._probed:
+            return
+        self._probed.add(dst)
+        try:
+            await self.channel.send(dst, ("q", self.seq), plan_probe(self.plan))
+        except Exception as exc:  # best effort: the wait goes on and its deadline holds
+            logger.debug("%r: plan probe to peer %d failed: %r", self, dst, exc)
+
+    async def _look_for_abort(self, src: int | None) -> None:
         if self.mailbox is not None:
             verdict = self.mailbox.aborted(self.seq)
             if verdict is not None:
                 raise verdict
+        storage = self._mediated()
+        if not self._published:
+            self._published = True
+            await storage.put(("q", self.seq, self.rank), plan_probe(self.plan))
         try:
-            payload = await self._mediated().get(("a", self.seq), 0)
+            payload = await storage.get(("a", self.seq), 0)
         except CommTimeout:
-            return  # nobody gave up
-        raise abort_error(payload, self.seq, self.rank)
+            pass  # nobody gave up
+        else:
+            raise abort_error(payload, self.seq, self.rank)
+        if src is None or src == self.rank:
+            return
+        try:
+            theirs = await storage.get(("q", self.seq, src), 0)
+        except CommTimeout:
+            return  # it has not waited long yet, or is just slow
+        plan = loads(theirs)[0]
+        if plan != self.plan:
+            raise PlanMismatchError(
+                f"{self.op} (collective #{self.seq}): peer {self.rank} runs plan {self.plan!r} "
+                f"but peer {src} runs plan {plan!r}; every peer must call the same collectives "
+                "in the same order, with the same root, operator, algorithm and channel, and "
+                "values of the same shape and dtype"
+            )
 
     async def recv(self, src: int, step: Step) -> Any:
         return self.unpack(await self.recv_payload(src, step), src)
@@ -217,4 +275,5 @@ class CollectiveContext:
             return await storage.get(key, seconds)
 
         who = f" (peer {origin} stores it)" if isinstance(origin, int) else ""
-        return self.unpack(await self._sliced(fetch, who), origin)
+        src = origin if isinstance(origin, int) else None
+        return self.unpack(await self._sliced(fetch, who, src), origin)

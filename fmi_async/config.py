@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ArgumentError, ConfigError
 from .wire import SERIALIZERS, Limits
 
-__all__ = ["Config", "BACKEND_ALIASES", "KNOWN_BACKENDS"]
+__all__ = ["Config", "BACKEND_ALIASES", "KNOWN_BACKENDS", "JobConfig", "check_timeout"]
 
 BACKEND_ALIASES: dict[str, str] = {
     "direct": "tcp",
@@ -50,7 +51,7 @@ BACKEND_ALIASES: dict[str, str] = {
     "mpi": "mpi",
 }
 KNOWN_BACKENDS = frozenset(BACKEND_ALIASES.values())
-_TOP_LEVEL = {"backends", "model", "timeout", "serializer", "channel", "security", "limits"}
+_TOP_LEVEL = {"backends", "model", "timeout", "serializer", "channel", "security", "limits", "job"}
 _SECURITY_KEYS = frozenset(
     ("secret", "insecure", "handshake_timeout", "max_unproven", "max_unproven_per_source")
 )
@@ -62,6 +63,35 @@ channels rely on their backend's credentials, memory peers share one process).""
 logger = logging.getLogger(__name__)
 
 
+ON_CONFLICT = ("wait", "error")
+_JOB_KEYS = frozenset(("on_conflict", "lease_ttl", "settle"))
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The ``job`` section: how a communicator's job lease behaves (``docs/jobs.md``).
+
+    ``on_conflict``: ``"wait"`` (default) waits, within the open deadline, for
+    another live job that holds the same communicator name and run id to
+    close; ``"error"`` raises :class:`~fmi_async.errors.JobConflictError` at
+    once.  ``lease_ttl``: seconds a lease lives unless renewed (every
+    ``lease_ttl / 3``); a crashed job's lease is gone after it.  ``settle``:
+    seconds a group that just formed waits for stragglers of a job that
+    opened the same name at the same moment; ``None`` means 0.5 s for the run
+    id ``"default"`` (none given) and 0 otherwise.
+    """
+
+    on_conflict: str = "wait"
+    lease_ttl: float = 30.0
+    settle: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"on_conflict": self.on_conflict, "lease_ttl": self.lease_ttl}
+        if self.settle is not None:
+            out["settle"] = self.settle
+        return out
+
+
 @dataclass(frozen=True)
 class Config:
     """Validated configuration shared by every peer of a job."""
@@ -71,6 +101,7 @@ class Config:
     timeout: float = 60.0
     serializer: str = "msgpack"
     channel: str | None = None
+    job: JobConfig = field(default_factory=JobConfig)
     secret: bytes | None = None
     limits: Limits = field(default_factory=Limits)
     insecure: bool = False
@@ -123,8 +154,13 @@ class Config:
                 raise ConfigError(f"{origin}: backends.{name}.enabled must be true or false")
         model = _normalize_section(data.get("model", {}), origin, "model")
         timeout = data.get("timeout", 60.0)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ConfigError(f"{origin}: timeout must be a positive number of seconds")
+        if (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ConfigError(f"{origin}: timeout must be a positive, finite number of seconds")
         serializer = data.get("serializer", "msgpack")
         if serializer not in SERIALIZERS:
             raise ConfigError(f"{origin}: serializer must be one of {SERIALIZERS}")
@@ -143,6 +179,7 @@ class Config:
             timeout=float(timeout),
             serializer=serializer,
             channel=channel,
+            job=_job(data.get("job", {}), origin),
             limits=limits,
             **security,
         )
@@ -200,6 +237,8 @@ class Config:
         }
         if self.channel:
             out["channel"] = self.channel
+        if self.job != JobConfig():
+            out["job"] = self.job.to_dict()
         security: dict[str, Any] = {}
         if self.secret is not None:
             security["secret"] = self.secret.decode()
@@ -280,3 +319,56 @@ def _normalize_section(section: Any, origin: str, what: str) -> dict[str, dict[s
             raise ConfigError(f"{origin}: {what}.{name} must be an object")
         out[key] = dict(opts)
     return out
+
+
+def check_timeout(value: object, what: str = "timeout") -> float:
+    """``value`` as a positive, finite number of seconds, or :class:`ArgumentError`.
+
+    ``nan`` and ``inf`` are refused: a wait without an end is exactly what a
+    deadline exists to prevent (DESIGN.md section 8).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentError(
+            f"{what} must be a number of seconds (int or float), got {type(value).__name__} "
+            f"{value!r}"
+        )
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ArgumentError(f"{what} must be a positive, finite number of seconds, got {value!r}")
+    return seconds
+
+
+def _job(section: Any, origin: str) -> JobConfig:
+    """The ``job`` section as a :class:`JobConfig`, or :class:`ConfigError` naming the bad key."""
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{origin}: job must be an object")
+    unknown = set(section) - _JOB_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{origin}: unknown key(s) {sorted(unknown)} in job; expected some of "
+            f"{sorted(_JOB_KEYS)}"
+        )
+    on_conflict = section.get("on_conflict", "wait")
+    if on_conflict not in ON_CONFLICT:
+        raise ConfigError(
+            f"{origin}: job.on_conflict must be \"wait\" or \"error\", got {on_conflict!r}"
+        )
+    ttl = section.get("lease_ttl", 30.0)
+    # not 0 < ttl <= 86400 also refuses nan, whose comparisons are all false
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 86400:
+        raise ConfigError(
+            f"{origin}: job.lease_ttl must be a positive number of seconds (at most a day), "
+            f"got {ttl!r}"
+        )
+    settle = section.get("settle")
+    if settle is not None and (
+        isinstance(settle, bool) or not isinstance(settle, (int, float)) or not 0 <= settle <= 60
+    ):
+        raise ConfigError(
+            f"{origin}: job.settle must be null or seconds between 0 and 60, got {settle!r}"
+        )
+    return JobConfig(
+        on_conflict=on_conflict,
+        lease_ttl=float(ttl),
+        settle=None if settle is None else float(settle),
+    )

@@ -158,21 +158,36 @@ def group(request: pytest.FixtureRequest) -> GroupFactory:
     return storage_group(request.getfixturevalue(f"{request.param}_config"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        default=False,
+        help="also run the cases marked slow (storage groups above the sizes their "
+        "server serves quickly, the moto-backed cases on uvloop); `bash scripts/test --slow`",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Leave out storage cases above the group sizes their server can serve quickly."""
-    keep, drop = [], []
+    """Mark storage cases above the group sizes their server serves quickly as slow.
+
+    They are left out of the default run (the count shows as "deselected") and
+    run with ``--slow``: S3 and DynamoDB through the moto server answer a few
+    hundred requests a second, so P = 16 there takes minutes per test.
+    """
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         allowed = STORAGE_SIZES.get(params.get("group", ""))
-        slow = params.get("group") in ("s3", "dynamodb")
+        moto = params.get("group") in ("s3", "dynamodb")
         if allowed is not None and "size" in params and params["size"] not in allowed:
-            drop.append(item)
-        elif slow and "[uvloop-" in item.nodeid:  # one loop is enough against moto
-            drop.append(item)
-        else:
-            keep.append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
+            item.add_marker(pytest.mark.slow)
+        elif moto and "[uvloop-" in item.nodeid:  # one loop is enough against moto
+            item.add_marker(pytest.mark.slow)
+    if config.getoption("--slow"):
+        return
+    keep = [item for item in items if item.get_closest_marker("slow") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep
 
 

@@ -12,10 +12,18 @@ file never holds secrets.  Backend options read here:
     a named profile of the shared AWS config files.
 ``max_pool_connections``, ``connect_timeout``, ``read_timeout``, ``max_attempts``
     the HTTP pool size, per-request deadlines (seconds) and botocore's own
-    retries of throttled or failed requests ("standard" retry mode).
+    attempts per request ("standard" retry mode; the channels default to 1,
+    since they retry themselves, see below).
 
 :func:`map_aws_errors` is the one place where botocore and transport errors
-become fmi errors.
+become fmi errors; :func:`aws_request` is the one place a request is sent:
+under its operation's deadline, retried by the channel's
+:class:`~fmi_async.channels.backoff.RetryPolicy` while it fails transiently
+(:func:`transient_aws_error`: connection errors, truncated bodies, HTTP 5xx,
+throttling).  botocore's own retries would resend a request past the
+caller's deadline and without the channel knowing; the channel's retries stop
+at the deadline, and every request it retries is idempotent (reads, deletes,
+whole-object rewrites, conditional message writes).
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import ClientError as HTTPTransportError
 from botocore.config import Config as BotoConfig
@@ -33,9 +41,11 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
     NoRegionError,
     PartialCredentialsError,
+    ResponseStreamingError,
 )
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
@@ -43,11 +53,16 @@ from botocore.exceptions import (
 
 from ..errors import BackendError, BrokenChannelError, ConfigError, FMIError
 from .base import ChannelStats
-from .storage import option_number
+from .storage import RequestCutOff, option_number
 
-__all__ = ["aws_client", "error_code", "map_aws_errors"]
+if TYPE_CHECKING:
+    from .storage import MediatedChannel
+
+__all__ = ["aws_client", "aws_request", "error_code", "map_aws_errors", "transient_aws_error"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _CREDENTIAL_CODES = frozenset(
     {
@@ -69,6 +84,19 @@ _THROTTLE_CODES = frozenset(
         "ThrottlingException",
     }
 )
+
+
+# Service errors that say "try again": the request did not take effect, or
+# taking effect twice is harmless for the (idempotent) requests we retry.
+_TRANSIENT_CODES = _THROTTLE_CODES | {
+    "InternalError",
+    "InternalFailure",
+    "InternalServerError",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "ServiceUnavailable",
+    "TransactionConflictException",
+}
 
 
 def error_code(exc: ClientError) -> str:
@@ -93,10 +121,14 @@ def _session(aioboto3: Any, profile: str | None) -> Any:
     return per_loop[profile]
 
 
-def aws_client(service: str, options: dict[str, Any], backend: str) -> Any:
+def aws_client(service: str, options: dict[str, Any], backend: str, *, attempts: int = 4) -> Any:
     """An async context manager yielding an aiobotocore client for ``service``.
 
-    Call it with the event loop running (from ``open``).
+    ``attempts`` is botocore's own attempts per request unless the options
+    set ``max_attempts``; the storage channels pass 1 and retry with
+    :func:`aws_request`.  Call it with the event loop running (from ``open``).
+    Raises :class:`~fmi_async.errors.ConfigError` for bad options or a
+    missing aioboto3.
     """
     try:
         import aioboto3
@@ -121,12 +153,61 @@ def aws_client(service: str, options: dict[str, Any], backend: str) -> Any:
         read_timeout=option_number(options, "read_timeout", backend, 60, minimum=0.1),
         retries={
             "mode": "standard",
-            "max_attempts": int(option_number(options, "max_attempts", backend, 4, minimum=1)),
+            "max_attempts": int(
+                option_number(options, "max_attempts", backend, attempts, minimum=1)
+            ),
         },
     )
     return _session(aioboto3, profile).client(
         service, region_name=region, endpoint_url=endpoint, config=config
     )
+
+
+def transient_aws_error(exc: BaseException) -> bool:
+    """Whether a request that failed with ``exc`` (as :func:`map_aws_errors` raised it)
+    may succeed when sent again: a broken connection or truncated reply, an
+    HTTP 5xx, throttling.  Never a request cut off by its deadline."""
+    if isinstance(exc, RequestCutOff):
+        return False
+    if isinstance(exc, BrokenChannelError):
+        return True
+    cause = exc.__cause__
+    if isinstance(exc, BackendError) and isinstance(cause, ClientError):
+        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return int(status) >= 500 or error_code(cause) in _TRANSIENT_CODES
+    return False
+
+
+async def aws_request(
+    channel: MediatedChannel, operation: str, where: str, call: Callable[[], Awaitable[T]]
+) -> T:
+    """``await call()`` (one AWS request, and reading its body) the channel's way.
+
+    Counted in ``channel.stats``, errors mapped by :func:`map_aws_errors`,
+    each attempt bounded by what is left of the operation's deadline, and
+    retried by ``channel.retry`` while it fails transiently.  ``call`` may
+    catch the service errors it expects (a missing object while polling)
+    and return instead.  Raises what :func:`map_aws_errors` raises,
+    :class:`~fmi_async.channels.storage.RequestCutOff` when the deadline
+    came first, or :class:`~fmi_async.errors.BrokenChannelError` when the
+    deadline passed while the request kept failing.
+    """
+
+    async def attempt() -> T:
+        limit = channel.attempt_limit()
+        try:
+            async with asyncio.timeout(limit):
+                with map_aws_errors(channel.stats, operation, where):
+                    return await call()
+        except TimeoutError as exc:
+            if isinstance(exc, FMIError):
+                raise
+            raise RequestCutOff(
+                f"{operation} on {where}: no answer within {limit:.3g}s, when the "
+                "operation's deadline came"
+            ) from None
+
+    return await channel.retrying(operation, attempt)
 
 
 @contextlib.contextmanager
@@ -174,6 +255,10 @@ def map_aws_errors(stats: ChannelStats, operation: str, where: str) -> Iterator[
         raise BrokenChannelError(
             f"{operation} on {where}: cannot reach the service ({exc}); check endpoint_url, "
             "the network and the region"
+        ) from exc
+    except (IncompleteReadError, ResponseStreamingError) as exc:
+        raise BrokenChannelError(
+            f"{operation} on {where}: the reply was cut off ({exc}); the connection broke"
         ) from exc
     except BotoCoreError as exc:
         raise BackendError(f"{operation} on {where} failed: {exc}") from exc

@@ -1,10 +1,17 @@
-"""Retry and polling waits as one small object, passed into the channels.
+"""Retry and polling waits as small objects, passed into the channels.
 
 Storage channels wait for objects that another peer has not written yet (S3,
-DynamoDB), and retry requests the backend refused for load (DynamoDB
-unprocessed items).  Both need the same thing: a growing wait with jitter,
-bounded by a deadline.  Keeping it in one object means the policy is tuned in
-one place and tested once, instead of a sleep loop copied into every channel.
+DynamoDB), retry requests the backend refused for load (DynamoDB
+unprocessed items), and retry requests that failed on the way (a reset
+connection, a restarted Redis, an HTTP 503).  All need the same thing: a
+growing wait with jitter, bounded by a deadline.  Keeping it in two objects
+(:class:`Backoff`, the waits; :class:`RetryPolicy`, which failures to retry
+and until when) means the policy is tuned in one place and tested once,
+instead of a sleep loop copied into every channel.
+
+A :class:`RetryPolicy` only decides *when* to try again.  *Whether* a request
+may be sent twice is the channel's business: it passes in only attempts that
+are idempotent (a conditional write, a write keyed by message id, a read).
 
 The jitter is "equal jitter" (half fixed, half random; see the AWS
 Architecture Blog, "Exponential Backoff and Jitter", 2015): peers that started
@@ -17,12 +24,12 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import ConfigError
+from ..errors import BrokenChannelError, ConfigError
 
-__all__ = ["Backoff", "poll_until"]
+__all__ = ["Backoff", "RetryPolicy", "poll_until"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +114,85 @@ async def poll_until(
             return None
         await asyncio.sleep(min(delay, remaining))
     raise AssertionError("unreachable: Backoff.delays() is endless")  # pragma: no cover
+
+
+def _never(exc: BaseException) -> bool:
+    return False
+
+
+_RETRY_INITIAL = 0.02
+_RETRY_MAXIMUM = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Try an idempotent operation again after a transient failure, until a deadline.
+
+    ``transient`` says which exceptions are worth another attempt (a reset
+    connection, a server that is restarting or overloaded); anything else is
+    raised at once.  Waits between attempts come from ``backoff`` (jittered,
+    growing), and are cut short by the deadline: no attempt starts after it.
+    When the deadline passes with the operation still failing,
+    :meth:`run` raises :class:`~fmi_async.errors.BrokenChannelError` that
+    names what failed, how often and for how long, chained to the last error.
+
+    ``on_retry(exc, failures)`` is called before each wait (for counting and
+    logging).
+    """
+
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(initial=_RETRY_INITIAL, maximum=_RETRY_MAXIMUM)
+    )
+    transient: Callable[[BaseException], bool] = _never
+    on_retry: Callable[[BaseException, int], None] | None = None
+
+    @classmethod
+    def from_options(
+        cls,
+        options: Mapping[str, Any],
+        backend: str,
+        transient: Callable[[BaseException], bool],
+        on_retry: Callable[[BaseException, int], None] | None = None,
+    ) -> RetryPolicy:
+        """Read ``retry_initial`` and ``retry_max`` (seconds) of a backend's options.
+
+        Raises :class:`~fmi_async.errors.ConfigError` for values that are not
+        non-negative numbers or not ordered.
+        """
+        initial = _number(options, "retry_initial", backend, _RETRY_INITIAL)
+        maximum = _number(options, "retry_max", backend, max(_RETRY_MAXIMUM, initial))
+        return cls(Backoff(initial=initial, maximum=maximum), transient, on_retry)
+
+    async def run(self, attempt: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
+        """``await attempt()`` until it succeeds, fails for good, or ``deadline`` passes.
+
+        ``deadline`` is in ``loop.time()`` seconds; one attempt is always
+        made.  Raises what ``attempt`` raised when it is not transient, and
+        :class:`~fmi_async.errors.BrokenChannelError` (``what`` failed N
+        times in S seconds) when the deadline passed on a transient failure.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        failures = 0
+        delays = self.backoff.delays()
+        while True:
+            try:
+                return await attempt()
+            except Exception as exc:
+                if not self.transient(exc):
+                    raise
+                failures += 1
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise BrokenChannelError(
+                        f"{what} failed {failures} time(s) in {loop.time() - start:.3g}s and "
+                        f"the operation's deadline passed; last error: {exc}"
+                    ) from exc
+                if self.on_retry is not None:
+                    self.on_retry(exc, failures)
+                delay = min(next(delays), remaining)
+                logger.debug("%s failed (%s); attempt %d in %.3gs", what, exc, failures + 1, delay)
+                await asyncio.sleep(delay)
 
 
 def _number(options: Mapping[str, Any], name: str, backend: str, default: float = 0.0) -> float:

@@ -22,10 +22,21 @@ Expected table schema (create it like this, or set ``create_table: true``)::
 The schema is checked when the channel opens; a mismatch is a
 :class:`~fmi_async.errors.ConfigError` that spells out the expected schema.
 Time to Live on ``expires_at`` is what removes the items of a peer that died
-before ``close``; a table without it is accepted with a warning.
+before ``close``; a table without it is accepted with a warning.  DynamoDB
+deletes expired items lazily (AWS says within days), so a reader treats an
+item past its ``expires_at`` as gone.
+
+Retries and ghosts.  Every request is retried within its operation's
+deadline when it fails on the way (:func:`~fmi_async.channels.aws.aws_request`).
+Item 0 of a message is written with ``attribute_not_exists(pk)``: a retried
+write whose first attempt had landed fails the condition, and the channel
+takes that as success when the item there carries its own version token.
+Its reader keeps the items ``delete_delay`` seconds before deleting them, so
+the retry cannot come after the delete and store a copy nobody reads.
 
 Options (``backends.DynamoDB``): ``table_name`` (required), ``region``,
-``endpoint_url``, ``create_table``, ``ttl`` (seconds, default 3600),
+``endpoint_url``, ``create_table``, ``ttl`` (seconds; default four times the
+config's ``timeout``, at least 60), ``delete_delay``,
 ``chunk_size`` (bytes per item, default 384 KiB, at most 400,000),
 ``max_concurrency`` (parallel batch requests per object, default 8),
 ``timeout``/``max_timeout`` (milliseconds, as FMI's S3 keys), backoff keys, and
@@ -44,15 +55,15 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from typing import Any, Final, TypeVar
 
 from botocore.exceptions import ClientError
 
 from ..config import Config
 from ..errors import BackendError, ConfigError
 from ..wire import Buffer
-from .aws import aws_client, error_code, map_aws_errors
+from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
 from .backoff import poll_until
 from .base import Mailbox
 from .storage import (
@@ -66,6 +77,8 @@ from .storage import (
 __all__ = ["DynamoDBChannel", "TABLE_SCHEMA", "TTL_ATTRIBUTE"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TTL_ATTRIBUTE: Final = "expires_at"
 WRITE_BATCH: Final = 25  # BatchWriteItem takes at most 25 requests
@@ -125,10 +138,17 @@ class DynamoDBChannel(MediatedChannel):
     def location(self) -> str:
         return f"dynamodb table {self.table!r}"
 
+    def _transient(self, exc: BaseException) -> bool:
+        return transient_aws_error(exc)
+
     @contextlib.contextmanager
     def _call(self, operation: str) -> Iterator[None]:
+        """One request while opening: counted and mapped, not retried (fail fast)."""
         with map_aws_errors(self.stats, operation, f"table {self.table!r}"):
             yield
+
+    async def _request(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        return await aws_request(self, operation, f"table {self.table!r}", call)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -138,7 +158,7 @@ class DynamoDBChannel(MediatedChannel):
         try:
             async with self._open_deadline():
                 self._client = await self._stack.enter_async_context(
-                    aws_client("dynamodb", self.options, "DynamoDB")
+                    aws_client("dynamodb", self.options, "DynamoDB", attempts=1)
                 )
                 await self._prepare_table()
         except BaseException:
@@ -238,43 +258,47 @@ class DynamoDBChannel(MediatedChannel):
     # ---------------------------------------------------------------- batches
 
     async def _batch_write(self, requests: list[dict[str, Any]]) -> None:
-        """One BatchWriteItem, resubmitting unprocessed items with backoff."""
+        """One BatchWriteItem, resubmitting unprocessed items with backoff until the deadline."""
         pending = requests
 
         async def attempt() -> bool | None:
             nonlocal pending
-            with self._call("BatchWriteItem"):
-                reply = await self._client.batch_write_item(RequestItems={self.table: pending})
+
+            async def call() -> Any:
+                return await self._client.batch_write_item(RequestItems={self.table: pending})
+
+            reply = await self._request("BatchWriteItem", call)
             pending = reply.get("UnprocessedItems", {}).get(self.table, [])
             return True if not pending else None
 
-        deadline = asyncio.get_running_loop().time() + self.config.timeout
-        if await poll_until(attempt, deadline, self.backoff) is None:
+        if await poll_until(attempt, self.op_deadline(), self.backoff) is None:
             raise BackendError(
                 f"BatchWriteItem on table {self.table!r}: {len(pending)} items still unprocessed "
-                f"after {self.config.timeout:g}s of retries; raise the table's write capacity"
+                "at the operation's deadline; raise the table's write capacity"
             )
 
     async def _batch_get(self, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One BatchGetItem (consistent), resubmitting unprocessed keys with backoff."""
+        """One BatchGetItem (consistent), resubmitting unprocessed keys until the deadline."""
         pending = keys
         found: list[dict[str, Any]] = []
 
         async def attempt() -> bool | None:
             nonlocal pending
-            with self._call("BatchGetItem"):
-                reply = await self._client.batch_get_item(
+
+            async def call() -> Any:
+                return await self._client.batch_get_item(
                     RequestItems={self.table: {"Keys": pending, "ConsistentRead": True}}
                 )
+
+            reply = await self._request("BatchGetItem", call)
             found.extend(reply.get("Responses", {}).get(self.table, []))
             pending = reply.get("UnprocessedKeys", {}).get(self.table, {}).get("Keys", [])
             return True if not pending else None
 
-        deadline = asyncio.get_running_loop().time() + self.config.timeout
-        if await poll_until(attempt, deadline, self.backoff) is None:
+        if await poll_until(attempt, self.op_deadline(), self.backoff) is None:
             raise BackendError(
                 f"BatchGetItem on table {self.table!r}: {len(pending)} keys still unprocessed "
-                f"after {self.config.timeout:g}s of retries; raise the table's read capacity"
+                "at the operation's deadline; raise the table's read capacity"
             )
         return found
 
@@ -290,7 +314,9 @@ class DynamoDBChannel(MediatedChannel):
 
     # ---------------------------------------------------------------- storage primitives
 
-    async def _store(self, name: str, frames: Sequence[Buffer], nbytes: int) -> None:
+    async def _store(
+        self, name: str, frames: Sequence[Buffer], nbytes: int, *, exclusive: bool = False
+    ) -> None:
         expires = str(int(time.time()) + self.ttl)
         version = secrets.token_hex(8)
         bounds = chunk_bounds(nbytes, self.chunk_size)
@@ -317,18 +343,54 @@ class DynamoDBChannel(MediatedChannel):
             self.max_concurrency,
         )
         # Chunk 0 last: its presence means every other chunk is in place.
-        with self._call("PutItem"):
-            await self._client.put_item(TableName=self.table, Item=item(0))
+        head = item(0)
+        condition: dict[str, Any] = {}
+        if exclusive:
+            condition = {
+                "ConditionExpression": "attribute_not_exists(pk)",
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            }
+
+        async def put() -> dict[str, Any] | None:
+            try:
+                await self._client.put_item(TableName=self.table, Item=head, **condition)
+            except ClientError as exc:
+                if exclusive and error_code(exc) == "ConditionalCheckFailedException":
+                    found: dict[str, Any] = exc.response.get("Item") or {}
+                    return found
+                raise
+            return None
+
+        existing = await self._request("PutItem", put)
+        if existing is not None:
+            self._check_duplicate(name, existing, version)
+
+    def _check_duplicate(self, name: str, existing: dict[str, Any], version: str) -> None:
+        """Item 0 of a message was there already: fine if it is this write's (same version).
+
+        Raises :class:`~fmi_async.errors.BackendError` for another writer's item.
+        """
+        if not existing or existing.get("v", {}).get("S") == version:
+            # An earlier attempt of this write landed and its reply was lost.
+            logger.debug("%r: PutItem of %s was a retry of a write that landed", self, name)
+            return
+        raise BackendError(
+            f"PutItem on table {self.table!r}: {name!r} already holds an item written by "
+            "another writer; is a second job running with the same communicator name and "
+            "run id, or does another program write under fmi/?"
+        )
 
     async def _load(self, name: str, consume: bool) -> list[Buffer] | None:
-        with self._call("GetItem"):
-            reply = await self._client.get_item(
+        async def get() -> Any:
+            return await self._client.get_item(
                 TableName=self.table,
                 Key={"pk": {"S": name}, "sk": {"N": "0"}},
                 ConsistentRead=True,
             )
+
+        reply = await self._request("GetItem", get)
         head = reply.get("Item")
-        if head is None:
+        if head is None or _expired(head):
             return None
         count = int(head["n"]["N"])
         version = head["v"]["S"]
@@ -363,8 +425,7 @@ class DynamoDBChannel(MediatedChannel):
             }
             if start is not None:
                 kwargs["ExclusiveStartKey"] = start
-            with self._call("Query"):
-                reply = await self._client.query(**kwargs)
+            reply = await self._request("Query", functools.partial(self._client.query, **kwargs))
             keys.extend(int(item["sk"]["N"]) for item in reply.get("Items", ()))
             start = reply.get("LastEvaluatedKey")
             if start is None:
@@ -385,8 +446,8 @@ class DynamoDBChannel(MediatedChannel):
             [functools.partial(self._batch_write, g) for g in groups], self.max_concurrency
         )
 
-    async def list_run(self) -> list[str]:
-        """Names of this run and communicator still in the table.
+    async def list_names(self, prefix: str) -> list[str]:
+        """Names under ``prefix`` still in the table (expired or not).
 
         A Scan reads the whole table (DynamoDB cannot list by key prefix
         across partitions): meant for tests and after-crash cleanup, not for
@@ -399,15 +460,20 @@ class DynamoDBChannel(MediatedChannel):
             kwargs: dict[str, Any] = {
                 "TableName": self.table,
                 "FilterExpression": "begins_with(pk, :prefix)",
-                "ExpressionAttributeValues": {":prefix": {"S": self.prefix + "/"}},
+                "ExpressionAttributeValues": {":prefix": {"S": prefix}},
                 "ProjectionExpression": "pk",
                 "ConsistentRead": True,
             }
             if start is not None:
                 kwargs["ExclusiveStartKey"] = start
-            with self._call("Scan"):
-                reply = await self._client.scan(**kwargs)
+            reply = await self._request("Scan", functools.partial(self._client.scan, **kwargs))
             names.update(item["pk"]["S"] for item in reply.get("Items", ()))
             start = reply.get("LastEvaluatedKey")
             if start is None:
                 return sorted(names)
+
+
+def _expired(item: dict[str, Any]) -> bool:
+    """Past its ``expires_at``: gone for readers, whether or not TTL has removed it yet."""
+    expires = item.get(TTL_ATTRIBUTE, {}).get("N")
+    return expires is not None and int(expires) < time.time()

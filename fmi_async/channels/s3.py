@@ -21,9 +21,21 @@ object, default 8), and the client options of :mod:`fmi_async.channels.aws`.
 
 Expiry.  S3 has no per-object TTL.  A peer that dies before ``close`` leaves
 its objects under ``fmi/<comm>/<run>/``; a bucket lifecycle rule on the
-``fmi/`` prefix expires them (:func:`lifecycle_rule`; a bucket created with
-``create_bucket`` gets one).  Lifecycle rules count whole days, so the
-``ttl`` option does not apply to S3.
+``fmi/`` prefix expires them (:func:`lifecycle_rule`).  A bucket this channel
+creates (``create_bucket``) gets one, expiring after ``lifecycle_days`` (1,
+the shortest S3 allows: rules count whole days, so the ``ttl`` option does
+not apply to S3).  An existing bucket is never changed: when it has no
+rule covering ``fmi/``, ``open`` logs a warning once; add the rule (see
+docs/storage-channels.md) or remove leftovers with ``fmi clean``.
+
+Retries and ghosts.  Every request is retried within its operation's
+deadline when it fails on the way (:func:`~fmi_async.channels.aws.aws_request`).
+A message is written with ``If-None-Match: *`` and the writer's token in its
+metadata: a retried PUT whose first attempt had landed is refused (412),
+and the channel takes that as success once it sees its own token on the
+object.  Its reader keeps the message ``delete_delay`` seconds before
+deleting it, so the retry cannot come after the delete and store a copy
+nobody reads.
 
 IAM: the role needs ``s3:GetObject``, ``s3:PutObject``, ``s3:DeleteObject``
 and ``s3:ListBucket`` on the bucket; without ``ListBucket`` a missing object
@@ -36,15 +48,16 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Collection, Iterator, Sequence
-from typing import Any
+import secrets
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
 from ..config import Config
 from ..errors import BackendError, ConfigError, ProtocolError
 from ..wire import Buffer
-from .aws import aws_client, error_code, map_aws_errors
+from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
 from .base import Mailbox
 from .storage import (
     MediatedChannel,
@@ -58,6 +71,8 @@ __all__ = ["S3Channel", "lifecycle_rule"]
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MiB = 1024 * 1024
 MIN_PART = 5 * MiB  # S3's minimum size of every part but the last
 MAX_PARTS = 10_000
@@ -65,6 +80,8 @@ DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per call
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _CHANGED = frozenset({"PreconditionFailed", "412"})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+WRITER_KEY = "fmi-writer"  # user metadata: the token of the channel that wrote a message
+_WARNED_LIFECYCLE: set[str] = set()  # buckets already warned about, once per process
 
 
 def lifecycle_rule(days: int = 1, prefix: str = "fmi/") -> dict[str, Any]:
@@ -118,14 +135,22 @@ class S3Channel(MediatedChannel):
         self.max_concurrency = int(option_number(opts, "max_concurrency", "S3", 8, minimum=1))
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._token = secrets.token_hex(8)
 
     def location(self) -> str:
         return f"s3://{self.bucket}"
 
+    def _transient(self, exc: BaseException) -> bool:
+        return transient_aws_error(exc)
+
     @contextlib.contextmanager
     def _call(self, operation: str) -> Iterator[None]:
+        """One request while opening: counted and mapped, not retried (fail fast)."""
         with map_aws_errors(self.stats, operation, f"bucket {self.bucket!r}"):
             yield
+
+    async def _request(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        return await aws_request(self, operation, f"bucket {self.bucket!r}", call)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -135,12 +160,11 @@ class S3Channel(MediatedChannel):
         try:
             async with self._open_deadline():
                 self._client = await self._stack.enter_async_context(
-                    aws_client("s3", self.options, "S3")
+                    aws_client("s3", self.options, "S3", attempts=1)
                 )
-                if self.create_bucket:
-                    await self._ensure_bucket()
-                else:
+                if not self.create_bucket or not await self._ensure_bucket():
                     await self._check_bucket()
+                    await self._check_lifecycle()
         except BaseException:
             await self._stack.aclose()
             raise
@@ -166,7 +190,31 @@ class S3Channel(MediatedChannel):
                     ) from exc
                 raise
 
-    async def _ensure_bucket(self) -> None:
+    async def _check_lifecycle(self) -> None:
+        """Warn (once per bucket) when no enabled rule expires what crashed runs leave."""
+        if self.bucket in _WARNED_LIFECYCLE:
+            return
+        rules: list[dict[str, Any]] = []
+        with self._call("GetBucketLifecycleConfiguration"):
+            try:
+                reply = await self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+                rules = reply.get("Rules", [])
+            except ClientError as exc:
+                if error_code(exc) != "NoSuchLifecycleConfiguration":
+                    logger.debug("cannot read the lifecycle of bucket %r: %s", self.bucket, exc)
+                    return
+        if any(_expires(rule, "fmi/") for rule in rules):
+            return
+        _WARNED_LIFECYCLE.add(self.bucket)
+        logger.warning(
+            "S3 bucket %r has no enabled lifecycle rule expiring the fmi/ prefix: objects of "
+            "peers that die before close() stay until removed (fmi clean); add the rule of "
+            "fmi_async.channels.s3.lifecycle_rule()",
+            self.bucket,
+        )
+
+    async def _ensure_bucket(self) -> bool:
+        """Create the bucket with its lifecycle rule; False when it existed (left as it is)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         region = self._client.meta.region_name
         if region and region != "us-east-1":
@@ -178,11 +226,13 @@ class S3Channel(MediatedChannel):
             except ClientError as exc:
                 if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
+                return False
         with self._call("PutBucketLifecycleConfiguration"):
             await self._client.put_bucket_lifecycle_configuration(
                 Bucket=self.bucket,
                 LifecycleConfiguration={"Rules": [lifecycle_rule(self.lifecycle_days)]},
             )
+        return True
 
     async def _shutdown(self) -> None:
         await self._stack.aclose()
@@ -190,25 +240,48 @@ class S3Channel(MediatedChannel):
 
     # ---------------------------------------------------------------- storage primitives
 
-    async def _store(self, name: str, frames: Sequence[Buffer], nbytes: int) -> None:
+    async def _store(
+        self, name: str, frames: Sequence[Buffer], nbytes: int, *, exclusive: bool = False
+    ) -> None:
+        metadata = {WRITER_KEY: self._token}
+        condition: dict[str, Any] = {"IfNoneMatch": "*"} if exclusive else {}
         if nbytes <= self.multipart_threshold:
-            with self._call("PutObject"):
-                await self._client.put_object(
-                    Bucket=self.bucket, Key=name, Body=join_range(frames, 0, nbytes)
-                )
+            body = join_range(frames, 0, nbytes)
+
+            async def put() -> bool:
+                try:
+                    await self._client.put_object(
+                        Bucket=self.bucket, Key=name, Body=body, Metadata=metadata, **condition
+                    )
+                except ClientError as exc:
+                    if exclusive and error_code(exc) in _CHANGED:
+                        return False
+                    raise
+                return True
+
+            if not await self._request("PutObject", put):
+                await self._check_duplicate(name, "PutObject")
             return
         # S3 allows 10,000 parts: grow the part size for very large objects.
         part_size = max(self.part_size, -(-nbytes // MAX_PARTS))
-        with self._call("CreateMultipartUpload"):
-            created = await self._client.create_multipart_upload(Bucket=self.bucket, Key=name)
-        upload_id = created["UploadId"]
+
+        async def create() -> str:
+            created = await self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=name, Metadata=metadata
+            )
+            return str(created["UploadId"])
+
+        upload_id = await self._request("CreateMultipartUpload", create)
 
         async def upload(number: int, start: int, end: int) -> dict[str, Any]:
             body = join_range(frames, start, end)  # built inside the bounded task
-            with self._call("UploadPart"):
-                reply = await self._client.upload_part(
+
+            async def part() -> Any:
+                return await self._client.upload_part(
                     Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=body
                 )
+
+            reply = await self._request("UploadPart", part)
             return {"PartNumber": number, "ETag": reply["ETag"]}
 
         bounds = chunk_bounds(nbytes, part_size)
@@ -217,13 +290,26 @@ class S3Channel(MediatedChannel):
                 [functools.partial(upload, n, lo, hi) for n, (lo, hi) in enumerate(bounds, 1)],
                 self.max_concurrency,
             )
-            with self._call("CompleteMultipartUpload"):
-                await self._client.complete_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=name,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
+
+            async def complete() -> bool:
+                try:
+                    await self._client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=name,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
+                        **condition,
+                    )
+                except ClientError as exc:
+                    # A retry of a completion that did land finds the upload
+                    # gone (NoSuchUpload) or, for a message, the object (412).
+                    if error_code(exc) in _CHANGED | {"NoSuchUpload"}:
+                        return False
+                    raise
+                return True
+
+            if not await self._request("CompleteMultipartUpload", complete):
+                await self._check_duplicate(name, "CompleteMultipartUpload")
         except BaseException:
             with contextlib.suppress(Exception):
                 with self._call("AbortMultipartUpload"):
@@ -231,6 +317,35 @@ class S3Channel(MediatedChannel):
                         Bucket=self.bucket, Key=name, UploadId=upload_id
                     )
             raise
+
+    async def _check_duplicate(self, name: str, operation: str) -> None:
+        """A write was refused because ``name`` exists: fine if this channel wrote it.
+
+        Raises :class:`~fmi_async.errors.BackendError` when another writer's
+        object is there.
+        """
+
+        async def head() -> dict[str, str] | None:
+            try:
+                reply = await self._client.head_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if error_code(exc) in _MISSING:
+                    return None
+                raise
+            metadata: dict[str, str] = reply.get("Metadata") or {}
+            return metadata
+
+        metadata = await self._request("HeadObject", head)
+        if metadata is None or metadata.get(WRITER_KEY) == self._token:
+            # Ours: an earlier attempt of this write landed (its reply was
+            # lost), and maybe its reader has consumed it since.
+            logger.debug("%r: %s of %s was a retry of a write that landed", self, operation, name)
+            return
+        raise BackendError(
+            f"{operation} on bucket {self.bucket!r}: {name!r} already holds an object written "
+            "by another writer; is a second job running with the same communicator name and "
+            "run id, or does another program write under fmi/?"
+        )
 
     async def _get_range(self, name: str, start: int, end: int, etag: str | None) -> Any:
         """One ranged GET; None when the object is missing or changed under us."""
@@ -241,7 +356,8 @@ class S3Channel(MediatedChannel):
         }
         if etag is not None:
             kwargs["IfMatch"] = etag
-        with self._call("GetObject"):
+
+        async def get() -> Any:
             try:
                 reply = await self._client.get_object(**kwargs)
             except ClientError as exc:
@@ -256,7 +372,9 @@ class S3Channel(MediatedChannel):
                 raise
             async with reply["Body"] as body:
                 reply["Data"] = await body.read()
-        return reply
+            return reply
+
+        return await self._request("GetObject", get)
 
     async def _load(self, name: str, consume: bool) -> list[Buffer] | None:
         first = await self._get_range(name, 0, self.part_size, None)
@@ -292,11 +410,13 @@ class S3Channel(MediatedChannel):
         batches = [ordered[i : i + DELETE_BATCH] for i in range(0, len(ordered), DELETE_BATCH)]
 
         async def delete(batch: list[str]) -> None:
-            with self._call("DeleteObjects"):
-                reply = await self._client.delete_objects(
+            async def call() -> Any:
+                return await self._client.delete_objects(
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
                 )
+
+            reply = await self._request("DeleteObjects", call)
             errors = reply.get("Errors") or []
             if errors:
                 first = errors[0]
@@ -308,20 +428,34 @@ class S3Channel(MediatedChannel):
 
         await bounded_gather([functools.partial(delete, b) for b in batches], self.max_concurrency)
 
-    async def list_run(self) -> list[str]:
-        """Every object of this run and communicator, with ListObjectsV2 under the run prefix."""
+    async def list_names(self, prefix: str) -> list[str]:
+        """Every object under ``prefix``, with ListObjectsV2 (page by page)."""
         self._check_open()
         names: list[str] = []
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
-            "Prefix": self.prefix + "/",
+            "Prefix": prefix,
             "MaxKeys": self.list_page_size,
         }
         while True:
-            with self._call("ListObjectsV2"):
-                page = await self._client.list_objects_v2(**kwargs)
-            names.extend(item["Key"] for item in page.get("Contents", ()))
-            if not page.get("IsTruncated"):
+
+            async def page() -> Any:
+                return await self._client.list_objects_v2(**kwargs)
+
+            reply = await self._request("ListObjectsV2", page)
+            names.extend(item["Key"] for item in reply.get("Contents", ()))
+            if not reply.get("IsTruncated"):
                 break
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            kwargs["ContinuationToken"] = reply["NextContinuationToken"]
         return names
+
+
+def _expires(rule: dict[str, Any], prefix: str) -> bool:
+    """Whether lifecycle ``rule`` is enabled, expires objects, and covers ``prefix``."""
+    if rule.get("Status") != "Enabled" or not rule.get("Expiration", {}).get("Days"):
+        return False
+    rule_filter = rule.get("Filter", {})
+    covered = rule_filter.get("Prefix", rule.get("Prefix", ""))
+    if "And" in rule_filter or "Tag" in rule_filter:
+        return False  # narrowed by tags: our objects carry none
+    return isinstance(covered, str) and prefix.startswith(covered)

@@ -19,9 +19,27 @@ lives here:
   each under its own name; the receiver asks for the next number it has not
   consumed, so repeated sends with one key arrive in order.
 * **Lifetime.**  A peer remembers every name it stored and its :meth:`close`
-  deletes them (in batches).  A receiver deletes a message once it has read it.
-  A peer that dies before closing leaves objects that expire: a TTL on every
-  Redis key and DynamoDB item, a bucket lifecycle rule on S3.
+  deletes them (in batches).  A receiver deletes a message once it has read
+  it (S3 and DynamoDB after ``delete_delay``, see below).  A peer that dies
+  before closing leaves objects that expire: a TTL on every Redis key and
+  DynamoDB item (``ttl``, by default a few times the config's ``timeout``),
+  a bucket lifecycle rule on S3.
+* **Transient faults.**  Every backend request runs under the deadline of
+  the operation it serves (the caller's timeout for ``recv``/``get``, the
+  config's ``timeout`` for writes) and is retried, with the jittered
+  backoff of a :class:`~fmi_async.channels.backoff.RetryPolicy`, when it
+  failed on the way (a reset connection, a restarting server, an HTTP
+  5xx).  Only idempotent requests are retried: reads, deletes, objects of
+  ``put`` (rewritten whole), and messages written so that a second copy is
+  a no-op (a conditional write keyed by the message's name and number).
+* **Ghosts.**  A retried message write whose first attempt did land must not
+  bring the message back after its reader consumed it.  S3 and DynamoDB
+  write messages conditionally (``If-None-Match: *``, ``attribute_not_exists``),
+  and the reader keeps a consumed message for ``delete_delay`` seconds (by
+  default the config's ``timeout``, the longest a writer retries) before
+  deleting it: any retry of the write meets the message still in place and
+  is refused as a duplicate.  Redis dedupes on the server instead (see
+  :mod:`fmi_async.channels.redis`).
 
 ``close`` deletes objects other peers may not have read yet; the communicator
 must reach a barrier before closing its channels (as MPI_Finalize does).
@@ -32,8 +50,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
+import itertools
 import logging
+import math
 import time
+from collections import Counter, deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -41,6 +63,7 @@ from collections.abc import (
     Collection,
     Coroutine,
     Iterable,
+    Iterator,
     Sequence,
 )
 from dataclasses import dataclass
@@ -48,13 +71,21 @@ from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import quote
 
 from ..config import Config
-from ..errors import ArgumentError, ClosedError, CommTimeout, ConfigError, ProtocolError
+from ..errors import (
+    ArgumentError,
+    BrokenChannelError,
+    ClosedError,
+    CommTimeout,
+    ConfigError,
+    ProtocolError,
+)
 from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
-from .backoff import Backoff, poll_until
+from .backoff import Backoff, RetryPolicy, poll_until
 from .base import Channel, Mailbox, describe_key
 
 __all__ = [
     "MediatedChannel",
+    "RequestCutOff",
     "bounded_gather",
     "chunk_bounds",
     "join_range",
@@ -65,10 +96,38 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TTL = 3600
+# Stored data outlives the deadline of the operation that wrote it by this
+# factor (a receiver may post its recv later than the send), but no less than
+# TTL_FLOOR seconds; ``ttl`` overrides both.
+TTL_FACTOR = 4
+TTL_FLOOR = 60
+# A request started before its operation's deadline gets at least this long
+# (the last poll of a wait is made at the deadline itself).
+MIN_ATTEMPT = 0.2
 STREAM_NAME_CACHE = 1024  # stream names a channel remembers (see message_name)
 
 T = TypeVar("T")
+
+# The deadline (loop.time() seconds) of the channel operation running in this
+# task: set by the public operations, read by the request helpers of each
+# backend, and inherited by the tasks an operation starts (bounded_gather).
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "fmi_storage_deadline", default=None
+)
+
+
+class RequestCutOff(BrokenChannelError):
+    """A backend request was still unanswered when its operation's deadline came.
+
+    A poll treats it as "not there in time" (so the wait ends in
+    :class:`~fmi_async.errors.CommTimeout`); elsewhere it is the
+    :class:`~fmi_async.errors.BrokenChannelError` it subclasses.
+    """
+
+
+def default_ttl(timeout: float) -> int:
+    """Seconds stored data lives by default: ``TTL_FACTOR`` times ``timeout``, at least a minute."""
+    return max(TTL_FLOOR, math.ceil(TTL_FACTOR * timeout))
 
 
 def storage_prefix(comm_name: str, run_id: str) -> str:
@@ -175,10 +234,18 @@ class MediatedChannel(Channel):
     can block on the server (Redis) overrides the operations instead.
 
     Options every mediated backend reads: ``ttl`` (seconds stored objects
-    live when nobody deletes them), ``max_timeout`` (FMI's key: milliseconds a
-    receive waits when the caller gives no timeout; default the config's
-    ``timeout``), and the backoff keys of :meth:`Backoff.from_options`.
+    live when nobody deletes them; default :func:`default_ttl` of the
+    config's ``timeout``), ``max_timeout`` (FMI's key: milliseconds a receive
+    waits when the caller gives no timeout; default the config's
+    ``timeout``), ``delete_delay`` (seconds a consumed message is kept
+    before its reader deletes it, S3 and DynamoDB), the backoff keys of
+    :meth:`Backoff.from_options` and the retry keys of
+    :meth:`RetryPolicy.from_options`.
     """
+
+    # Seconds a consumed message is kept before its reader deletes it; a
+    # backend whose writes cannot come back as ghosts (Redis) sets 0.
+    keep_consumed: ClassVar[bool] = True
 
     kind: ClassVar[Literal["direct", "mediated"]] = "mediated"
 
@@ -193,13 +260,26 @@ class MediatedChannel(Channel):
     ) -> None:
         super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
         self.prefix = storage_prefix(comm_name, run_id)
-        self.ttl = int(option_number(self.options, "ttl", self.name, DEFAULT_TTL, minimum=1))
+        self.ttl = int(
+            option_number(self.options, "ttl", self.name, default_ttl(config.timeout), minimum=1)
+        )
+        self.delete_delay = (
+            option_number(self.options, "delete_delay", self.name, config.timeout)
+            if self.keep_consumed
+            else 0.0
+        )
         if "max_timeout" in self.options:
             max_ms = option_number(self.options, "max_timeout", self.name, 0, minimum=1)
             self.max_wait = max_ms / 1000.0
         else:
             self.max_wait = config.timeout
         self.backoff = Backoff.from_options(self.options, self.name)
+        self.retry = RetryPolicy.from_options(
+            self.options, self.name, self._transient, self._count_retry
+        )
+        self.retried: Counter[str] = Counter()  # failures retried, by error type
+        self._consumed: deque[tuple[float, str]] = deque()  # (delete at, name), in time order
+        self._reaper: asyncio.Task[None] | None = None
         self._owned: set[str] = set()  # objects this peer put
         self._sent: set[str] = set()  # messages this peer sent (their readers delete them)
         # Set by the communicator once a final barrier has shown that every
@@ -228,8 +308,15 @@ class MediatedChannel(Channel):
         """Where the data lives, for messages: ``s3://bucket``, ``redis://host:port/0``."""
 
     @abc.abstractmethod
-    async def _store(self, name: str, frames: Sequence[Buffer], nbytes: int) -> None:
-        """Store the concatenation of ``frames`` under ``name``, visible all at once."""
+    async def _store(
+        self, name: str, frames: Sequence[Buffer], nbytes: int, *, exclusive: bool = False
+    ) -> None:
+        """Store the concatenation of ``frames`` under ``name``, visible all at once.
+
+        ``exclusive`` (messages): write only if ``name`` does not exist, and
+        take "it exists, written by this channel" as success, so a retried
+        write never stores a second copy.
+        """
 
     @abc.abstractmethod
     async def _load(self, name: str, consume: bool) -> list[Buffer] | None:
@@ -246,9 +333,37 @@ class MediatedChannel(Channel):
     async def _shutdown(self) -> None:
         """Release clients and connections (after the final deletes)."""
 
-    async def list_run(self) -> list[str]:
-        """Every stored name of this run and communicator (all peers): for tests and cleanup."""
+    def _transient(self, exc: BaseException) -> bool:
+        """Whether a failed request may succeed if sent again (a reset, a restart, a 503)."""
+        return False
+
+    async def list_names(self, prefix: str) -> list[str]:
+        """Every stored name that starts with ``prefix`` (any run, any peer).
+
+        For tests and cleanup (``fmi clean``), never the data path.  Raises
+        :class:`~fmi_async.errors.ClosedError` when the channel is not open
+        and the backend's errors as for any request.
+        """
         raise NotImplementedError(f"{type(self).__name__} cannot list its objects")
+
+    async def list_run(self) -> list[str]:
+        """Every stored name of this run and communicator (all peers): for tests and cleanup.
+
+        Raises as :meth:`list_names`.
+        """
+        self._check_open()
+        return await self.list_names(self.prefix + "/")
+
+    async def purge(self, names: Collection[str]) -> None:
+        """Delete ``names`` (any run's, as :meth:`list_names` found them); missing ones are fine.
+
+        Raises :class:`~fmi_async.errors.ClosedError` when the channel is not
+        open, and the backend's errors (after retries within the config's
+        ``timeout``).
+        """
+        self._check_open()
+        with self._within(self._write_deadline()):
+            await self._remove(names)
 
     # ---------------------------------------------------------------- names
 
@@ -311,6 +426,38 @@ class MediatedChannel(Channel):
         wait = self.max_wait if timeout is None else max(0.0, float(timeout))
         return asyncio.get_running_loop().time() + wait, wait
 
+    def _write_deadline(self) -> float:
+        """Writes and deletes get the config's timeout (the caller's wait is not known)."""
+        return asyncio.get_running_loop().time() + self.config.timeout
+
+    @contextlib.contextmanager
+    def _within(self, deadline: float) -> Iterator[None]:
+        """Run the requests of one operation under ``deadline`` (see ``_DEADLINE``)."""
+        token = _DEADLINE.set(deadline)
+        try:
+            yield
+        finally:
+            _DEADLINE.reset(token)
+
+    def op_deadline(self) -> float:
+        """The deadline of the operation running now (``loop.time()`` seconds)."""
+        deadline = _DEADLINE.get()
+        return self._write_deadline() if deadline is None else deadline
+
+    def attempt_limit(self) -> float:
+        """Seconds the next request may take: what is left of the deadline, at least MIN_ATTEMPT."""
+        return max(self.op_deadline() - asyncio.get_running_loop().time(), MIN_ATTEMPT)
+
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt`` under the operation's deadline, retried while it fails transiently."""
+        return await self.retry.run(attempt, self.op_deadline(), f"{what} on {self.location()}")
+
+    def _count_retry(self, exc: BaseException, failures: int) -> None:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        self.retried[type(cause).__name__] += 1
+        log = logger.info if failures == 1 else logger.debug
+        log("%r: retrying after a transient failure (%d so far): %s", self, failures, exc)
+
     def _timeout(self, what: str, waited: float, hint: str) -> CommTimeout:
         return CommTimeout(
             f"peer {self.peer_id} waited {waited:.3g}s for {what} on channel {self.name} "
@@ -345,7 +492,10 @@ class MediatedChannel(Channel):
 
     async def _attempt(self, name: str, consume: bool) -> list[Buffer] | None:
         self._check_open()
-        return await self._load(name, consume)
+        try:
+            return await self._load(name, consume)
+        except RequestCutOff:
+            return None  # the deadline came during the last look: not there in time
 
     @contextlib.asynccontextmanager
     async def _exclusive(
@@ -386,9 +536,44 @@ class MediatedChannel(Channel):
             except Exception as exc:
                 logger.warning("%r: %s failed (the objects expire by TTL): %s", self, what, exc)
 
-        task = asyncio.get_running_loop().create_task(guarded())
+        # A fresh context: the task must not inherit the deadline of the
+        # operation that started it.
+        task = asyncio.get_running_loop().create_task(guarded(), context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _delete_later(self, names: Iterable[str]) -> None:
+        """Delete consumed ``names`` after ``delete_delay`` seconds, batched; close() flushes.
+
+        The delay is what makes a retried conditional write of a message
+        harmless: it meets the consumed message still in place and is
+        refused, instead of storing a copy nobody will read.
+        """
+        due = asyncio.get_running_loop().time() + self.delete_delay
+        self._consumed.extend((due, name) for name in names)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(
+                self._reap(), context=contextvars.Context()
+            )
+
+    async def _reap(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._consumed and not self._closing:
+            wait = self._consumed[0][0] - loop.time()
+            # Delete at most once per delay (or once per loop turn without
+            # one), so many messages read together cost one request.
+            await asyncio.sleep(max(wait, 0.0))
+            batch = _due(self._consumed, loop.time())
+            if not batch:
+                continue
+            try:
+                await self._remove(batch)
+            except Exception as exc:
+                logger.warning("%r: deleting %d consumed messages: %s", self, len(batch), exc)
+                await asyncio.sleep(max(self.delete_delay, self.retry.backoff.maximum))
+                continue
+            for _ in batch:  # removed from the queue only once deleted
+                self._consumed.popleft()
 
     # ---------------------------------------------------------------- channel API
 
@@ -402,7 +587,8 @@ class MediatedChannel(Channel):
         start = time.perf_counter()
         frames, nbytes = self._encode(key, payload)
         self._sent.add(name)
-        await self._store(name, frames, nbytes)
+        with self._within(self._write_deadline()):
+            await self._store(name, frames, nbytes, exclusive=True)
         self._count_send(payload)
         self.stats.seconds += time.perf_counter() - start
 
@@ -418,10 +604,15 @@ class MediatedChannel(Channel):
             async with self._exclusive(self._recv_locks, match, deadline):
                 seq = self._recv_seq.get(match, 0)
                 name = self.message_name(src, self.peer_id, key, seq)
-                parts = await poll_until(lambda: self._attempt(name, True), deadline, self.backoff)
+                with self._within(deadline):
+                    parts = await poll_until(
+                        lambda: self._attempt(name, True), deadline, self.backoff
+                    )
                 if parts is not None:
                     self._recv_seq[match] = seq + 1
-        except TimeoutError:
+        except TimeoutError as exc:
+            if isinstance(exc, CommTimeout):
+                raise
             parts = None
         if parts is None:
             raise self._timeout(
@@ -430,7 +621,7 @@ class MediatedChannel(Channel):
                 f"check that peer {src} sent it to peer {self.peer_id} with the same "
                 "communicator name, run id and backend",
             )
-        self._in_background(self._remove([name]), f"deleting consumed message {name!r}")
+        self._delete_later([name])
         payload = self._decode(parts, name, key)
         self.stats.messages_received += 1
         self.stats.bytes_received += payload.nbytes
@@ -444,7 +635,8 @@ class MediatedChannel(Channel):
         name = self.object_name(key)
         frames, nbytes = self._encode(key, payload)
         self._owned.add(name)
-        await self._store(name, frames, nbytes)
+        with self._within(self._write_deadline()):
+            await self._store(name, frames, nbytes)
         self._count_send(payload)
         self.stats.seconds += time.perf_counter() - start
 
@@ -454,7 +646,8 @@ class MediatedChannel(Channel):
         start = time.perf_counter()
         deadline, wait = self._deadline(timeout)
         name = self.object_name(key)
-        parts = await poll_until(lambda: self._attempt(name, False), deadline, self.backoff)
+        with self._within(deadline):
+            parts = await poll_until(lambda: self._attempt(name, False), deadline, self.backoff)
         if parts is None:
             raise self._get_timeout(key, wait)
         payload = self._decode(parts, name, key)
@@ -462,6 +655,10 @@ class MediatedChannel(Channel):
         self.stats.bytes_received += payload.nbytes
         self.stats.seconds += time.perf_counter() - start
         return payload
+
+    def _leftovers(self) -> set[str]:
+        """Further names close() deletes in any case (a backend's bookkeeping keys)."""
+        return set()
 
     def _get_timeout(self, key: Key, wait: float) -> CommTimeout:
         return self._timeout(
@@ -476,7 +673,8 @@ class MediatedChannel(Channel):
         self._check_open()
         names = [self.object_name(k) for k in keys]
         if names:
-            await self._remove(names)
+            with self._within(self._write_deadline()):
+                await self._remove(names)
             self._owned.difference_update(names)
 
     async def close(self) -> None:
@@ -493,18 +691,25 @@ class MediatedChannel(Channel):
         self._closing = True
         try:
             async with asyncio.timeout(self.config.timeout):
+                if self._reaper is not None:
+                    self._reaper.cancel()
+                    await asyncio.gather(self._reaper, return_exceptions=True)
                 if self._background:
                     await asyncio.gather(*self._background, return_exceptions=True)
                 names = self._owned if self.keep_sent_messages else self._owned | self._sent
+                names = names | self._leftovers() | {name for _, name in self._consumed}
                 if names:
-                    await self._remove(sorted(names))
+                    with self._within(self._write_deadline()):
+                        await self._remove(sorted(names))
                     self._owned.clear()
                     self._sent.clear()
+                    self._consumed.clear()
         except TimeoutError as exc:
             if isinstance(exc, CommTimeout):
                 raise
             raise CommTimeout(
-                f"peer {self.peer_id} could not delete its {len(self._owned)} stored objects "
+                f"peer {self.peer_id} could not delete its {len(self._owned) + len(self._sent)} "
+                "stored objects "
                 f"on {self.location()} within {self.config.timeout:g}s; they expire by TTL "
                 "(or the bucket's lifecycle rule)"
             ) from None
@@ -514,6 +719,11 @@ class MediatedChannel(Channel):
             finally:
                 await super().close()
                 logger.debug("%r closed", self)
+
+
+def _due(queue: deque[tuple[float, str]], now: float) -> list[str]:
+    """The names at the head of ``queue`` (ordered by time) whose time has come."""
+    return [name for _, name in itertools.takewhile(lambda entry: entry[0] <= now, queue)]
 
 
 def _encode_key(key: Key) -> str:

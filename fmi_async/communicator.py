@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
@@ -87,11 +88,11 @@ class Communicator:
         if hub is not None and "memory" not in self.config.backends:
             self.config = self.config.with_backend("memory")
         self.run_id = run_id or os.environ.get("FMI_RUN_ID", "default")
-        self.timeout = (
-            check_timeout(timeout, "Communicator timeout")
-            if timeout is not None
-            else self.config.timeout
-        )
+        if timeout is not None:
+            # The communicator's timeout is its channels' too (rendezvous lookups,
+            # connection set-up, storage polls), not only its calls'.
+            self.config = replace(self.config, timeout=check_timeout(timeout, "timeout"))
+        self.timeout = self.config.timeout
         self._hint = hint
         self._hub = hub
         self._mailbox = Mailbox(peer_id)

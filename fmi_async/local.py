@@ -38,4 +38,11 @@ async def local_peers(
     finally:
         # All peers close together, so the final barrier of storage channels
         # completes; after an error it is skipped (peers may be mid-collective).
-        await asyncio.gather(*(c.close(synchronize=ok) for c in comms), return_exceptions=True)
+        results = await asyncio.gather(
+            *(c.close(synchronize=ok) for c in comms), return_exceptions=True
+        )
+        if ok:
+            # A clean exit that could not close cleanly is not clean: say so.
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result

@@ -47,6 +47,23 @@ def pytest_report_header(config: pytest.Config) -> str:
 GroupFactory = Callable[..., AbstractAsyncContextManager[list[fmi.Communicator]]]
 
 
+async def close_all(parts: Sequence[Any], ok: bool) -> None:
+    """Close every communicator (or NAT box) of a group, all of them even if some fail.
+
+    After a clean test body a failed close fails the test: teardown does not
+    swallow errors.  After a failing body (peers may be mid-collective) the
+    final barrier is skipped and the body's own error is the one reported.
+    """
+    if parts and isinstance(parts[0], fmi.Communicator):
+        closing = [c.close(synchronize=ok) for c in parts]
+    else:
+        closing = [p.close() for p in parts]
+    results = await asyncio.gather(*closing, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if ok and errors:
+        raise errors[0]
+
+
 @asynccontextmanager
 async def _rendezvous_group(
     backend: str, n: int, loop_errors: tuple[str, ...] | None, **kwargs: Any
@@ -67,12 +84,16 @@ async def _rendezvous_group(
     comms = [fmi.Communicator(i, n, config, run_id=run_id, **kwargs) for i in range(n)]
     watch = _loop_errors_fail(loop_errors) if loop_errors else contextlib.nullcontext()
     async with watch:
+        ok = False
         try:
             await asyncio.gather(*(c.open() for c in comms))
             yield comms
+            ok = True
         finally:
-            await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
-            await server.close()
+            try:
+                await close_all(comms, ok)
+            finally:
+                await server.close()
 
 
 def tcp_group(n: int, **kwargs: Any) -> AbstractAsyncContextManager[list[fmi.Communicator]]:
@@ -145,7 +166,7 @@ def storage_group(config: fmi.Config) -> GroupFactory:
             yield comms
             ok = True
         finally:
-            await asyncio.gather(*(c.close(synchronize=ok) for c in comms), return_exceptions=True)
+            await close_all(comms, ok)
 
     return group
 
@@ -215,6 +236,7 @@ async def _behind_nats(
     run_id = uuid.uuid4().hex[:12]
     comms: list[fmi.Communicator] = []
     watch = _loop_errors_fail(loop_errors) if loop_errors else contextlib.nullcontext()
+    ok = False
     async with watch:
         try:
             for box in boxes:
@@ -230,10 +252,13 @@ async def _behind_nats(
                 comms.append(fmi.Communicator(i, n, config, run_id=run_id, **kwargs))
             await asyncio.gather(*(c.open() for c in comms))
             yield comms
+            ok = True
         finally:
-            await asyncio.gather(*(c.close() for c in comms), return_exceptions=True)
-            await asyncio.gather(*(b.close() for b in boxes), return_exceptions=True)
-            await server.close()
+            try:
+                await close_all(comms, ok)
+            finally:
+                await close_all(boxes, ok)
+                await server.close()
 
 
 def _default_punch_timeout(kinds: Sequence[NATKind]) -> float:

@@ -162,8 +162,10 @@ async def test_split_allreduce_small_forced_and_large_automatic(sized: tuple[Bac
             assert_same(v, reference_fold(fmi.SUM, big))
         if size > 1:
             sent = sum(c.stats.messages_sent for c in g.chans)
-            # split: P-1 parts and one reduced part per peer, for each of the two calls
-            assert sent == 2 * size * size
+            # split: P-1 parts and one reduced part per peer, for each of the two calls;
+            # plus at most one plan-probe object per peer and call, stored when a wait
+            # outlasts PLAN_PROBE_AFTER on a loaded host (collectives/base.py)
+            assert 2 * size * size <= sent <= 2 * size * size + 2 * size
 
 
 async def test_split_allreduce_refuses_what_it_cannot_split(mediated_backend: Backend) -> None:

@@ -48,12 +48,14 @@ logger = logging.getLogger(__name__)
 
 Step = int | str | tuple[int | str, ...]
 
-ABORT_PROBE_FIRST = 0.25
+ABORT_PROBE_FIRST = 0.5
 """Seconds a storage wait runs before its first look for an abort (doubling after)."""
 ABORT_PROBE_MAX = 2.0
 """Longest slice between two looks for an abort on a storage channel."""
 PLAN_PROBE_AFTER = 1.0
-"""Seconds a wait on a direct channel runs before it tells the awaited peer its plan."""
+"""Seconds a wait runs before this peer tells the awaited peer its plan (direct
+channels: a message; storage: an object, published after the slice that ends
+past this time)."""
 
 
 class StorageOps(Protocol):
@@ -144,7 +146,21 @@ class CollectiveContext:
     # -- point to point -------------------------------------------------------
 
     async def send_payload(self, dst: int, step: Step, payload: Payload) -> None:
-        await self.channel.send(dst, self.key(step), payload)
+        if self.deadline is None:
+            await self.channel.send(dst, self.key(step), payload)
+            return
+        # A send may wait for a connection (rendezvous lookup, punching) or for
+        # flow control: the collective's deadline bounds that too.
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await self.channel.send(dst, self.key(step), payload)
+        except TimeoutError as exc:
+            if isinstance(exc, CommTimeout):
+                raise self._timeout(exc) from None
+            raise CommTimeout(
+                f"{self.op} (collective #{self.seq}): peer {self.rank} could not send to peer "
+                f"{dst} on channel {self.channel.name} before the deadline"
+            ) from None
 
     async def send(self, dst: int, step: Step, value: Any) -> None:
         await self.send_payload(dst, step, self.pack(value))
@@ -181,12 +197,13 @@ class CollectiveContext:
     ) -> Payload:
         """Wait on storage in slices, looking for an abort of this collective between them.
 
-        After the first slice this peer also publishes its plan (``("q", seq,
+        Once the wait has lasted PLAN_PROBE_AFTER this peer also publishes its plan (``("q", seq,
         rank)``) and compares it with the awaited peer's, if that one published
         too: peers whose plans differ so much that each waits on another would
         otherwise only meet their deadline.
         """
         piece = ABORT_PROBE_FIRST
+        waited = 0.0
         while True:
             left = self.remaining()
             remaining = math.inf if left is None else left
@@ -197,7 +214,8 @@ class CollectiveContext:
             except CommTimeout as exc:
                 if wait >= remaining:
                     raise CommTimeout(f"{self.op} (collective #{self.seq}): {exc}{who}") from None
-            await self._look_for_abort(src)
+            waited += wait
+            await self._look_for_abort(src, waited)
             piece = min(piece * 2, ABORT_PROBE_MAX)
 
     async def _send_probe(self, dst: int) -> None:
@@ -209,13 +227,13 @@ class CollectiveContext:
         except Exception as exc:  # best effort: the wait goes on and its deadline holds
             logger.debug("%r: plan probe to peer %d failed: %r", self, dst, exc)
 
-    async def _look_for_abort(self, src: int | None) -> None:
+    async def _look_for_abort(self, src: int | None, waited: float) -> None:
         if self.mailbox is not None:
             verdict = self.mailbox.aborted(self.seq)
             if verdict is not None:
                 raise verdict
         storage = self._mediated()
-        if not self._published:
+        if not self._published and waited >= PLAN_PROBE_AFTER:
             self._published = True
             await storage.put(("q", self.seq, self.rank), plan_probe(self.plan))
         try:

@@ -10,16 +10,22 @@ import logging
 from .communicator import Communicator
 from .config import Config
 from .errors import (
+    AbortedError,
     ArgumentError,
     AuthenticationError,
     BackendError,
     BrokenChannelError,
+    BrokenCommunicatorError,
     ChannelError,
     ClosedError,
     CommTimeout,
     ConfigError,
     EndOfStream,
     FMIError,
+    JobConflictError,
+    JobConflictTimeout,
+    JobMismatchError,
+    LeaseLostError,
     OperatorError,
     PeerError,
     PlanMismatchError,
@@ -73,6 +79,12 @@ __all__ = [
     "EndOfStream",
     "BackendError",
     "AuthenticationError",
+    "AbortedError",
+    "BrokenCommunicatorError",
+    "JobConflictError",
+    "JobConflictTimeout",
+    "JobMismatchError",
+    "LeaseLostError",
     "__version__",
 ]
 

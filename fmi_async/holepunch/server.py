@@ -389,10 +389,6 @@ class RendezvousServer:
                 logger.warning("rendezvous: bad message from %s: %s", observed, exc)
                 await send(p.Error("bad_request", str(exc)))
                 return
-            if not decoder.mid_message:
-                message_deadline = None
-            elif messages or message_deadline is None:  # a new message begins here
-                message_deadline = loop.time() + self.handshake_timeout
             if not proven and messages:
                 proven = True  # a whole request came in time; one refused closes us below
                 if task is not None:
@@ -418,6 +414,11 @@ class RendezvousServer:
                     await send(answer)
                 if isinstance(answer, p.Error) and answer.code in ("auth", "bad_request"):
                     return  # no second guess on the same connection
+            # Timed from now, after handling: a lookup may have waited meanwhile.
+            if not decoder.mid_message:
+                message_deadline = None
+            elif messages or message_deadline is None:  # a new message has begun
+                message_deadline = loop.time() + self.handshake_timeout
 
     async def _handle(
         self,

@@ -36,6 +36,7 @@ __all__ = [
     "JobConflictTimeout",
     "JobMismatchError",
     "LeaseLostError",
+    "BackendUnavailable",
 ]
 
 
@@ -156,3 +157,9 @@ class JobMismatchError(FMIError):
 class LeaseLostError(FMIError):
     """An open communicator's job lease was lost: another job took its name and run id after
     the lease expired, or the lease could not be renewed for longer than its TTL."""
+
+
+class BackendUnavailable(BrokenChannelError):
+    """A storage backend kept failing (connection lost, restarting, HTTP 5xx), or did not
+    answer, until the operation's deadline, after retries with backoff.  A receive that
+    runs out of time this way raises :class:`CommTimeout` instead, naming this failure."""

@@ -11,9 +11,9 @@ file never holds secrets.  Backend options read here:
 ``profile``
     a named profile of the shared AWS config files.
 ``max_pool_connections``, ``connect_timeout``, ``read_timeout``, ``max_attempts``
-    the HTTP pool size, per-request deadlines (seconds) and botocore's own
-    attempts per request ("standard" retry mode; the channels default to 1,
-    since they retry themselves, see below).
+    the HTTP pool size, per-request deadlines (seconds) and how often
+    botocore itself resends a failed request ("standard" retry mode; the
+    channels default to 0, since they retry themselves, see below).
 
 :func:`map_aws_errors` is the one place where botocore and transport errors
 become fmi errors; :func:`aws_request` is the one place a request is sent:
@@ -51,9 +51,9 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from ..errors import BackendError, BrokenChannelError, ConfigError, FMIError
+from ..errors import BackendError, BackendUnavailable, BrokenChannelError, ConfigError, FMIError
 from .base import ChannelStats
-from .storage import RequestCutOff, option_number
+from .storage import option_number
 
 if TYPE_CHECKING:
     from .storage import MediatedChannel
@@ -121,12 +121,15 @@ def _session(aioboto3: Any, profile: str | None) -> Any:
     return per_loop[profile]
 
 
-def aws_client(service: str, options: dict[str, Any], backend: str, *, attempts: int = 4) -> Any:
+def aws_client(service: str, options: dict[str, Any], backend: str, *, retries: int = 4) -> Any:
     """An async context manager yielding an aiobotocore client for ``service``.
 
-    ``attempts`` is botocore's own attempts per request unless the options
-    set ``max_attempts``; the storage channels pass 1 and retry with
-    :func:`aws_request`.  Call it with the event loop running (from ``open``).
+    ``retries`` is how often botocore itself resends a failed request unless
+    the options set ``max_attempts`` (botocore's name for the same count);
+    the storage channels pass 0 and retry with :func:`aws_request`.  (aiohttp
+    may still resend an idempotent request, a PUT say, once when a reused
+    keep-alive connection turns out closed.)  Call it with the event loop
+    running (from ``open``).
     Raises :class:`~fmi_async.errors.ConfigError` for bad options or a
     missing aioboto3.
     """
@@ -153,9 +156,9 @@ def aws_client(service: str, options: dict[str, Any], backend: str, *, attempts:
         read_timeout=option_number(options, "read_timeout", backend, 60, minimum=0.1),
         retries={
             "mode": "standard",
-            "max_attempts": int(
-                option_number(options, "max_attempts", backend, attempts, minimum=1)
-            ),
+            # botocore counts the first attempt in total_max_attempts only.
+            "total_max_attempts": 1
+            + int(option_number(options, "max_attempts", backend, retries, minimum=0)),
         },
     )
     return _session(aioboto3, profile).client(
@@ -167,8 +170,8 @@ def transient_aws_error(exc: BaseException) -> bool:
     """Whether a request that failed with ``exc`` (as :func:`map_aws_errors` raised it)
     may succeed when sent again: a broken connection or truncated reply, an
     HTTP 5xx, throttling.  Never a request cut off by its deadline."""
-    if isinstance(exc, RequestCutOff):
-        return False
+    if isinstance(exc, BackendUnavailable):
+        return False  # the deadline came
     if isinstance(exc, BrokenChannelError):
         return True
     cause = exc.__cause__
@@ -188,9 +191,8 @@ async def aws_request(
     retried by ``channel.retry`` while it fails transiently.  ``call`` may
     catch the service errors it expects (a missing object while polling)
     and return instead.  Raises what :func:`map_aws_errors` raises,
-    :class:`~fmi_async.channels.storage.RequestCutOff` when the deadline
-    came first, or :class:`~fmi_async.errors.BrokenChannelError` when the
-    deadline passed while the request kept failing.
+    and :class:`~fmi_async.errors.BackendUnavailable` when the deadline came
+    before an answer, or passed while the request kept failing.
     """
 
     async def attempt() -> T:
@@ -202,7 +204,7 @@ async def aws_request(
         except TimeoutError as exc:
             if isinstance(exc, FMIError):
                 raise
-            raise RequestCutOff(
+            raise BackendUnavailable(
                 f"{operation} on {where}: no answer within {limit:.3g}s, when the "
                 "operation's deadline came"
             ) from None

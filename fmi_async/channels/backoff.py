@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import BrokenChannelError, ConfigError
+from ..errors import BackendUnavailable, ConfigError
 
 __all__ = ["Backoff", "RetryPolicy", "poll_until"]
 
@@ -133,8 +133,9 @@ class RetryPolicy:
     raised at once.  Waits between attempts come from ``backoff`` (jittered,
     growing), and are cut short by the deadline: no attempt starts after it.
     When the deadline passes with the operation still failing,
-    :meth:`run` raises :class:`~fmi_async.errors.BrokenChannelError` that
-    names what failed, how often and for how long, chained to the last error.
+    :meth:`run` raises :class:`~fmi_async.errors.BackendUnavailable` (a
+    ``BrokenChannelError``) that names what failed, how often and for how
+    long, chained to the last error.
 
     ``on_retry(exc, failures)`` is called before each wait (for counting and
     logging).
@@ -168,7 +169,7 @@ class RetryPolicy:
 
         ``deadline`` is in ``loop.time()`` seconds; one attempt is always
         made.  Raises what ``attempt`` raised when it is not transient, and
-        :class:`~fmi_async.errors.BrokenChannelError` (``what`` failed N
+        :class:`~fmi_async.errors.BackendUnavailable` (``what`` failed N
         times in S seconds) when the deadline passed on a transient failure.
         """
         loop = asyncio.get_running_loop()
@@ -184,7 +185,7 @@ class RetryPolicy:
                 failures += 1
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise BrokenChannelError(
+                    raise BackendUnavailable(
                         f"{what} failed {failures} time(s) in {loop.time() - start:.3g}s and "
                         f"the operation's deadline passed; last error: {exc}"
                     ) from exc

@@ -158,7 +158,7 @@ class DynamoDBChannel(MediatedChannel):
         try:
             async with self._open_deadline():
                 self._client = await self._stack.enter_async_context(
-                    aws_client("dynamodb", self.options, "DynamoDB", attempts=1)
+                    aws_client("dynamodb", self.options, "DynamoDB", retries=0)
                 )
                 await self._prepare_table()
         except BaseException:

@@ -98,6 +98,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from ..config import Config
 from ..errors import (
     BackendError,
+    BackendUnavailable,
     BrokenChannelError,
     ConfigError,
     FMIError,
@@ -107,7 +108,6 @@ from ..wire import MAGIC, Buffer, Key, Payload
 from .base import Mailbox, describe_key
 from .storage import (
     MediatedChannel,
-    RequestCutOff,
     chunk_bounds,
     join_range,
     option_number,
@@ -130,10 +130,10 @@ SCRIPT_MAX: Final = 8 * 1024  # larger elements: Lua's copy costs more than a pi
 HEADER_ROOM: Final = 4 * 1024
 # A blocking command asks the server to wait until the deadline; its reply
 # (nil) may take this long on top to come back before the client gives up.
-# Generous, because a busy event loop reads replies late (one process running
-# many peers that fold large arrays), and a reply cut off there is a receive
-# that fails although its message came.
-REPLY_SLACK: Final = 2.0
+# A busy event loop reads replies late (one process running many peers that
+# fold large arrays): a reply cut off that way counts as "not there in time"
+# and its element goes back to the stream, so the caller's next wait finds it.
+REPLY_SLACK: Final = 0.5
 # Appends a message unless the sender's mark says it did already (see the
 # module docstring).  KEYS: the list, the mark; ARGV: element, TTL (s), number.
 # RPUSH comes first: when it fails (a string where the list belongs) the
@@ -181,8 +181,8 @@ def _map_errors(channel: RedisChannel, operation: str) -> Iterator[None]:
 
 def transient_redis_error(exc: BaseException) -> bool:
     """Whether a command that failed with ``exc`` (as mapped) may succeed when sent again."""
-    if isinstance(exc, RequestCutOff):
-        return False
+    if isinstance(exc, BackendUnavailable):
+        return False  # the deadline came
     if isinstance(exc, BrokenChannelError):
         return True
     cause = exc.__cause__
@@ -334,7 +334,7 @@ class RedisChannel(MediatedChannel):
             if isinstance(exc, FMIError):
                 raise
             if asyncio.get_running_loop().time() >= self.op_deadline():
-                raise RequestCutOff(
+                raise BackendUnavailable(
                     f"{operation} on {self.location()}: no answer within {limit:.3g}s, when the "
                     "operation's deadline came"
                 ) from None
@@ -536,10 +536,13 @@ class RedisChannel(MediatedChannel):
                 reply = await self._run(args[0].lower(), move, limit)
         return None if reply is None else bytes(reply)
 
-    async def _take(self, stream: str, deadline: float) -> tuple[bytes, str] | None:
+    async def _take(
+        self, stream: str, deadline: float, failures: list[BackendUnavailable]
+    ) -> tuple[bytes, str] | None:
         """Move the head of ``stream`` into a fresh in-flight key; ``(element, key)``.
 
-        None when nothing came before ``deadline``.  A lost reply is
+        None when nothing came before ``deadline`` (also when the server
+        kept failing until then: noted in ``failures``).  A lost reply is
         recovered from the in-flight key; a failure or cancellation after a
         move may have run puts the element back (see the module docstring).
         """
@@ -565,8 +568,9 @@ class RedisChannel(MediatedChannel):
         except BaseException as exc:
             if maybe_moved:
                 self._put_back(taken, stream)
-            if isinstance(exc, RequestCutOff):
-                return None  # the deadline came during the last look: not there in time
+            if isinstance(exc, BackendUnavailable):
+                failures.append(exc)
+                return None  # not there in time
             raise
         return None if element is None else (element, taken)
 
@@ -663,11 +667,12 @@ class RedisChannel(MediatedChannel):
         name = self.message_name(src, self.peer_id, key)
         taken: tuple[bytes, str] | None = None
         resolved: tuple[list[Buffer], list[str]] | None = None
+        failures: list[BackendUnavailable] = []
         with contextlib.suppress(TimeoutError):
             async with self._exclusive(self._recv_locks, (src, key), deadline):
                 await self._settled(name, deadline)
                 with self._within(deadline):
-                    taken = await self._take(name, deadline)
+                    taken = await self._take(name, deadline, failures)
                     if taken is not None:
                         element, in_flight = taken
                         try:
@@ -681,6 +686,7 @@ class RedisChannel(MediatedChannel):
                 wait,
                 f"check that peer {src} sent it to peer {self.peer_id} with the same "
                 "communicator name, run id and Redis database",
+                failures,
             )
         assert resolved is not None  # consume=True raises instead of returning None
         parts, chunk_keys = resolved
@@ -698,6 +704,7 @@ class RedisChannel(MediatedChannel):
         name = self.object_name(key)
         loop = asyncio.get_running_loop()
         resolved: tuple[list[Buffer], list[str]] | None = None
+        failures: list[BackendUnavailable] = []
         with self._within(deadline):
             while resolved is None:
                 # A rotation of the one-element list: harmless to repeat.
@@ -708,12 +715,13 @@ class RedisChannel(MediatedChannel):
                             self._blocking_move, name, name, ("LEFT", "RIGHT"), deadline, False
                         ),
                     )
-                except RequestCutOff:
-                    element = None  # the deadline came during the last look
+                except BackendUnavailable as exc:
+                    failures.append(exc)
+                    element = None  # not there in time
                 if element is not None:
                     resolved = await self._resolve(element, name, consume=False)
                 if resolved is None and loop.time() >= deadline:
-                    raise self._get_timeout(key, wait)
+                    raise self._get_timeout(key, wait, failures)
         payload = self._decode(resolved[0], name, key)
         self.stats.messages_received += 1
         self.stats.bytes_received += payload.nbytes

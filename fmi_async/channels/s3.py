@@ -160,7 +160,7 @@ class S3Channel(MediatedChannel):
         try:
             async with self._open_deadline():
                 self._client = await self._stack.enter_async_context(
-                    aws_client("s3", self.options, "S3", attempts=1)
+                    aws_client("s3", self.options, "S3", retries=0)
                 )
                 if not self.create_bucket or not await self._ensure_bucket():
                     await self._check_bucket()
@@ -448,6 +448,40 @@ class S3Channel(MediatedChannel):
                 break
             kwargs["ContinuationToken"] = reply["NextContinuationToken"]
         return names
+
+    async def sweep(
+        self, prefix: str, select: Callable[[str], bool], *, dry_run: bool = False
+    ) -> list[str]:
+        """As :meth:`MediatedChannel.sweep`, and abort the incomplete multipart
+        uploads under ``prefix`` that ``select`` accepts (listed as
+        ``"<name> (incomplete upload)"``)."""
+        names = await super().sweep(prefix, select, dry_run=dry_run)
+        uploads: list[tuple[str, str]] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        with self._within(self._write_deadline()):
+            while True:
+                reply = await self._request(
+                    "ListMultipartUploads",
+                    functools.partial(self._client.list_multipart_uploads, **kwargs),
+                )
+                uploads.extend(
+                    (u["Key"], u["UploadId"]) for u in reply.get("Uploads", ()) if select(u["Key"])
+                )
+                if not reply.get("IsTruncated"):
+                    break
+                kwargs["KeyMarker"] = reply["NextKeyMarker"]
+                kwargs["UploadIdMarker"] = reply["NextUploadIdMarker"]
+            for key, upload_id in uploads if not dry_run else ():
+                await self._request(
+                    "AbortMultipartUpload",
+                    functools.partial(
+                        self._client.abort_multipart_upload,
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                    ),
+                )
+        return names + [f"{key} (incomplete upload)" for key, _ in uploads]
 
 
 def _expires(rule: dict[str, Any], prefix: str) -> bool:

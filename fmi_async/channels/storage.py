@@ -73,7 +73,7 @@ from urllib.parse import quote
 from ..config import Config
 from ..errors import (
     ArgumentError,
-    BrokenChannelError,
+    BackendUnavailable,
     ClosedError,
     CommTimeout,
     ConfigError,
@@ -85,7 +85,6 @@ from .base import Channel, Mailbox, describe_key
 
 __all__ = [
     "MediatedChannel",
-    "RequestCutOff",
     "bounded_gather",
     "chunk_bounds",
     "join_range",
@@ -114,15 +113,6 @@ T = TypeVar("T")
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "fmi_storage_deadline", default=None
 )
-
-
-class RequestCutOff(BrokenChannelError):
-    """A backend request was still unanswered when its operation's deadline came.
-
-    A poll treats it as "not there in time" (so the wait ends in
-    :class:`~fmi_async.errors.CommTimeout`); elsewhere it is the
-    :class:`~fmi_async.errors.BrokenChannelError` it subclasses.
-    """
 
 
 def default_ttl(timeout: float) -> int:
@@ -354,6 +344,20 @@ class MediatedChannel(Channel):
         self._check_open()
         return await self.list_names(self.prefix + "/")
 
+    async def sweep(
+        self, prefix: str, select: Callable[[str], bool], *, dry_run: bool = False
+    ) -> list[str]:
+        """Delete every stored name under ``prefix`` that ``select`` accepts; return them.
+
+        What ``fmi clean`` does per backend (S3 also aborts incomplete
+        multipart uploads there).  With ``dry_run``, only lists.  Raises as
+        :meth:`list_names` and :meth:`purge`.
+        """
+        names = sorted(n for n in await self.list_names(prefix) if select(n))
+        if names and not dry_run:
+            await self.purge(names)
+        return names
+
     async def purge(self, names: Collection[str]) -> None:
         """Delete ``names`` (any run's, as :meth:`list_names` found them); missing ones are fine.
 
@@ -458,11 +462,19 @@ class MediatedChannel(Channel):
         log = logger.info if failures == 1 else logger.debug
         log("%r: retrying after a transient failure (%d so far): %s", self, failures, exc)
 
-    def _timeout(self, what: str, waited: float, hint: str) -> CommTimeout:
-        return CommTimeout(
+    def _timeout(
+        self, what: str, waited: float, hint: str, failures: Sequence[BaseException] = ()
+    ) -> CommTimeout:
+        """The CommTimeout of a wait; ``failures``: what the backend raised meanwhile."""
+        if failures:
+            hint = f"{self.location()} kept failing during the wait: {failures[-1]}"
+        error = CommTimeout(
             f"peer {self.peer_id} waited {waited:.3g}s for {what} on channel {self.name} "
             f"({self.location()}, prefix {self.prefix!r}); {hint}"
         )
+        if failures:
+            error.__cause__ = failures[-1]
+        return error
 
     @contextlib.asynccontextmanager
     async def _open_deadline(self) -> AsyncIterator[None]:
@@ -490,12 +502,17 @@ class MediatedChannel(Channel):
         if self._closing:
             raise ClosedError(f"channel {self.name} of peer {self.peer_id} is closing")
 
-    async def _attempt(self, name: str, consume: bool) -> list[Buffer] | None:
+    async def _attempt(
+        self, name: str, consume: bool, failures: list[BackendUnavailable]
+    ) -> list[Buffer] | None:
+        """One poll.  A backend that failed until the deadline means "not there in
+        time" (noted in ``failures`` for the timeout's message)."""
         self._check_open()
         try:
             return await self._load(name, consume)
-        except RequestCutOff:
-            return None  # the deadline came during the last look: not there in time
+        except BackendUnavailable as exc:
+            failures.append(exc)
+            return None
 
     @contextlib.asynccontextmanager
     async def _exclusive(
@@ -600,13 +617,14 @@ class MediatedChannel(Channel):
         match = (src, key)
         seq = self._recv_seq.get(match, 0)
         name = self.message_name(src, self.peer_id, key, seq)
+        failures: list[BackendUnavailable] = []
         try:
             async with self._exclusive(self._recv_locks, match, deadline):
                 seq = self._recv_seq.get(match, 0)
                 name = self.message_name(src, self.peer_id, key, seq)
                 with self._within(deadline):
                     parts = await poll_until(
-                        lambda: self._attempt(name, True), deadline, self.backoff
+                        lambda: self._attempt(name, True, failures), deadline, self.backoff
                     )
                 if parts is not None:
                     self._recv_seq[match] = seq + 1
@@ -620,6 +638,7 @@ class MediatedChannel(Channel):
                 wait,
                 f"check that peer {src} sent it to peer {self.peer_id} with the same "
                 "communicator name, run id and backend",
+                failures,
             )
         self._delete_later([name])
         payload = self._decode(parts, name, key)
@@ -646,10 +665,13 @@ class MediatedChannel(Channel):
         start = time.perf_counter()
         deadline, wait = self._deadline(timeout)
         name = self.object_name(key)
+        failures: list[BackendUnavailable] = []
         with self._within(deadline):
-            parts = await poll_until(lambda: self._attempt(name, False), deadline, self.backoff)
+            parts = await poll_until(
+                lambda: self._attempt(name, False, failures), deadline, self.backoff
+            )
         if parts is None:
-            raise self._get_timeout(key, wait)
+            raise self._get_timeout(key, wait, failures)
         payload = self._decode(parts, name, key)
         self.stats.messages_received += 1
         self.stats.bytes_received += payload.nbytes
@@ -660,12 +682,15 @@ class MediatedChannel(Channel):
         """Further names close() deletes in any case (a backend's bookkeeping keys)."""
         return set()
 
-    def _get_timeout(self, key: Key, wait: float) -> CommTimeout:
+    def _get_timeout(
+        self, key: Key, wait: float, failures: Sequence[BaseException] = ()
+    ) -> CommTimeout:
         return self._timeout(
             f"object {describe_key(key)}",
             wait,
             "check that the peer meant to put it did so under the same key, communicator "
             "name, run id and backend, and that it did not fail first",
+            failures,
         )
 
     async def delete(self, keys: Iterable[Key]) -> None:

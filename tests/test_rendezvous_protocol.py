@@ -39,6 +39,12 @@ MESSAGES: list[p.Message] = [
     p.Challenge("c", "r", 1, 2, b"x" * 16),
     p.Response(2, b"p" * 32, commit=True),
     p.Error("expired", "pairing expired"),
+    p.Claim("c", "r", 1, 3, b"n" * 16, True, 30.0, 0.5, 10.0, id=9),
+    p.Claim("c", "r", 0, 1, b"m" * 16),
+    p.LeaseGrant("0123456789ab", 30.0, id=9),
+    p.Refresh("c", "r", 2, 3, "0123456789ab", b"n" * 16, 30.0, id=10),
+    p.Release("c", "r", 2, "", b"n" * 16, id=11),
+    p.Error("conflict", "another live job holds it", id=9),
 ]
 
 

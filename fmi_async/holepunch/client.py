@@ -37,12 +37,15 @@ from ..errors import (
     CommTimeout,
     ProtocolError,
 )
+from ..lease_record import lease_error
 from . import protocol as p
 from .net import Network
 
 __all__ = ["RendezvousClient", "ControlConnection"]
 
 logger = logging.getLogger(__name__)
+
+_Request = p.Lookup | p.Register | p.Claim | p.Refresh | p.Release
 
 
 class RendezvousClient:
@@ -121,6 +124,78 @@ class RendezvousClient:
             return answer
         raise self._error(answer, request, f"looking up peer {peer}")
 
+    async def claim(
+        self,
+        comm: str,
+        run_id: str,
+        peer: int,
+        num_peers: int,
+        nonce: bytes,
+        *,
+        wait: bool,
+        ttl: float,
+        settle: float,
+        timeout: float,
+    ) -> p.LeaseGrant:
+        """Claim ``peer``'s slot in the job lease; returns once all ``num_peers`` peers have.
+
+        The server waits up to ``timeout`` seconds.  Raises what
+        :meth:`fmi_async.lease.JobLease.acquire` documents:
+        :class:`~fmi_async.errors.JobConflictError`,
+        :class:`~fmi_async.errors.JobConflictTimeout`,
+        :class:`~fmi_async.errors.JobMismatchError`,
+        :class:`~fmi_async.errors.CommTimeout`, and the connection's errors.
+        """
+        request = p.Claim(
+            comm, run_id, peer, num_peers, nonce, wait, ttl, settle, timeout, id=next(self._ids)
+        )
+        answer = await self._request(request, timeout + self.timeout)
+        if isinstance(answer, p.LeaseGrant):
+            return answer
+        raise self._lease_error(answer, request, f"the job lease claim of peer {peer}")
+
+    async def refresh_lease(
+        self,
+        comm: str,
+        run_id: str,
+        peer: int,
+        num_peers: int,
+        epoch: str,
+        nonce: bytes,
+        ttl: float,
+    ) -> None:
+        """Renew the job lease of ``epoch``.
+
+        Raises :class:`~fmi_async.errors.LeaseLostError` when another job
+        took it, :class:`~fmi_async.errors.JobConflictError` or
+        :class:`~fmi_async.errors.JobMismatchError` when it was poisoned, and
+        the connection's errors.
+        """
+        request = p.Refresh(comm, run_id, peer, num_peers, epoch, nonce, ttl, id=next(self._ids))
+        answer = await self._request(request, self.timeout)
+        if not isinstance(answer, p.Ok):
+            raise self._lease_error(answer, request, f"renewing the job lease of peer {peer}")
+
+    async def release_lease(
+        self, comm: str, run_id: str, peer: int, epoch: str, nonce: bytes
+    ) -> None:
+        """Give ``peer``'s slot of the job lease back; raises the connection's errors."""
+        request = p.Release(comm, run_id, peer, epoch, nonce, id=next(self._ids))
+        answer = await self._request(request, self.timeout)
+        if not isinstance(answer, p.Ok):
+            raise self._lease_error(answer, request, f"releasing the job lease of peer {peer}")
+
+    def _lease_error(self, answer: p.Message, request: _Request, what: str) -> Exception:
+        if isinstance(answer, p.Error) and answer.code in (
+            "conflict",
+            "mismatch",
+            "busy",
+            "timeout",
+            "expired",
+        ):
+            return lease_error(answer.code, answer.message)
+        return self._error(answer, request, what)
+
     async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, p.Address]:
         """A connection to the server (through :attr:`net`) and its local endpoint."""
         try:
@@ -148,7 +223,7 @@ class RendezvousClient:
 
     # ---------------------------------------------------------------- internals
 
-    async def _request(self, request: p.Lookup | p.Register, deadline_s: float) -> p.Message:
+    async def _request(self, request: _Request, deadline_s: float) -> p.Message:
         signed = p.sign(request, self.secret)
         deadline = time.monotonic() + deadline_s
         reader, writer, _ = await self.open_connection()
@@ -163,7 +238,7 @@ class RendezvousClient:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _read_answer(
-        self, reader: asyncio.StreamReader, request: p.Lookup | p.Register, deadline: float
+        self, reader: asyncio.StreamReader, request: _Request, deadline: float
     ) -> p.Message:
         decoder = p.Decoder()
         while True:
@@ -186,15 +261,15 @@ class RendezvousClient:
                     return answer
                 logger.debug("rendezvous: ignoring answer %r to another request", answer)
 
-    def _timeout(self, request: p.Lookup | p.Register) -> CommTimeout:
+    def _timeout(self, request: _Request) -> CommTimeout:
         if isinstance(request, p.Lookup):
             return CommTimeout(
                 f"peer {request.peer} of communicator {request.comm!r} (run {request.run_id}) "
                 f"was not found at {self._where} in time: no answer within the deadline"
             )
-        return CommTimeout(f"{self._where} did not answer a register within {self.timeout:.3g}s")
+        return CommTimeout(f"{self._where} did not answer a {request.TYPE} within the deadline")
 
-    def _error(self, answer: p.Message, request: p.Lookup | p.Register, what: str) -> Exception:
+    def _error(self, answer: p.Message, request: _Request, what: str) -> Exception:
         if not isinstance(answer, p.Error):
             return ProtocolError(f"unexpected {answer.TYPE!r} answer from {self._where} to {what}")
         if answer.code == "auth":

@@ -44,6 +44,17 @@ NAT traversal (see ``docs/holepunching.md``):
   proof, commit): the membership proof on every direct connection, a
   challenge-response over nonces from both sides.
 
+Job leases (see :mod:`fmi_async.lease_record`):
+
+* ``claim``   (comm, run_id, peer, num_peers, nonce, wait, ttl, settle,
+  timeout, proof) -> ``lease`` (epoch, ttl) once all ``num_peers`` peers
+  claimed, or ``error``: ``conflict`` (another job holds the name, or two
+  opened it at once), ``mismatch`` (num_peers differ), ``busy`` (waited for
+  another job until the timeout), ``timeout`` (peers missing).
+* ``refresh`` (comm, run_id, peer, num_peers, epoch, nonce, ttl, proof) ->
+  ``ok`` or ``error`` (``expired``: the lease was lost).
+* ``release`` (comm, run_id, peer, epoch, nonce, proof) -> ``ok``.
+
 Every request may carry an ``id`` which the answer echoes; a client that
 pipelines several requests on one connection matches answers by it.
 
@@ -88,6 +99,10 @@ __all__ = [
     "RelayJoin",
     "Challenge",
     "Response",
+    "Claim",
+    "LeaseGrant",
+    "Refresh",
+    "Release",
     "PeerInfo",
     "Ok",
     "Error",
@@ -118,9 +133,29 @@ _MAX_NAME = 256  # comm names and run ids
 _PROOF_LEN = hashlib.sha256().digest_size
 
 Address = tuple[str, int]
-ErrorCode = Literal["auth", "timeout", "bad_request", "overloaded", "internal", "expired"]
+ErrorCode = Literal[
+    "auth",
+    "timeout",
+    "bad_request",
+    "overloaded",
+    "internal",
+    "expired",
+    "conflict",
+    "mismatch",
+    "busy",
+]
 _ERROR_CODES: Final = frozenset(
-    ("auth", "timeout", "bad_request", "overloaded", "internal", "expired")
+    (
+        "auth",
+        "timeout",
+        "bad_request",
+        "overloaded",
+        "internal",
+        "expired",
+        "conflict",
+        "mismatch",
+        "busy",
+    )
 )
 Transport = Literal["tcp", "udp"]
 Outcome = Literal["direct", "relay"]
@@ -742,6 +777,207 @@ class Response(Message):
         return cls(_uint(body, "peer"), proof, _bool(body, "commit"))
 
 
+# ---------------------------------------------------------------- job leases
+
+
+_MAX_EPOCH = 64
+
+
+def _num_peers(body: dict[str, Any], peer: int) -> int:
+    num_peers = _uint(body, "num_peers")
+    if not peer < num_peers:
+        raise ProtocolError(f"peer {peer} is out of range for num_peers={num_peers}")
+    return num_peers
+
+
+@dataclass(frozen=True, slots=True)
+class Claim(Message):
+    """Claim ``peer``'s slot in the job lease of ``(comm, run_id)``.
+
+    The server answers once all ``num_peers`` peers claimed (or the claim
+    failed), waiting up to ``timeout``.  ``nonce`` identifies this
+    communicator instance, ``wait`` asks to wait for another job holding the
+    name to close, ``ttl`` is the lease's lifetime unless refreshed,
+    ``settle`` the seconds a formed group waits for stragglers.
+    """
+
+    TYPE: ClassVar[str] = "claim"
+    comm: str
+    run_id: str
+    peer: int
+    num_peers: int
+    nonce: bytes
+    wait: bool = False
+    ttl: float | None = None
+    settle: float | None = None
+    timeout: float | None = None
+    proof: bytes | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "num_peers": self.num_peers,
+            "nonce": self.nonce,
+            "wait": self.wait,
+            "ttl": self.ttl,
+            "settle": self.settle,
+            "timeout": self.timeout,
+            "proof": self.proof,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Claim:
+        peer = _uint(body, "peer")
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            peer,
+            _num_peers(body, peer),
+            _nonce(body),
+            _bool(body, "wait"),
+            _opt_seconds(body, "ttl"),
+            _opt_seconds(body, "settle"),
+            _opt_seconds(body, "timeout"),
+            _proof(body),
+            _opt_uint(body, "id"),
+        )
+
+    def signed_fields(self) -> list[Any]:
+        # The timeout is not covered: it only bounds how long this caller waits.
+        return [
+            self.TYPE,
+            self.comm,
+            self.run_id,
+            self.peer,
+            self.num_peers,
+            self.nonce,
+            self.wait,
+            self.ttl,
+            self.settle,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant(Message):
+    """Answer to a claim: the group formed; ``epoch`` is the job's, ``ttl`` the lease's."""
+
+    TYPE: ClassVar[str] = "lease"
+    epoch: str
+    ttl: float
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "ttl": self.ttl, "id": self.id}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> LeaseGrant:
+        epoch = _str(body, "epoch", _MAX_EPOCH)
+        ttl = _opt_seconds(body, "ttl")
+        if not epoch or ttl is None or ttl <= 0:
+            raise ProtocolError("a lease needs a non-empty epoch and a positive ttl")
+        return cls(epoch, ttl, _opt_uint(body, "id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh(Message):
+    """Keep the lease of ``epoch`` alive; restores it on a server that lost it."""
+
+    TYPE: ClassVar[str] = "refresh"
+    comm: str
+    run_id: str
+    peer: int
+    num_peers: int
+    epoch: str
+    nonce: bytes
+    ttl: float | None = None
+    proof: bytes | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "num_peers": self.num_peers,
+            "epoch": self.epoch,
+            "nonce": self.nonce,
+            "ttl": self.ttl,
+            "proof": self.proof,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Refresh:
+        peer = _uint(body, "peer")
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            peer,
+            _num_peers(body, peer),
+            _str(body, "epoch", _MAX_EPOCH),
+            _nonce(body),
+            _opt_seconds(body, "ttl"),
+            _proof(body),
+            _opt_uint(body, "id"),
+        )
+
+    def signed_fields(self) -> list[Any]:
+        return [
+            self.TYPE,
+            self.comm,
+            self.run_id,
+            self.peer,
+            self.num_peers,
+            self.epoch,
+            self.nonce,
+            self.ttl,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Message):
+    """Give ``peer``'s slot back; an empty ``epoch`` matches the slot this nonce holds."""
+
+    TYPE: ClassVar[str] = "release"
+    comm: str
+    run_id: str
+    peer: int
+    epoch: str
+    nonce: bytes
+    proof: bytes | None = None
+    id: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "comm": self.comm,
+            "run_id": self.run_id,
+            "peer": self.peer,
+            "epoch": self.epoch,
+            "nonce": self.nonce,
+            "proof": self.proof,
+            "id": self.id,
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Release:
+        return cls(
+            _str(body, "comm"),
+            _str(body, "run_id"),
+            _uint(body, "peer"),
+            _str(body, "epoch", _MAX_EPOCH),
+            _nonce(body),
+            _proof(body),
+            _opt_uint(body, "id"),
+        )
+
+    def signed_fields(self) -> list[Any]:
+        return [self.TYPE, self.comm, self.run_id, self.peer, self.epoch, self.nonce]
+
+
 _TYPES: Final[dict[str, type[Message]]] = {
     cls.TYPE: cls
     for cls in (
@@ -760,6 +996,10 @@ _TYPES: Final[dict[str, type[Message]]] = {
         RelayJoin,
         Challenge,
         Response,
+        Claim,
+        LeaseGrant,
+        Refresh,
+        Release,
     )
 }
 

@@ -62,6 +62,7 @@ from typing import Any, Final
 from ..errors import ArgumentError, ConfigError, ProtocolError
 from . import protocol as p
 from .admission import Admission
+from .leases import LeaseService
 from .pairing import Pairing, PairingTable, PairKey
 from .relay import splice
 
@@ -224,6 +225,14 @@ class RendezvousServer:
         # udp relays by pairing nonce, least recently used first
         self._udp_relays: OrderedDict[bytes, _UDPRelay] = OrderedDict()
         self.relayed_datagrams = 0
+        # job leases (fmi_async/lease_record.py): claim, refresh, release
+        self.leases = LeaseService(
+            secret,
+            clock=clock,
+            default_wait=default_lookup_timeout,
+            max_wait=max_lookup_timeout,
+            max_records=max_entries,
+        )
 
     def __repr__(self) -> str:
         state = f"listening on {self._address[0]}:{self._address[1]}" if self._address else "idle"
@@ -435,6 +444,8 @@ class RendezvousServer:
             return await self._join(message, observed, send)
         if isinstance(message, p.PunchResult):
             return await self._result(message)
+        if isinstance(message, (p.Claim, p.Refresh, p.Release)):
+            return await self.leases.handle(message)
         return p.Error("bad_request", f"the rendezvous server does not accept {message.TYPE!r}")
 
     def _register(

@@ -204,10 +204,12 @@ async def aws_request(
         except TimeoutError as exc:
             if isinstance(exc, FMIError):
                 raise
-            raise BackendUnavailable(
+            error = BackendUnavailable(
                 f"{operation} on {where}: no answer within {limit:.3g}s, when the "
                 "operation's deadline came"
-            ) from None
+            )
+            channel.note_failure(error)
+            raise error from None
 
     return await channel.retrying(operation, attempt)
 

@@ -333,15 +333,19 @@ class RedisChannel(MediatedChannel):
         except TimeoutError as exc:
             if isinstance(exc, FMIError):
                 raise
+            error: BrokenChannelError
             if asyncio.get_running_loop().time() >= self.op_deadline():
-                raise BackendUnavailable(
+                error = BackendUnavailable(
                     f"{operation} on {self.location()}: no answer within {limit:.3g}s, when the "
                     "operation's deadline came"
-                ) from None
-            raise BrokenChannelError(
-                f"{operation} on {self.location()}: no answer within {limit:.3g}s; the "
-                "server is overloaded or the network path is broken"
-            ) from None
+                )
+                self.note_failure(error)
+            else:
+                error = BrokenChannelError(
+                    f"{operation} on {self.location()}: no answer within {limit:.3g}s; the "
+                    "server is overloaded or the network path is broken"
+                )
+            raise error from None
 
     async def _call(
         self, operation: str, call: Callable[[], Awaitable[T]], limit: float | None = None

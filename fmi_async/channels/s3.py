@@ -214,7 +214,18 @@ class S3Channel(MediatedChannel):
         )
 
     async def _ensure_bucket(self) -> bool:
-        """Create the bucket with its lifecycle rule; False when it existed (left as it is)."""
+        """Create the bucket with its lifecycle rule; False when it existed (left as it is).
+
+        Asks first: in us-east-1, CreateBucket of a bucket one owns answers
+        200, and its lifecycle rules must not be replaced.
+        """
+        with self._call("HeadBucket"):
+            try:
+                await self._client.head_bucket(Bucket=self.bucket)
+                return False
+            except ClientError as exc:
+                if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         region = self._client.meta.region_name
         if region and region != "us-east-1":

@@ -268,6 +268,10 @@ class MediatedChannel(Channel):
             self.options, self.name, self._transient, self._count_retry
         )
         self.retried: Counter[str] = Counter()  # failures retried, by error type
+        # The latest backend failure and when (loop time): named by the
+        # timeout of any wait it overlapped, even one that only waited for
+        # another operation of this channel.
+        self.last_failure: tuple[float, BaseException] | None = None
         self._consumed: deque[tuple[float, str]] = deque()  # (delete at, name), in time order
         self._reaper: asyncio.Task[None] | None = None
         self._owned: set[str] = set()  # objects this peer put
@@ -456,9 +460,14 @@ class MediatedChannel(Channel):
         """``attempt`` under the operation's deadline, retried while it fails transiently."""
         return await self.retry.run(attempt, self.op_deadline(), f"{what} on {self.location()}")
 
+    def note_failure(self, exc: BaseException) -> None:
+        """Remember ``exc`` as the latest failure of the backend (see ``last_failure``)."""
+        self.last_failure = (asyncio.get_running_loop().time(), exc)
+
     def _count_retry(self, exc: BaseException, failures: int) -> None:
         cause = exc.__cause__ if exc.__cause__ is not None else exc
         self.retried[type(cause).__name__] += 1
+        self.note_failure(exc)
         log = logger.info if failures == 1 else logger.debug
         log("%r: retrying after a transient failure (%d so far): %s", self, failures, exc)
 
@@ -466,6 +475,10 @@ class MediatedChannel(Channel):
         self, what: str, waited: float, hint: str, failures: Sequence[BaseException] = ()
     ) -> CommTimeout:
         """The CommTimeout of a wait; ``failures``: what the backend raised meanwhile."""
+        if not failures and self.last_failure is not None:
+            at, exc = self.last_failure
+            if at >= asyncio.get_running_loop().time() - waited:
+                failures = [exc]
         if failures:
             hint = f"{self.location()} kept failing during the wait: {failures[-1]}"
         error = CommTimeout(

@@ -52,6 +52,8 @@ class Admission(Generic[T]):
     ``admit`` returns the connections the caller must now close (at most two:
     the source's oldest and the overall oldest); ``settle`` forgets one that
     proved itself or ended.  ``evicted`` counts evictions, for logs and stats.
+    Raises :class:`~fmi_async.errors.ArgumentError` for a limit below 1 or a
+    negative ``grace``.
     """
 
     def __init__(self, max_total: int, max_per_source: int, grace: float = 0.5) -> None:

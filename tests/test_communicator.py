@@ -102,6 +102,14 @@ async def test_peer_that_never_arrives_times_out_with_names(group) -> None:
         assert any("peer 2" in m for m in messages), messages
         with pytest.raises(fmi.CommTimeout, match=r"peer 1 .*tag 9"):
             await comms[0].recv(1, tag=9, timeout=0.2)
+        # Peer 2 comes late to the allreduce the others abandoned: it is told at once
+        # (direct channels) or at its first look for an abort (storage), and the group is
+        # in step again, so the final barrier of close() succeeds.
+        start = time.monotonic()
+        with pytest.raises(fmi.AbortedError, match="aborted by peer [01]: CommTimeout"):
+            await comms[2].allreduce(1, timeout=4)
+        assert time.monotonic() - start < 2
+        assert await asyncio.gather(*(c.allreduce(1) for c in comms)) == [3, 3, 3]
 
 
 async def test_bad_point_to_point_arguments_raise_before_sending(group) -> None:

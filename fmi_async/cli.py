@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .clean import add_clean_arguments, cmd_clean
 from .config import BACKEND_ALIASES, Config
 from .errors import ConfigError, FMIError
 from .holepunch.natsim import PRESETS, NATBox
@@ -439,6 +440,12 @@ COMMANDS: list[Command] = [
         "what a run's channels carried and cost, from saved comm.stats()",
         add_cost_arguments,
         cmd_cost,
+    ),
+    Command(
+        "clean",
+        "remove what a run (or every run of a communicator) left on the storage backends",
+        add_clean_arguments,
+        cmd_clean,
     ),
 ]
 

@@ -14,7 +14,8 @@ proxy what to break:
   ``delay``       forward after ``seconds``;
   ``drop_reply``  forward, then reset instead of returning the reply (the
                   server acted, the client cannot know): after ``hold`` is
-                  set, if given;
+                  set, if given, and ``seconds`` more (raw TCP: time for the
+                  server to read the rest of a request sent in pieces);
   ``truncate``    forward, return the first ``keep`` bytes of the reply
                   (HTTP: of its body, after the head), then reset;
   ``status``      HTTP only: answer ``status`` (500, 503...) without forwarding.
@@ -289,6 +290,7 @@ class FaultProxy:
                 if rule is not None:
                     if rule.hold is not None:
                         await rule.hold.wait()
+                    await asyncio.sleep(rule.seconds)
                     if rule.action == "truncate":
                         writer.write(data[: rule.keep])
                         await writer.drain()

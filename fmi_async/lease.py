@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
 import random
 import secrets
@@ -210,17 +209,29 @@ class JobLease(abc.ABC):
 
     async def _stop_refresh(self) -> None:
         task, self._refresher = self._refresher, None
-        if task is not None:
+        if task is None:
+            return
+        # asyncio.wait, not await task: a cancellation swallowed deep inside a
+        # client (wait_for in Python 3.11) must not hang close; the loop also
+        # stops by itself once the state is no longer "open".
+        for _attempt in range(10):
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=RELEASE_TIMEOUT / 10)
+            if done:
+                break
+        else:
+            logger.warning("%r: the lease renewal task did not stop", self)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            logger.debug("%r: lease renewal ended with %r", self, task.exception())
 
     async def _refresh_loop(self) -> None:
         loop = asyncio.get_running_loop()
         period = self.ttl / 3
         last_ok = loop.time()
-        while True:
+        while self._state == "open":
             await asyncio.sleep(period * random.uniform(0.8, 1.0))
+            if self._state != "open":
+                return
             try:
                 async with asyncio.timeout(period):
                     error = await self._refresh_once()

@@ -372,6 +372,10 @@ _made: list[JobLease] = []  # every lease a test made; released when it ends
 @pytest.fixture(autouse=True)
 async def _release_leftovers() -> AsyncIterator[None]:
     yield
+    await _release_made()
+
+
+async def _release_made() -> None:
     made = list(_made)
     _made.clear()
     await asyncio.gather(*(lease.release() for lease in made))
@@ -411,6 +415,7 @@ async def env(backend: str, storage_base: dict[str, Any] | None) -> AsyncIterato
     try:
         yield Env("tcp", base, server)
     finally:
+        await _release_made()  # while the server still runs
         await server.close()
 
 

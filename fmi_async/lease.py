@@ -114,7 +114,7 @@ class JobLease(abc.ABC):
     def __init__(
         self, comm_name: str, run_id: str, peer_id: int, num_peers: int, job: JobConfig
     ) -> None:
-        if not 0 <= peer_id < num_peers:
+        if num_peers < 1 or not 0 <= peer_id < num_peers:
             raise ArgumentError(f"peer_id {peer_id} is out of range for {num_peers} peers")
         self.comm_name = comm_name
         self.run_id = run_id

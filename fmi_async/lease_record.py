@@ -304,7 +304,7 @@ def refresh(
 
     A record that vanished (a restarted rendezvous server, a flushed Redis)
     is restored with this peer's slot; the others add theirs at their next
-    refresh.  The expiry is pushed only when less than ``2/3 ttl`` is left,
+    refresh.  The expiry is pushed only when less than ``5/6 ttl`` is left,
     so usually one peer per period writes.
     """
     if rec is None or not rec.live(now):
@@ -322,7 +322,9 @@ def refresh(
     updated = rec
     if holder is None:
         updated = replace(updated, slots={**rec.slots, peer: nonce})
-    if rec.expires - now < ttl * 2 / 3:
+    # Renewals come every ttl/3: with 5/6 ttl as the bar, a lease survives one
+    # failed renewal with ttl/6 to spare, and still one peer per period writes.
+    if rec.expires - now < ttl * 5 / 6:
         updated = replace(updated, expires=now + ttl)
     return Step("granted", updated, write=updated is not rec)
 

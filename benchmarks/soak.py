@@ -67,6 +67,8 @@ import fmi_async as fmi  # noqa: E402
 OPS = ("allreduce", "bcast", "allgather", "reduce_scatter")
 LARGE_ELEMENTS = 1 << 20  # float64: 8 MiB
 PAGE = os.sysconf("SC_PAGE_SIZE")
+RESULT_LIMIT = 1 << 28
+"""Longest line a peer prints: its result carries every collective's time."""
 GIVE_UP = 20
 """A peer stops after this many failed collectives in a row (the job is not recovering)."""
 
@@ -173,6 +175,7 @@ async def peer_main(spec: dict[str, Any]) -> int:
     error_at: list[tuple[int, str]] = []  # (collective index, error type)
     cancelled: list[int] = []  # injected here, and the collective did get cancelled
     wrong: list[tuple[int, str]] = []
+    messages: dict[str, str] = {}  # the first message of each error type
     seconds: dict[str, list[float]] = {}
     completed = 0
     memory: dict[str, int] = {}
@@ -192,6 +195,9 @@ async def peer_main(spec: dict[str, Any]) -> int:
         for j in range(count):
             k, op = index, OPS[j % len(OPS)]
             index += 1
+            if j == count // 2:  # halfway: growth from here to the end is per collective
+                gc.collect()
+                memory["mid_large" if large else "mid_small"] = rss()
             n = elements(op, large, peers)
             value = contribution(op, k, rank, n, peers)
             victim, delay = cancels.get(j, (-1, 0.0))
@@ -211,8 +217,10 @@ async def peer_main(spec: dict[str, Any]) -> int:
             except fmi.FMIError as exc:
                 failure = exc
             if failure is not None:
-                errors[type(failure).__name__] += 1
-                error_at.append((k, type(failure).__name__))
+                name = type(failure).__name__
+                errors[name] += 1
+                error_at.append((k, name))
+                messages.setdefault(name, f"{op} #{k}: {failure}"[:500])
                 streak += 1
                 if streak >= GIVE_UP:
                     emit(event="gave_up", rank=rank, index=k, error=str(failure)[:300])
@@ -246,6 +254,7 @@ async def peer_main(spec: dict[str, Any]) -> int:
         completed=completed,
         errors=dict(errors),
         error_at=error_at,
+        messages=messages,
         cancelled=cancelled,
         wrong=wrong,
         seconds=seconds,
@@ -354,7 +363,11 @@ async def run_peers(
         }
         with log_file(workdir / f"peer{rank}.err") as err:
             proc = await asyncio.create_subprocess_exec(
-                *spawn_argv(spec), stdout=asyncio.subprocess.PIPE, stderr=err, env=env
+                *spawn_argv(spec),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                env=env,
+                limit=RESULT_LIMIT,
             )
         procs.append(proc)
         readers.append(asyncio.ensure_future(read(rank, proc)))
@@ -428,13 +441,15 @@ def summarize(
         f"{args.large} large (8 MiB) collectives, seed {args.seed}, cancel rate {args.cancel_rate}"
     )
     print(
-        f"{'peer':>4} {'RSS start':>10} {'after small':>12} {'end':>8} {'peak':>8} "
+        f"{'peer':>4} {'RSS start':>10} {'mid small':>10} {'after small':>12} {'mid large':>10} "
+        f"{'end':>8} {'peak':>8} "
         f"{'completed':>10} {'errors':>7} {'cancelled':>10} {'wrong':>6} {'pending':>8}"
     )
     for r in results:
         m = r["rss"]
         print(
-            f"{r['rank']:>4} {mib(m['start']):>10} {mib(m['after_small']):>12} "
+            f"{r['rank']:>4} {mib(m.get('start', 0)):>10} {mib(m.get('mid_small', 0)):>10} "
+            f"{mib(m.get('after_small', 0)):>12} {mib(m.get('mid_large', 0)):>10} "
             f"{mib(m.get('after_large', 0)):>8} {mib(r['peak']):>8} {r['completed']:>10} "
             f"{sum(r['errors'].values()):>7} {len(r['cancelled']):>10} {len(r['wrong']):>6} "
             f"{r['mailbox_pending']:>8}"
@@ -447,22 +462,34 @@ def summarize(
     completed = sum(r["completed"] for r in results)
     total = sum(r["total"] for r in results)
     cancelled = sorted({k for r in results for k in r["cancelled"]})
+    injected = injected_indices(args)
     failed_at = {k for r in results for k, _ in r["error_at"]}
     wrong_at = {k for r in results for k, _ in r["wrong"]}
     troubled = sorted(set(cancelled) | failed_at | wrong_at)
-    # after a cancelled or failed collective, was the next one right on every peer?
-    next_bad = [
-        k
-        for k in troubled
-        if (k + 1 in failed_at or k + 1 in wrong_at) and k + 1 < results[0]["total"]
-    ]
+    # After a cancelled or failed collective the next one must be right on every
+    # peer again, unless a cancel was injected into that one too.
+    next_bad = [k for k in troubled if k + 1 in failed_at | wrong_at and k + 1 not in injected]
+    stray = sorted(failed_at - injected)
     print(f"collectives completed right: {completed} of {total} (all peers)")
     print(f"errors by type: {dict(errors) or 'none'}")
+    firsts: dict[str, str] = {}
+    for r in results:
+        for name, text in r.get("messages", {}).items():
+            firsts.setdefault(name, f"peer {r['rank']}, {text}")
+    for name, text in sorted(firsts.items()):
+        print(f"  first {name}: {text}")
     print(f"wrong results: {wrong}")
     print(
-        f"collectives cancelled by an injected timeout: {len(cancelled)}; collectives with an "
-        f"error or a cancel on some peer: {len(troubled)}; of those, followed by a collective "
-        f"that was not right on every peer: {len(next_bad)} {next_bad[:10]}"
+        f"cancels injected: {len(injected)} collectives, of which {len(cancelled)} were "
+        f"cancelled before they finished on the cancelling peer"
+    )
+    print(
+        f"collectives with an error on some peer: {len(failed_at)}, of which without an "
+        f"injected cancel: {len(stray)} {stray[:10]}"
+    )
+    print(
+        f"collectives with an error or a cancel: {len(troubled)}; followed by a collective "
+        f"(not itself cancelled) that was not right on every peer: {len(next_bad)} {next_bad[:10]}"
     )
     if faults:
         print(f"proxy faults injected: {len(faults)} {dict(Counter(faults))}")
@@ -494,10 +521,18 @@ def summarize(
         "errors": dict(errors),
         "wrong": wrong,
         "next_bad": next_bad,
+        "stray_errors": stray,
         "keys": keys,
         "wall": wall,
         "problems": problems,
     }
+
+
+def injected_indices(args: argparse.Namespace) -> set[int]:
+    """The collectives into which a cancel was injected: the schedule every peer draws."""
+    small = schedule(args.seed, args.small, args.peers, args.cancel_rate, False)
+    large = schedule(args.seed, args.large, args.peers, args.cancel_rate, True)
+    return set(small) | {args.small + j for j in large}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -81,7 +81,7 @@ _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _CHANGED = frozenset({"PreconditionFailed", "412"})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 WRITER_KEY = "fmi-writer"  # user metadata: the token of the channel that wrote a message
-_WARNED_LIFECYCLE: set[str] = set()  # buckets already warned about, once per process
+_LIFECYCLE_CHECKED: set[str] = set()  # buckets whose rules were looked at, once per process
 
 
 def lifecycle_rule(days: int = 1, prefix: str = "fmi/") -> dict[str, Any]:
@@ -192,7 +192,7 @@ class S3Channel(MediatedChannel):
 
     async def _check_lifecycle(self) -> None:
         """Warn (once per bucket) when no enabled rule expires what crashed runs leave."""
-        if self.bucket in _WARNED_LIFECYCLE:
+        if self.bucket in _LIFECYCLE_CHECKED:
             return
         rules: list[dict[str, Any]] = []
         with self._call("GetBucketLifecycleConfiguration"):
@@ -203,9 +203,9 @@ class S3Channel(MediatedChannel):
                 if error_code(exc) != "NoSuchLifecycleConfiguration":
                     logger.debug("cannot read the lifecycle of bucket %r: %s", self.bucket, exc)
                     return
+        _LIFECYCLE_CHECKED.add(self.bucket)
         if any(_expires(rule, "fmi/") for rule in rules):
             return
-        _WARNED_LIFECYCLE.add(self.bucket)
         logger.warning(
             "S3 bucket %r has no enabled lifecycle rule expiring the fmi/ prefix: objects of "
             "peers that die before close() stay until removed (fmi clean); add the rule of "

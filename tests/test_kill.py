@@ -51,12 +51,14 @@ STORAGE_TIMEOUT = 4.0
 """The communicator timeout of the storage jobs, small so the test is quick."""
 DIRECT_TIMEOUT = 10.0
 """The direct jobs' timeout: long, so a failure within DIRECT_BOUND cannot be the deadline."""
-DIRECT_BOUND = {"tcp": 2.0, "udp": 3.0}
+DIRECT_BOUND = {"tcp": 2.0, "udp": 3.5}
 """Seconds from the kill until every survivor of a tcp or udp job raised.  TCP:
 the kernel closes the dead peer's connections at once (measured: under 0.2 s).
 UDP has no connection to close: the first survivor that sends to the dead
-peer gives up after its retransmission timeouts (UDP_OPTIONS; measured
-1.7-2 s), then aborts the others."""
+peer gives up after its retransmission timeouts (UDP_OPTIONS: about 1 s),
+then aborts the others.  Where no survivor has anything to send to it (it
+was a bcast's root), the first one to wait 1 s sends it a plan probe, and
+gives up on that one: about 2 s (measured 1.7-2.1 s either way)."""
 STORAGE_BOUND = STORAGE_TIMEOUT + 4.0
 """Storage cannot see a dead peer: nothing tells Redis or S3 that a process
 died, so a survivor waiting for the dead peer's message waits out the
@@ -267,8 +269,19 @@ def s3_config(endpoint: str, bucket: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- kill -9
 
 
-def survivors_raised(j: Job, bound: float) -> list[tuple[int, str, float]]:
-    """Assert what every survivor printed; return (peer, error type, seconds after the kill)."""
+DIRECT_ERRORS = {"BrokenChannelError", "EndOfStream", "AbortedError"}
+"""What a survivor of a direct job may raise: its connection from the dead peer
+broke or ended, or another survivor aborted the collective."""
+STORAGE_ERRORS = {"CommTimeout", "AbortedError"}
+"""What a survivor of a storage job may raise: its deadline, or another's abort."""
+
+
+def survivors_raised(j: Job, bound: float, allowed: set[str]) -> list[tuple[int, str, float]]:
+    """Assert what every survivor printed; return (peer, error type, seconds after the kill).
+
+    Every collective needs every peer, so no survivor can finish its rounds:
+    each must raise an FMIError of an ``allowed`` family within ``bound``.
+    """
     assert j.killed_at is not None
     seen: list[tuple[int, str, float]] = []
     for peer in j.peers:
@@ -276,13 +289,11 @@ def survivors_raised(j: Job, bound: float) -> list[tuple[int, str, float]]:
             continue
         assert not peer.of("wrong"), f"peer {peer.rank} got a wrong result\n{peer.log()}"
         errors = peer.of("error")
-        if peer.of("done"):  # finished every round: then with right results only
-            assert not errors, peer.log()
-            continue
         assert len(errors) == 1, f"peer {peer.rank} did not report one error\n{peer.log()}"
         error = errors[0]
         assert error["fmi"], f"peer {peer.rank} raised a non-FMIError\n{peer.log()}"
         assert peer.proc.returncode == 3, peer.log()
+        assert allowed & set(error["mro"]), f"peer {peer.rank}: unexpected {error}"
         after = error["t"] - j.killed_at
         assert after <= bound, (
             f"peer {peer.rank} raised {error['type']} {after:.2f}s after the kill "
@@ -291,6 +302,7 @@ def survivors_raised(j: Job, bound: float) -> list[tuple[int, str, float]]:
         closed = peer.of("closed")
         assert closed, f"peer {peer.rank} did not close its communicator\n{peer.log()}"
         seen.append((peer.rank, error["type"], round(after, 3)))
+    assert len(seen) == PEERS - 1, f"not every survivor raised: {seen}\n{j.logs()}"
     return seen
 
 
@@ -313,8 +325,7 @@ async def test_kill_9_direct(channel: str, tmp_path: Path) -> None:
         await run_and_kill(j, direct_config(channel, server), comm, run_id, 65536)
         survivors = [p for p in j.peers if p.rank != VICTIM]
         await j.exited(survivors, DIRECT_BOUND[channel] + EXIT_BOUND)
-        seen = survivors_raised(j, DIRECT_BOUND[channel])
-        assert seen, "every survivor finished its rounds, so nothing was tested"
+        seen = survivors_raised(j, DIRECT_BOUND[channel], DIRECT_ERRORS)
         print(f"{channel}: survivors raised (peer, type, seconds after the kill): {seen}")
 
 
@@ -328,7 +339,7 @@ async def test_kill_9_redis(redis_server: tuple[str, int], tmp_path: Path) -> No
         await run_and_kill(j, redis_config(redis_server), comm, run_id, 65536)
         survivors = [p for p in j.peers if p.rank != VICTIM]
         await j.exited(survivors, STORAGE_BOUND + EXIT_BOUND)
-        seen = survivors_raised(j, STORAGE_BOUND)
+        seen = survivors_raised(j, STORAGE_BOUND, STORAGE_ERRORS)
     prefix = storage_prefix(comm, run_id)
     client = redis.Redis(*redis_server)
     try:
@@ -340,7 +351,8 @@ async def test_kill_9_redis(redis_server: tuple[str, int], tmp_path: Path) -> No
         f"keys without a TTL of at most {ceiling}s: "
         f"{ {k: t for k, t in left.items() if not 0 < t <= ceiling} }"
     )
-    kinds = sorted({key[len(prefix) :].rsplit("/", 1)[0] for key in left})
+    # names relative to fmi/<comm>/: the run id, with the job's epoch if the job has one
+    kinds = sorted({key[len(f"fmi/{comm}/") :].rsplit("/", 1)[0] for key in left})
     print(
         f"redis: survivors raised {seen}; {len(left)} keys left {kinds}, TTLs {set(left.values())}"
     )
@@ -358,9 +370,10 @@ async def test_kill_9_s3(moto_server: str, tmp_path: Path) -> None:
         await run_and_kill(j, s3_config(moto_server, bucket), comm, run_id, 4096)
         survivors = [p for p in j.peers if p.rank != VICTIM]
         await j.exited(survivors, STORAGE_BOUND + EXIT_BOUND)
-        seen = survivors_raised(j, STORAGE_BOUND)
+        seen = survivors_raised(j, STORAGE_BOUND, STORAGE_ERRORS)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    prefix = storage_prefix(comm, run_id) + "/"
+    # fmi/<comm>/<run>/... and, where the job has an epoch, fmi/<comm>/<run>.<epoch>/...
+    prefix = storage_prefix(comm, run_id)
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     left = [obj["Key"][len(prefix) :] for page in pages for obj in page.get("Contents", [])]
     rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
@@ -368,7 +381,7 @@ async def test_kill_9_s3(moto_server: str, tmp_path: Path) -> None:
         r["Status"] == "Enabled" and r["Filter"].get("Prefix") == "fmi/" and "Expiration" in r
         for r in rules
     ), rules
-    print(f"s3: survivors raised {seen}; {len(left)} objects left under {prefix}: {left[:20]}")
+    print(f"s3: survivors raised {seen}; {len(left)} objects left under {prefix}*: {left[:20]}")
 
 
 # ---------------------------------------------------------------- rendezvous restart

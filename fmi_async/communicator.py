@@ -7,8 +7,8 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import replace
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -32,6 +32,7 @@ from .errors import (
     RootError,
     SizeMismatchError,
 )
+from .lease import JobLease, lease_for
 from .ops import Op, as_op
 from .selection.cost import channel_cost
 from .selection.model import load_cost_model
@@ -99,6 +100,8 @@ class Communicator:
         self._guard = ReceiveGuard()
         self._background: set[asyncio.Task[None]] = set()
         self._broken: BaseException | None = None
+        self._lease: JobLease | None = None
+        self.epoch: str | None = None  # the job lease's epoch, once open
         self._channels: dict[str, Channel] = {}
         self._p2p: Channel | None = None
         self._seq = 0
@@ -115,7 +118,8 @@ class Communicator:
         chans = ",".join(self._channels) or "-"
         return (
             f"<Communicator {self.comm_name!r} peer={self.peer_id}/{self.num_peers} "
-            f"run={self.run_id} channels={chans} {self._state}>"
+            f"run={self.run_id}{'.' + self.epoch if self.epoch else ''} channels={chans} "
+            f"{self._state}>"
         )
 
     @property
@@ -138,6 +142,7 @@ class Communicator:
                 "DynamoDB) or create in-process peers with fmi.local_peers(n)"
             )
         try:
+            run = await self._acquire_lease()
             for name in names:
                 cls = channel_class(name)
                 extra: dict[str, Any] = {"hub": self._hub} if name == "memory" else {}
@@ -145,7 +150,7 @@ class Communicator:
                     self.peer_id,
                     self.num_peers,
                     self.comm_name,
-                    self.run_id,
+                    run,
                     self.config,
                     self._mailbox,
                     **extra,
@@ -154,6 +159,7 @@ class Communicator:
                 await chan.open()
         except BaseException:
             await self._close_channels()
+            await self._release_lease()
             self._state = "closed"
             raise
         preferred = self.config.channel
@@ -166,6 +172,27 @@ class Communicator:
         self._state = "open"
         self._opened_at = time.perf_counter()
         logger.debug("%r opened", self)
+
+    async def _acquire_lease(self) -> str:
+        """Form the job's lease (DESIGN.md section 8, "a job is a job"); the run id the
+        channels use, ``run_id.epoch``, so no key or pairing of another job can match.
+
+        The formation is also the check that every peer opened with the same
+        ``num_peers`` (:class:`~fmi_async.errors.JobMismatchError`).
+        """
+        lease = lease_for(self.config, self.comm_name, self.run_id, self.peer_id, self.num_peers)
+        if lease is None:
+            return self.run_id  # in-process peers: one hub per group cannot mix jobs
+        self._lease = lease
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        self.epoch = await lease.acquire(deadline)
+        lease.on_lost(self._break)
+        return f"{self.run_id}.{self.epoch}"
+
+    async def _release_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await lease.release()
 
     async def close(self, *, synchronize: bool | None = None) -> None:
         """Close every channel, deleting whatever this peer stored.
@@ -214,6 +241,7 @@ class Communicator:
         await self._settle_background()
         self._guard.cancel()
         await self._close_channels()
+        await self._release_lease()
         logger.debug("%r closed", self)
         if failure is not None:
             raise PeerError(

@@ -283,7 +283,20 @@ class CollectiveContext:
         return self.channel
 
     async def put(self, step: Step, value: Any) -> None:
-        await self._mediated().put(self.key(step), self.pack(value))
+        payload = self.pack(value)
+        if self.deadline is None:
+            await self._mediated().put(self.key(step), payload)
+            return
+        try:  # a put retried through a storage outage stops at the collective's deadline
+            async with asyncio.timeout_at(self.deadline):
+                await self._mediated().put(self.key(step), payload)
+        except TimeoutError as exc:
+            if isinstance(exc, CommTimeout):
+                raise self._timeout(exc) from None
+            raise CommTimeout(
+                f"{self.op} (collective #{self.seq}): peer {self.rank} could not store its "
+                f"data on channel {self.channel.name} before the deadline"
+            ) from None
 
     async def get(self, step: Step, origin: int | str = "storage") -> Any:
         key = self.key(step)

@@ -106,7 +106,7 @@ async def test_peer_that_never_arrives_times_out_with_names(group) -> None:
         # (direct channels) or at its first look for an abort (storage), and the group is
         # in step again, so the final barrier of close() succeeds.
         start = time.monotonic()
-        with pytest.raises(fmi.AbortedError, match="aborted by peer [01]: CommTimeout"):
+        with pytest.raises(fmi.AbortedError, match=r"aborted by peer [01]: CommTimeout"):
             await comms[2].allreduce(1, timeout=4)
         assert time.monotonic() - start < 2
         assert await asyncio.gather(*(c.allreduce(1) for c in comms)) == [3, 3, 3]

@@ -663,6 +663,8 @@ def lease_for(
     job = config.job
     for name in ("tcp", "udp"):
         if name in enabled:
+            if config.secret is None and not config.insecure:
+                config.check_security(name)  # refused before anything is said to the server
             options = config.options(name)
             host, port = _rendezvous_address(options, name.upper())
             timeout = float(options.get("connect_timeout", 10.0))

@@ -34,7 +34,7 @@ from typing import Any, Final, TypeVar
 
 from .channels.base import ChannelStats
 from .channels.storage import option_number, storage_prefix
-from .errors import BackendError, BrokenChannelError, ConfigError, FMIError
+from .errors import BackendError, ConfigError
 
 __all__ = ["RedisStore", "S3Store", "DynamoDBStore", "record_name"]
 
@@ -123,24 +123,10 @@ class RedisStore:
         self._cas = self._client.register_script(_CAS_SCRIPT)
 
     async def _run(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        import redis.exceptions as rexc
+        from .channels.redis import redis_errors
 
-        try:
+        with redis_errors(self.where, operation):
             return await call()
-        except FMIError:
-            raise
-        except rexc.AuthenticationError as exc:
-            raise BackendError(
-                f"{operation} on {self.where}: the server refused the credentials ({exc}); "
-                "check backends.Redis username/password or the url"
-            ) from exc
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-            raise BrokenChannelError(
-                f"{operation} on {self.where}: connection failed ({exc}); is redis-server "
-                "running there and reachable?"
-            ) from exc
-        except rexc.RedisError as exc:
-            raise BackendError(f"{operation} on {self.where} failed: {exc}") from exc
 
     async def read(self) -> tuple[bytes | None, Any]:
         data = await self._run("get", lambda: self._client.get(self.key))
@@ -266,27 +252,9 @@ class S3Store(_AWSStore):
         return await call()
 
     async def _ensure_bucket(self) -> None:
-        from botocore.exceptions import ClientError
+        from .channels.s3 import ensure_bucket
 
-        from .channels.aws import error_code
-        from .channels.s3 import lifecycle_rule
-
-        kwargs: dict[str, Any] = {"Bucket": self.bucket}
-        region = self._client.meta.region_name
-        if region and region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        with self._call("CreateBucket"):
-            try:
-                await self._client.create_bucket(**kwargs)
-                logger.info("created S3 bucket %r for a job lease", self.bucket)
-            except ClientError as exc:
-                if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise
-        with self._call("PutBucketLifecycleConfiguration"):
-            await self._client.put_bucket_lifecycle_configuration(
-                Bucket=self.bucket,
-                LifecycleConfiguration={"Rules": [lifecycle_rule(self.lifecycle_days)]},
-            )
+        await ensure_bucket(self._client, self.bucket, self.lifecycle_days, self._call)
 
     async def read(self) -> tuple[bytes | None, Any]:
         missing: list[bool] = []

@@ -255,9 +255,12 @@ def test_lease_for_picks_one_backend() -> None:
     ddb = {"table_name": "t"}
 
     def pick(backends: dict[str, Any]) -> JobLease | None:
-        return lease_for(Config.from_dict({"backends": backends}), "c", "r", 0, 2)
+        config = {"backends": backends, "security": {"secret": "s"}}
+        return lease_for(Config.from_dict(config), "c", "r", 0, 2)
 
     assert isinstance(pick({"TCP": tcp, "Redis": {}}), RendezvousLease)
+    with pytest.raises(ConfigError, match=r"security\.secret"):  # refused before any claim
+        lease_for(Config.from_dict({"backends": {"TCP": tcp}}), "c", "r", 0, 2)
     assert isinstance(pick({"UDP": tcp, "S3": s3}), RendezvousLease)
     redis_first = pick({"Redis": {}, "S3": s3, "DynamoDB": ddb})
     assert isinstance(redis_first, StoreLease) and redis_first.backend == "redis"

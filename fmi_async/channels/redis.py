@@ -155,7 +155,14 @@ _TRANSIENT_REPLIES: Final = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READO
 def _map_errors(channel: RedisChannel, operation: str) -> Iterator[None]:
     """Count one ``operation`` round trip and turn redis/socket errors into fmi errors."""
     channel.stats.requests[operation] += 1
-    where = channel.location()
+    with redis_errors(channel.location(), operation):
+        yield
+
+
+@contextlib.contextmanager
+def redis_errors(where: str, operation: str) -> Iterator[None]:
+    """Turn redis and socket errors of ``operation`` on ``where`` into fmi errors
+    (the one place for the channel and the job lease's Redis store)."""
     try:
         yield
     except FMIError:

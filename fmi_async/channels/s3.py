@@ -84,6 +84,46 @@ WRITER_KEY = "fmi-writer"  # user metadata: the token of the channel that wrote 
 _LIFECYCLE_CHECKED: set[str] = set()  # buckets whose rules were looked at, once per process
 
 
+async def ensure_bucket(
+    client: Any,
+    bucket: str,
+    lifecycle_days: int,
+    call: Callable[[str], contextlib.AbstractContextManager[None]],
+) -> bool:
+    """Create ``bucket`` with the lifecycle rule of :func:`lifecycle_rule`; False when
+    it existed (its lifecycle is then left as it is).  ``call(operation)`` maps
+    each request's errors (the channel's and the job lease's own helpers).
+
+    Asks first: in us-east-1, CreateBucket of a bucket one owns answers 200,
+    and its lifecycle rules must not be replaced.
+    """
+    with call("HeadBucket"):
+        try:
+            await client.head_bucket(Bucket=bucket)
+            return False
+        except ClientError as exc:
+            if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    region = client.meta.region_name
+    if region and region != "us-east-1":
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    with call("CreateBucket"):
+        try:
+            await client.create_bucket(**kwargs)
+            logger.info("created S3 bucket %r", bucket)
+        except ClientError as exc:
+            if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+            return False
+    with call("PutBucketLifecycleConfiguration"):
+        await client.put_bucket_lifecycle_configuration(
+            Bucket=bucket,
+            LifecycleConfiguration={"Rules": [lifecycle_rule(lifecycle_days)]},
+        )
+    return True
+
+
 def lifecycle_rule(days: int = 1, prefix: str = "fmi/") -> dict[str, Any]:
     """A bucket lifecycle rule that expires what crashed runs left under ``prefix``.
 
@@ -214,36 +254,8 @@ class S3Channel(MediatedChannel):
         )
 
     async def _ensure_bucket(self) -> bool:
-        """Create the bucket with its lifecycle rule; False when it existed (left as it is).
-
-        Asks first: in us-east-1, CreateBucket of a bucket one owns answers
-        200, and its lifecycle rules must not be replaced.
-        """
-        with self._call("HeadBucket"):
-            try:
-                await self._client.head_bucket(Bucket=self.bucket)
-                return False
-            except ClientError as exc:
-                if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
-                    raise
-        kwargs: dict[str, Any] = {"Bucket": self.bucket}
-        region = self._client.meta.region_name
-        if region and region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        with self._call("CreateBucket"):
-            try:
-                await self._client.create_bucket(**kwargs)
-                logger.info("created S3 bucket %r", self.bucket)
-            except ClientError as exc:
-                if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise
-                return False
-        with self._call("PutBucketLifecycleConfiguration"):
-            await self._client.put_bucket_lifecycle_configuration(
-                Bucket=self.bucket,
-                LifecycleConfiguration={"Rules": [lifecycle_rule(self.lifecycle_days)]},
-            )
-        return True
+        """Create the bucket with its lifecycle rule; False when it existed (left as it is)."""
+        return await ensure_bucket(self._client, self.bucket, self.lifecycle_days, self._call)
 
     async def _shutdown(self) -> None:
         await self._stack.aclose()

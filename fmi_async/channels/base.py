@@ -154,17 +154,28 @@ class Mailbox:
                 self.dropped += 1
                 return
             tag = key[2] if len(key) >= 3 else None
-            if isinstance(tag, str) and is_plan_tag(tag):
-                expected = self._plans.get(seq)
-                if expected is None:
-                    early = self._early.setdefault(seq, {})
-                    if tag not in early:
-                        early[tag] = (src, payload)
-                elif tag != expected[0]:
-                    self._mismatch(seq, src, _plan_of(payload))
-                    self.dropped += 1
-                    return
+            if (
+                isinstance(tag, str)
+                and is_plan_tag(tag)
+                and not self._plan_agrees(seq, src, tag, payload)
+            ):
+                self.dropped += 1
+                return
         self._hand_over((src, key), payload)
+
+    def _plan_agrees(self, seq: int, src: int, tag: str, payload: Payload) -> bool:
+        """Compare a plan tag that ``src`` sent for collective ``seq`` with this peer's plan;
+        a collective not begun here keeps the first message of each tag for :meth:`begin`."""
+        expected = self._plans.get(seq)
+        if expected is None:
+            early = self._early.setdefault(seq, {})
+            if tag not in early:
+                early[tag] = (src, payload)
+            return True
+        if tag == expected[0]:
+            return True
+        self._mismatch(seq, src, _plan_of(payload))
+        return False
 
     def _hand_over(self, match: tuple[int, Key], payload: Payload, *, first: bool = False) -> None:
         waiters = self._waiters.get(match)
@@ -336,27 +347,11 @@ class Mailbox:
 
     def _on_probe(self, seq: int, src: int, payload: Payload) -> None:
         """A peer waiting on this one for collective ``seq`` says which plan it runs."""
-        theirs = _plan_of(payload)
-        tag = plan_tag(theirs)
-        expected = self._plans.get(seq)
-        if expected is None:
-            early = self._early.setdefault(seq, {})
-            if tag not in early:
-                early[tag] = (src, payload)
-        elif tag != expected[0]:
-            self._mismatch(seq, src, theirs)
+        self._plan_agrees(seq, src, plan_tag(_plan_of(payload)), payload)
 
     def _mismatch(self, seq: int, src: int, theirs: str) -> None:
         mine = self._plans.get(seq, ("", "?"))[1]
-        self.abort(
-            seq,
-            PlanMismatchError(
-                f"collective #{seq}: peer {self.owner} runs plan {mine!r} but peer {src} sent "
-                f"a message of it under plan {theirs!r}; every peer must call the same collectives "
-                "in the same order, with the same root, operator, algorithm and channel, and "
-                "values of the same shape and dtype"
-            ),
-        )
+        self.abort(seq, plan_mismatch(f"collective #{seq}", self.owner, mine, src, theirs))
 
 
 _MAX_ABORTS = 4096
@@ -378,6 +373,17 @@ def _plan_of(payload: Payload) -> str:
         return str(loads(payload)[0])
     except Exception:
         return "?"
+
+
+def plan_mismatch(
+    what: str, rank: int, mine: str, src: int | str, theirs: str
+) -> PlanMismatchError:
+    """The error of peer ``rank`` finding that peer ``src`` runs another plan of ``what``."""
+    return PlanMismatchError(
+        f"{what}: peer {rank} runs plan {mine!r} but peer {src} runs plan {theirs!r}; every "
+        "peer must call the same collectives in the same order, with the same root, operator, "
+        "algorithm and channel, and values of the same shape and dtype"
+    )
 
 
 def plan_probe(plan: str) -> Payload:

@@ -36,10 +36,11 @@ from ..channels.base import (
     Mailbox,
     ReceiveGuard,
     abort_error,
+    plan_mismatch,
     plan_probe,
     plan_tag,
 )
-from ..errors import ArgumentError, CommTimeout, PlanMismatchError, ProtocolError
+from ..errors import ArgumentError, CommTimeout, ProtocolError
 from ..wire import Payload, dumps, loads
 
 __all__ = ["CollectiveContext", "StorageOps", "Step", "ABORT_PROBE_FIRST", "ABORT_PROBE_MAX"]
@@ -96,6 +97,7 @@ class CollectiveContext:
         self.direct = channel.kind == "direct"
         self.tag = plan_tag(plan)
         self._probed: set[int] = set()
+        self._what = f"{op} (collective #{seq})"
         self._published = False
 
     def __repr__(self) -> str:
@@ -133,11 +135,7 @@ class CollectiveContext:
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"{self.op}: malformed collective message from {src}") from exc
         if plan != self.plan:
-            raise PlanMismatchError(
-                f"{self.op} (collective #{self.seq}): peer {self.rank} runs plan {self.plan!r} "
-                f"but peer {src} sent a message under plan {plan!r}; every peer must call the "
-                "same collectives in the same order with values of the same shape and dtype"
-            )
+            raise plan_mismatch(self._what, self.rank, self.plan, src, plan)
         return value
 
     def _timeout(self, exc: CommTimeout) -> CommTimeout:
@@ -151,15 +149,21 @@ class CollectiveContext:
             return
         # A send may wait for a connection (rendezvous lookup, punching) or for
         # flow control: the collective's deadline bounds that too.
+        await self._bounded(
+            self.channel.send(dst, self.key(step), payload), f"could not send to peer {dst}"
+        )
+
+    async def _bounded(self, work: Awaitable[None], failure: str) -> None:
+        """``work``, stopped at the collective's deadline with a CommTimeout saying ``failure``."""
         try:
             async with asyncio.timeout_at(self.deadline):
-                await self.channel.send(dst, self.key(step), payload)
+                await work
         except TimeoutError as exc:
             if isinstance(exc, CommTimeout):
                 raise self._timeout(exc) from None
             raise CommTimeout(
-                f"{self.op} (collective #{self.seq}): peer {self.rank} could not send to peer "
-                f"{dst} on channel {self.channel.name} before the deadline"
+                f"{self._what}: peer {self.rank} {failure} on channel {self.channel.name} "
+                "before the deadline"
             ) from None
 
     async def send(self, dst: int, step: Step, value: Any) -> None:
@@ -250,12 +254,7 @@ class CollectiveContext:
             return  # it has not waited long yet, or is just slow
         plan = loads(theirs)[0]
         if plan != self.plan:
-            raise PlanMismatchError(
-                f"{self.op} (collective #{self.seq}): peer {self.rank} runs plan {self.plan!r} "
-                f"but peer {src} runs plan {plan!r}; every peer must call the same collectives "
-                "in the same order, with the same root, operator, algorithm and channel, and "
-                "values of the same shape and dtype"
-            )
+            raise plan_mismatch(self._what, self.rank, self.plan, src, plan)
 
     async def recv(self, src: int, step: Step) -> Any:
         return self.unpack(await self.recv_payload(src, step), src)
@@ -287,16 +286,8 @@ class CollectiveContext:
         if self.deadline is None:
             await self._mediated().put(self.key(step), payload)
             return
-        try:  # a put retried through a storage outage stops at the collective's deadline
-            async with asyncio.timeout_at(self.deadline):
-                await self._mediated().put(self.key(step), payload)
-        except TimeoutError as exc:
-            if isinstance(exc, CommTimeout):
-                raise self._timeout(exc) from None
-            raise CommTimeout(
-                f"{self.op} (collective #{self.seq}): peer {self.rank} could not store its "
-                f"data on channel {self.channel.name} before the deadline"
-            ) from None
+        # a put retried through a storage outage stops at the collective's deadline
+        await self._bounded(self._mediated().put(self.key(step), payload), "could not store data")
 
     async def get(self, step: Step, origin: int | str = "storage") -> Any:
         key = self.key(step)

@@ -472,7 +472,7 @@ class Communicator:
                 mailbox=self._mailbox,
                 guard=self._guard,
             )
-            self._mailbox.begin(seq, ctx.tag, chosen.ident)
+            self._mailbox.begin(seq, ctx.tag, ctx.plan)
         except BaseException as exc:
             self._abandon(seq, op, exc)
             raise
@@ -484,7 +484,7 @@ class Communicator:
             self.peer_id,
             op,
             seq,
-            chosen.ident,
+            ctx.plan,
             chosen.seconds,
             chosen.usd,
         )

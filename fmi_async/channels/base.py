@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -357,6 +358,7 @@ class Mailbox:
 _MAX_ABORTS = 4096
 
 
+@functools.lru_cache(maxsize=1024)
 def plan_tag(ident: str) -> str:
     """The short tag of a plan that direct channels carry in every collective key:
     ``#`` and 8 hex digits of a CRC of the plan identifier."""
@@ -514,6 +516,12 @@ class Channel(abc.ABC):
             return
         self._state = "closed"
         self.mailbox.fail(ClosedError(f"channel {self.name} of peer {self.peer_id} was closed"))
+
+    def send_waits(self, dst: int) -> bool:
+        """Whether a send to ``dst`` may have to wait (for a connection, flow control
+        or a backend).  Callers with a deadline bound only such sends; a channel
+        that knows a send completes at once says False and saves them the timer."""
+        return True
 
     @abc.abstractmethod
     async def send(self, dst: int, key: Key, payload: Payload) -> None:

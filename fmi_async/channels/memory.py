@@ -66,6 +66,9 @@ class MemoryChannel(Channel):
         self.hub.mailboxes.pop(self.peer_id, None)
         await super().close()
 
+    def send_waits(self, dst: int) -> bool:
+        return bool(self.latency or self.bandwidth)  # only a simulated network waits
+
     async def send(self, dst: int, key: Key, payload: Payload) -> None:
         self._check_open()
         start = time.perf_counter()

@@ -432,6 +432,10 @@ class TCPChannel(Channel):
 
     # ---------------------------------------------------------------- send
 
+    def send_waits(self, dst: int) -> bool:
+        sender = self._senders.get(dst)
+        return dst != self.peer_id and (sender is None or not sender.ready)
+
     async def send(self, dst: int, key: Key, payload: Payload) -> None:
         self._check_open()
         if not 0 <= dst < self.num_peers:

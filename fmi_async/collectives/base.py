@@ -97,7 +97,6 @@ class CollectiveContext:
         self.direct = channel.kind == "direct"
         self.tag = plan_tag(plan)
         self._probed: set[int] = set()
-        self._what = f"{op} (collective #{seq})"
         self._published = False
 
     def __repr__(self) -> str:
@@ -107,6 +106,10 @@ class CollectiveContext:
         )
 
     # -- helpers --------------------------------------------------------------
+
+    @property
+    def _what(self) -> str:
+        return f"{self.op} (collective #{self.seq})"
 
     def key(self, step: Step) -> tuple[str | int, ...]:
         parts = step if isinstance(step, tuple) else (step,)
@@ -144,7 +147,7 @@ class CollectiveContext:
     # -- point to point -------------------------------------------------------
 
     async def send_payload(self, dst: int, step: Step, payload: Payload) -> None:
-        if self.deadline is None:
+        if self.deadline is None or not self.channel.send_waits(dst):
             await self.channel.send(dst, self.key(step), payload)
             return
         # A send may wait for a connection (rendezvous lookup, punching) or for

@@ -190,3 +190,36 @@ async def test_timeouts_must_be_positive_finite_numbers(bad: Any) -> None:
 def test_config_timeout_must_be_positive_finite(bad: Any) -> None:
     with pytest.raises(fmi.ConfigError, match="timeout"):
         fmi.Config.from_dict({"timeout": bad})
+
+
+async def test_failed_storage_receives_leave_no_unretrieved_task_errors(
+    request: pytest.FixtureRequest,
+) -> None:
+    import gc
+
+    from tests.conftest import storage_group
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        async with storage_group(request.getfixturevalue("redis_config"))(3) as comms:
+            # Peers 1 and 2 never join: both of peer 0's receives fail together.
+            with pytest.raises(fmi.CommTimeout):
+                await comms[0].reduce_scatter(
+                    np.ones(3), timeout=1.0, algorithm="mediated:fetch_fold"
+                )
+            # Peers 1 and 2 come late: peer 0's parts are stored, so each gets the right
+            # part or is told of the abort; either way the group is in step for close.
+            late = await asyncio.gather(
+                *(c.reduce_scatter(np.ones(3), algorithm="mediated:fetch_fold") for c in comms[1:]),
+                return_exceptions=True,
+            )
+            for r in late:
+                assert isinstance(r, fmi.FMIError) or np.array_equal(r, [3.0]), late
+        gc.collect()
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported

@@ -553,3 +553,30 @@ async def test_a_fault_past_the_deadline_fails_every_peer_within_its_bound(
         proxy.up()
         await asyncio.gather(*(c.close(synchronize=False) for c in comms), return_exceptions=True)
     await assert_nothing_left(backend, prefix, ttl)
+
+
+async def test_a_lost_reply_at_the_end_of_a_wait_slice_is_retried_in_the_next(
+    redis_config: Config, redis_proxy: FaultProxy
+) -> None:
+    # Storage collectives wait in slices (collectives/base.py); a reply lost just
+    # as a slice ends must be retried in the next one, not fail the collective
+    # with most of its deadline left.
+    comms = comms_for(through(("redis", redis_config), redis_proxy), 2, timeout=30)
+    big = np.ones(1 << 20)  # stored in chunks: the reader fetches them with MGET
+    hold = asyncio.Event()
+
+    def arm() -> list[Rule]:
+        asyncio.get_running_loop().call_later(1.0, hold.set)
+        return [redis_proxy.add(Rule("drop_reply", pattern=b"MGET", times=1, hold=hold))]
+
+    async def body(c: fmi.Communicator) -> list[Any]:
+        if c.rank == 0:
+            await asyncio.sleep(0.35)  # the reader's first slice is under way
+        start = time.monotonic()
+        got = await c.bcast(big if c.rank == 0 else None, algorithm="mediated:put_get")
+        return [got, time.monotonic() - start]
+
+    results = await run_job(comms, body, arm=arm)
+    for got, took in results:
+        assert np.array_equal(got, big)
+        assert took < 10

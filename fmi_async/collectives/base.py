@@ -40,7 +40,7 @@ from ..channels.base import (
     plan_probe,
     plan_tag,
 )
-from ..errors import ArgumentError, CommTimeout, ProtocolError
+from ..errors import ArgumentError, BackendUnavailable, CommTimeout, ProtocolError
 from ..wire import Payload, dumps, loads
 
 __all__ = ["CollectiveContext", "StorageOps", "Step", "ABORT_PROBE_FIRST", "ABORT_PROBE_MAX"]
@@ -218,8 +218,13 @@ class CollectiveContext:
             try:
                 payload: Payload = await fetch(wait)
                 return payload
-            except CommTimeout as exc:
+            except (CommTimeout, BackendUnavailable) as exc:
+                # The slice ran out, waiting or retrying a failing backend (whose
+                # receives recover a message whose reply was lost): go on in the
+                # next slice while the collective's deadline allows.
                 if wait >= remaining:
+                    if isinstance(exc, BackendUnavailable):
+                        raise
                     raise CommTimeout(f"{self.op} (collective #{self.seq}): {exc}{who}") from None
             waited += wait
             await self._look_for_abort(src, waited)

@@ -88,10 +88,13 @@ async def _all(aws: Iterable[Awaitable[T]]) -> list[T]:
 
 
 async def _cancel(tasks: Iterable[asyncio.Future[Any]]) -> None:
-    pending = [t for t in tasks if not t.done()]
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    """Stop the tasks still running and collect every outcome, so that a second
+    failed receive is not reported as a never-retrieved task exception."""
+    tasks = list(tasks)
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _fetch_fold(ctx: CollectiveContext, own: Any, op: Op, step: str) -> Any:

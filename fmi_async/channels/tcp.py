@@ -86,6 +86,7 @@ from ..holepunch.natsim import network_from_options
 from ..holepunch.net import HostNetwork, Network, close_socket, sock_accept
 from ..holepunch.punch import Membership, authenticate, pair_tcp
 from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
+from .backoff import Backoff
 from .base import Channel, Mailbox
 
 __all__ = ["TCPChannel"]
@@ -96,6 +97,7 @@ _CHUNK = 1024 * 1024  # bytes per write of a large buffer
 _SMALL = 256 * 1024  # frames up to this size are joined and written at once
 _CONNECT_ATTEMPTS = 4  # handshakes a connecting peer tries when the other side drops them
 _TRAVERSAL = ("auto", "punch", "off")
+_LOOKUP_RETRY = Backoff(initial=0.05, maximum=1.0)  # lookups while the server is unreachable
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -470,11 +472,29 @@ class TCPChannel(Channel):
         self._count_send(payload)
         self.stats.seconds += time.perf_counter() - start
 
+    async def _lookup(self, dst: int) -> hp.PeerInfo:
+        """Where ``dst`` registered.  A rendezvous server that cannot be reached (it
+        restarts, say) is asked again with backoff until ``lookup_timeout``:
+        a lookup changes nothing on the server, so asking twice is harmless."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lookup_timeout
+        delays = _LOOKUP_RETRY.delays()
+        while True:
+            left = deadline - loop.time()
+            try:
+                return await self._client.lookup_info(self.comm_name, self.run_id, dst, left)
+            except BrokenChannelError:
+                pause = next(delays)
+                if loop.time() + pause >= deadline:
+                    raise
+                logger.debug("peer %d: rendezvous server unreachable, asking again", self.peer_id)
+                await asyncio.sleep(pause)
+
     async def _connection(self, dst: int) -> _Sender:
         sender = self._senders.get(dst)
         if sender is not None and sender.usable:
             return sender
-        info = await self._client.lookup_info(self.comm_name, self.run_id, dst, self.lookup_timeout)
+        info = await self._lookup(dst)
         self._check_open()
         assert self._control is not None
         punch = self.traversal == "punch" or (self.traversal == "auto" and info.nat)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from ..errors import BrokenChannelError, CommTimeout
 from . import protocol as p
+from .protocol import Address
 
 __all__ = [
     "Address",
@@ -39,8 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-Address = tuple[str, int]
 
 
 class Listener(Protocol):

@@ -66,6 +66,7 @@ import msgpack
 from ..errors import AuthenticationError, CommTimeout, ProtocolError
 from . import protocol as p
 from .natsim import UDP_NAT, NATDatagramTransport, decapsulate
+from .net import Address
 from .pairing import PairKey
 
 __all__ = [
@@ -93,8 +94,6 @@ RELAY_HOST = "<relay>"
 _MAC_LEN = 16
 _PROBE_INTERVAL = 0.02
 _FIRST_RETRY = 0.1
-
-Address = tuple[str, int]
 
 
 class DatagramSender(Protocol):

@@ -36,7 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fmi_async.channels.base import Mailbox
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
 from fmi_async.channels.tcp import TCPChannel
 from fmi_async.config import Config
 from fmi_async.holepunch.natsim import NATBox
@@ -55,7 +56,7 @@ async def first_message_seconds(srv: RendezvousServer, nat: list[dict[str, Any]]
         if nat is not None:
             tcp["nat"] = nat[i]
         config = Config.from_dict({"backends": {"TCP": tcp}, "security": {"secret": SECRET}})
-        chans.append(TCPChannel(i, 2, "B", run_id, config, Mailbox(i)))
+        chans.append(TCPChannel(ChannelContext(i, 2, "B", run_id, config, Mailbox(i))))
     await asyncio.gather(*(c.open() for c in chans))
     try:
         start = time.perf_counter()
@@ -143,7 +144,7 @@ def kernel(reps: int, mib: int, random_ports: bool) -> dict[str, Any] | None:
         env = {**os.environ, "PYTHONPATH": str(k.REPO)}
         server = subprocess.Popen(
             [
-                *("ip", "netns", "exec", ns["pub"], sys.executable, "-m", "fmi_async.cli"),
+                *("ip", "netns", "exec", ns["pub"], sys.executable, "-m", "fmi_async"),
                 *("rendezvous", "--host", "0.0.0.0", "--port", str(k.PORT)),
                 *("--secret-file", str(tmp / "secret")),
             ],

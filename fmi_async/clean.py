@@ -13,24 +13,23 @@ the runs whose run component is ``RUN`` or ``RUN.<anything>`` (a run's job
 epochs are stored as ``<run>.<epoch>``).  Only names under the ``fmi/``
 prefix of that communicator are ever listed or deleted.  Running it while
 the run is still alive breaks that run: its peers lose their messages.
+The command itself is :mod:`fmi_async.tools.clean`.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .channels import channel_class
-from .channels.base import Mailbox
-from .channels.storage import MediatedChannel, storage_prefix
+from .channels.base import ChannelContext, MediatedChannel
+from .channels.mailbox import Mailbox
+from .channels.options import option_fields
+from .channels.registry import channel_class
+from .channels.storage import storage_prefix
 from .config import Config
 from .errors import ArgumentError, FMIError
 
-__all__ = ["Cleaned", "add_clean_arguments", "clean", "cmd_clean", "run_selector"]
+__all__ = ["Cleaned", "clean", "run_selector"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +101,10 @@ async def clean(
             continue
         # Never create what is not there; the run id is a placeholder (the
         # channel's own prefix is not used).
-        options = {"create_bucket": False, "create_table": False}
-        chan = cls(0, 1, comm_name, "clean", config.with_backend(backend, **options), Mailbox(0))
+        known = option_fields(cls.Options)
+        options = {k: False for k in ("create_bucket", "create_table") if k in known}
+        settings = config.with_backend(backend, **options)
+        chan = cls(ChannelContext(0, 1, comm_name, "clean", settings, Mailbox(0)))
         entry = Cleaned(backend, chan.location())
         results.append(entry)
         try:
@@ -117,36 +118,3 @@ async def clean(
             except FMIError as exc:
                 logger.debug("closing %r after cleaning: %s", chan, exc)
     return results
-
-
-def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``fmi clean``."""
-    parser.add_argument("--config", type=Path, required=True, help="JSON config of the job")
-    parser.add_argument("--comm", required=True, help="communicator name (comm_name)")
-    parser.add_argument(
-        "--run", help="run id: removes runs RUN and RUN.<epoch> (default: every run)"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="list, do not delete")
-    parser.add_argument("--summary", action="store_true", help="counts per run, not every name")
-
-
-def cmd_clean(args: argparse.Namespace) -> int:
-    """Run ``fmi clean``; exit status 1 when a backend could not be cleaned."""
-    config = Config.load(args.config)
-    results = asyncio.run(clean(config, args.comm, args.run, dry_run=args.dry_run))
-    verb = "would remove" if args.dry_run else "removed"
-    failed = False
-    if not results:
-        print("no storage backend is enabled in the config: nothing to clean")
-    for entry in results:
-        if entry.error is not None:
-            failed = True
-            print(f"{entry.location}: not cleaned: {entry.error}", file=sys.stderr)
-            continue
-        print(f"{entry.location}: {verb} {len(entry.names)}")
-        for run, names in sorted(entry.by_run(args.comm).items()):
-            print(f"  run {run}: {len(names)}")
-            if not args.summary:
-                for name in names:
-                    print(f"    {name}")
-    return 1 if failed else 0

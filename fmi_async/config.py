@@ -4,8 +4,10 @@ FMI's file has two sections, ``backends`` (``S3``, ``Redis``, ``Direct``, each
 with ``enabled`` and backend options) and ``model`` (performance and price
 parameters per backend).  It loads unchanged.  Our extensions:
 
-* more backends: ``Memory``, ``TCP`` (alias of FMI's ``Direct``), ``UDP``,
-  ``DynamoDB``, ``MPI``;
+* more backends: every channel of :mod:`fmi_async.channels.registry`
+  (``Memory``, ``TCP`` -- FMI's ``Direct`` --, ``UDP``, ``DynamoDB``); each
+  backend's keys are its channel's typed options
+  (:mod:`fmi_async.channels.options`), checked when the channel is built;
 * top-level keys: ``timeout`` (seconds, the default deadline of every
   operation), ``serializer`` (``"msgpack"`` or ``"pickle"``), ``channel`` (the
   preferred point-to-point channel), ``security`` (see below), ``limits``
@@ -35,31 +37,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .channels import registry
 from .errors import ArgumentError, ConfigError
 from .wire import SERIALIZERS, Limits
 
-__all__ = ["Config", "BACKEND_ALIASES", "KNOWN_BACKENDS", "JobConfig", "check_timeout"]
+__all__ = ["Config", "JobConfig", "backend_name", "check_timeout"]
 
-BACKEND_ALIASES: dict[str, str] = {
-    "direct": "tcp",
-    "tcp": "tcp",
-    "udp": "udp",
-    "memory": "memory",
-    "redis": "redis",
-    "s3": "s3",
-    "dynamodb": "dynamodb",
-    "mpi": "mpi",
-}
-KNOWN_BACKENDS = frozenset(BACKEND_ALIASES.values())
 _TOP_LEVEL = {"backends", "model", "timeout", "serializer", "channel", "security", "limits", "job"}
 _SECURITY_KEYS = frozenset(
     ("secret", "insecure", "handshake_timeout", "max_unproven", "max_unproven_per_source")
 )
 _INF = float("inf")
-SECRET_CHANNELS = frozenset(("tcp", "udp"))
-"""Channels that authenticate peers with ``security.secret`` themselves (storage
-channels rely on their backend's credentials, memory peers share one process)."""
-
 logger = logging.getLogger(__name__)
 
 
@@ -166,7 +154,7 @@ class Config:
             raise ConfigError(f"{origin}: serializer must be one of {SERIALIZERS}")
         channel = data.get("channel")
         if channel is not None:
-            channel = _backend_name(channel, origin)
+            channel = backend_name(channel, origin)
         security = _security(data.get("security", {}), origin)
         limits_raw = data.get("limits", {})
         try:
@@ -217,11 +205,11 @@ class Config:
         )
 
     def options(self, backend: str) -> dict[str, Any]:
-        return dict(self.backends.get(_backend_name(backend, "config"), {}))
+        return dict(self.backends.get(backend_name(backend, "config"), {}))
 
     def with_backend(self, name: str, **options: Any) -> Config:
         """A copy with one backend enabled (and options merged)."""
-        key = _backend_name(name, "config")
+        key = backend_name(name, "config")
         backends = {k: dict(v) for k, v in self.backends.items()}
         merged = {**backends.get(key, {}), **options}
         merged.setdefault("enabled", True)
@@ -297,13 +285,12 @@ def _security(section: Any, origin: str) -> dict[str, Any]:
     return out
 
 
-def _backend_name(name: Any, origin: str) -> str:
-    if not isinstance(name, str) or name.lower() not in BACKEND_ALIASES:
-        raise ConfigError(
-            f"{origin}: unknown backend {name!r}; known backends are "
-            "S3, Redis, Direct/TCP, UDP, Memory, DynamoDB, MPI"
-        )
-    return BACKEND_ALIASES[name.lower()]
+def backend_name(name: Any, origin: str = "config") -> str:
+    """The canonical channel name a config spells ``name`` (``"Direct"`` -> ``"tcp"``).
+
+    Raises :class:`~fmi_async.errors.ConfigError` naming the known backends.
+    """
+    return registry.resolve(name, origin, what="backend")
 
 
 def _normalize_section(section: Any, origin: str, what: str) -> dict[str, dict[str, Any]]:
@@ -314,7 +301,7 @@ def _normalize_section(section: Any, origin: str, what: str) -> dict[str, dict[s
         if what == "model" and isinstance(name, str) and name.lower() == COMPUTE:
             key = COMPUTE  # the model's one entry that is not a channel
         else:
-            key = _backend_name(name, f"{origin}: {what}")
+            key = backend_name(name, f"{origin}: {what}")
         if not isinstance(opts, Mapping):
             raise ConfigError(f"{origin}: {what}.{name} must be an object")
         out[key] = dict(opts)

@@ -30,9 +30,10 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, Literal, Protocol
 
+from .channels import registry
 from .channels.backoff import Backoff
 from .config import Config, JobConfig
 from .errors import (
@@ -41,7 +42,6 @@ from .errors import (
     BrokenChannelError,
     ClosedError,
     CommTimeout,
-    ConfigError,
     FMIError,
     JobConflictError,
     JobConflictTimeout,
@@ -635,19 +635,6 @@ class RendezvousLease(JobLease):
 # ---------------------------------------------------------------- choosing the backend
 
 
-def _rendezvous_address(options: Mapping[str, Any], backend: str) -> tuple[str, int]:
-    host, port = options.get("host"), options.get("port")
-    if isinstance(port, str) and port.isdigit():
-        port = int(port)
-    if not isinstance(host, str) or not host or not isinstance(port, int):
-        raise ConfigError(
-            f"backends.{backend} needs the rendezvous server's host and port, e.g. "
-            f'{{"{backend}": {{"enabled": true, "host": "10.0.0.5", "port": 10000}}}}; it also '
-            "holds the job lease"
-        )
-    return host, port
-
-
 def lease_for(
     config: Config, comm_name: str, run_id: str, peer_id: int, num_peers: int
 ) -> JobLease | None:
@@ -665,9 +652,9 @@ def lease_for(
         if name in enabled:
             if config.secret is None and not config.insecure:
                 config.check_security(name)  # refused before anything is said to the server
-            options = config.options(name)
-            host, port = _rendezvous_address(options, name.upper())
-            timeout = float(options.get("connect_timeout", 10.0))
+            options = _options(name, config)
+            host, port = options.rendezvous(name.upper(), "it also holds the job lease")
+            timeout = options.connect_timeout or 10.0
             return RendezvousLease(
                 host,
                 port,
@@ -684,11 +671,16 @@ def lease_for(
     key = lease_stores.record_name(comm_name, run_id)
     store: RecordStore
     if "redis" in enabled:
-        store = lease_stores.RedisStore(config.options("redis"), key)
+        store = lease_stores.RedisStore(_options("redis", config), key)
     elif "dynamodb" in enabled:
-        store = lease_stores.DynamoDBStore(config.options("dynamodb"), key, config.timeout)
+        store = lease_stores.DynamoDBStore(_options("dynamodb", config), key, config.timeout)
     elif "s3" in enabled:
-        store = lease_stores.S3Store(config.options("s3"), key)
+        store = lease_stores.S3Store(_options("s3", config), key)
     else:
         return None
     return StoreLease(store, comm_name, run_id, peer_id, num_peers, job)
+
+
+def _options(name: str, config: Config) -> Any:
+    """Channel ``name``'s typed options (its lease store reads the same section)."""
+    return registry.channel_class(name).parse_options(config)

@@ -30,11 +30,17 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .channels.base import ChannelStats
-from .channels.storage import option_number, storage_prefix
+from .channels.storage import storage_prefix
 from .errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    from .channels.dynamodb import DynamoDBOptions
+    from .channels.options import AWSOptions
+    from .channels.redis import RedisOptions
+    from .channels.s3 import S3Options
 
 __all__ = ["RedisStore", "S3Store", "DynamoDBStore", "record_name"]
 
@@ -72,20 +78,14 @@ class RedisStore:
 
     backend = "redis"
 
-    def __init__(self, options: dict[str, Any], key: str) -> None:
-        url = options.get("url")
-        if url is not None and not isinstance(url, str):
-            raise ConfigError("backends.Redis.url must be a redis:// or rediss:// URL string")
-        host = options.get("host", "localhost")
-        if not isinstance(host, str):
-            raise ConfigError(f"backends.Redis.host must be a string, got {host!r}")
-        self.url = url
-        self.host = host
-        self.port = int(option_number(options, "port", "Redis", 6379, minimum=1, maximum=65535))
-        self.db = int(option_number(options, "db", "Redis", 0, minimum=0))
-        self.socket_timeout = option_number(options, "socket_timeout", "Redis", 30.0, minimum=0.01)
-        self.username = options.get("username")
-        self.password = options.get("password")
+    def __init__(self, options: RedisOptions, key: str) -> None:
+        self.url = options.url
+        self.host = options.host
+        self.port = options.port
+        self.db = options.db
+        self.socket_timeout = options.socket_timeout
+        self.username = options.username
+        self.password = options.password
         self.key = key
         self._client: Any = None
         self._cas: Any = None
@@ -165,7 +165,7 @@ class _AWSStore:
     service = ""
     label = ""  # the backend's name in config keys
 
-    def __init__(self, options: dict[str, Any], key: str) -> None:
+    def __init__(self, options: AWSOptions, key: str) -> None:
         self.options = options
         self.key = key
         self.stats = ChannelStats()
@@ -225,16 +225,16 @@ class S3Store(_AWSStore):
     service = "s3"
     label = "S3"
 
-    def __init__(self, options: dict[str, Any], key: str) -> None:
+    def __init__(self, options: S3Options, key: str) -> None:
         super().__init__(options, key)
-        bucket = options.get("bucket_name")
-        if not isinstance(bucket, str) or not bucket:
+        bucket = options.bucket_name
+        if not bucket:
             raise ConfigError(
                 "backends.S3.bucket_name is required: the bucket every peer of the job shares"
             )
         self.bucket = bucket
-        self.create_bucket = bool(options.get("create_bucket", False))
-        self.lifecycle_days = int(option_number(options, "lifecycle_days", "S3", 1, minimum=1))
+        self.create_bucket = options.create_bucket
+        self.lifecycle_days = options.lifecycle_days
         self.where = f"s3://{bucket}"
 
     async def _with_bucket(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -312,15 +312,15 @@ class DynamoDBStore(_AWSStore):
     service = "dynamodb"
     label = "DynamoDB"
 
-    def __init__(self, options: dict[str, Any], key: str, timeout: float = 60.0) -> None:
+    def __init__(self, options: DynamoDBOptions, key: str, timeout: float = 60.0) -> None:
         super().__init__(options, key)
-        table = options.get("table_name")
-        if not isinstance(table, str) or not table:
+        table = options.table_name
+        if not table:
             raise ConfigError(
                 "backends.DynamoDB.table_name is required: the table every peer shares"
             )
         self.table = table
-        self.create_table = bool(options.get("create_table", False))
+        self.create_table = options.create_table
         self.timeout = timeout
         self.where = f"dynamodb table {table!r}"
         self._item_key = {"pk": {"S": key}, "sk": {"N": "0"}}

@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from fmi_async.channels import channel_class
-from fmi_async.channels.base import Mailbox
-from fmi_async.channels.storage import MediatedChannel, storage_prefix
-from fmi_async.cli import main
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
+from fmi_async.channels.registry import channel_class
+from fmi_async.channels.storage import StorageChannel, storage_prefix
 from fmi_async.config import Config
+from fmi_async.tools.cli import main
 from fmi_async.wire import dumps
 
 BACKENDS = ("redis", "s3", "dynamodb")
@@ -51,7 +52,9 @@ async def crash(configs: dict[str, Config], comm: str, run: str) -> None:
     for name, config in configs.items():
         if name == "redis":
             config = config.with_backend(name, inline_max=1024)
-        chan: MediatedChannel = channel_class(name)(0, 2, comm, run, config, Mailbox(0))  # type: ignore[assignment]
+        chan: StorageChannel = channel_class(name)(
+            ChannelContext(0, 2, comm, run, config, Mailbox(0))
+        )  # type: ignore[assignment]
         await chan.open()
         await chan.put(("c", 1, "bcast"), dumps("shared"))
         await chan.send(1, ("u", 0), dumps(np.arange(2000)))
@@ -150,7 +153,9 @@ def test_clean_removes_a_run_and_its_epochs_and_nothing_else(
         assert all(left.values()), left
     assert "run RX" not in out and other not in out
     for name in BACKENDS:  # every backend reports, and names what it removed
-        location = channel_class(name)(0, 1, comm, "x", configs[name], Mailbox(0)).location()
+        location = channel_class(name)(
+            ChannelContext(0, 1, comm, "x", configs[name], Mailbox(0))
+        ).location()
         assert f"{location}: removed " in out
     assert f"{storage_prefix(comm, 'R.7f3a')}/obj/" in out
     assert "(incomplete upload)" in out
@@ -192,7 +197,7 @@ def test_the_fmi_command_runs_clean(configs: dict[str, Config], tmp_path: Path) 
     asyncio.run(crash(configs, comm, "job.3"))
     path = config_file(tmp_path, configs)
     done = subprocess.run(
-        [sys.executable, "-m", "fmi_async.cli", "clean", "--config", str(path), "--comm", comm,
+        [sys.executable, "-m", "fmi_async", "clean", "--config", str(path), "--comm", comm,
          "--run", "job", "--summary"],
         capture_output=True, text=True, timeout=60, env=os.environ.copy(),
     )  # fmt: skip

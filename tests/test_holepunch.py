@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from fmi_async.channels.base import Mailbox
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
 from fmi_async.channels.tcp import TCPChannel
 from fmi_async.config import Config
 from fmi_async.errors import AuthenticationError, BrokenChannelError, CommTimeout
@@ -45,7 +46,10 @@ async def channels(
 ) -> AsyncIterator[list[TCPChannel]]:
     run_id = uuid.uuid4().hex[:12]
     ids = list(range(n)) if opened is None else opened
-    chans = [TCPChannel(i, n, "W", run_id, config(srv, **options), Mailbox(i)) for i in ids]
+    chans = [
+        TCPChannel(ChannelContext(i, n, "W", run_id, config(srv, **options), Mailbox(i)))
+        for i in ids
+    ]
     try:
         await asyncio.gather(*(c.open() for c in chans))
         yield chans
@@ -318,8 +322,10 @@ async def test_mixed_nat_and_public_peers() -> None:
     """A peer behind a NAT reaches a public peer plainly; the reverse direction punches."""
     async with RendezvousServer(SECRET.encode()) as srv, NATBox("port-restricted") as box:
         run_id = uuid.uuid4().hex[:12]
-        public = TCPChannel(0, 2, "W", run_id, config(srv), Mailbox(0))
-        natted = TCPChannel(1, 2, "W", run_id, config(srv, nat=box.options()), Mailbox(1))
+        public = TCPChannel(ChannelContext(0, 2, "W", run_id, config(srv), Mailbox(0)))
+        natted = TCPChannel(
+            ChannelContext(1, 2, "W", run_id, config(srv, nat=box.options()), Mailbox(1))
+        )
         await asyncio.gather(public.open(), natted.open())
         try:
             await send(natted, 0, "out")
@@ -338,8 +344,12 @@ async def natted_pair(
 ) -> AsyncIterator[tuple[TCPChannel, TCPChannel]]:
     """Peers 0 and 1 of one run, behind ``box_a`` and ``box_b``, opened and closed."""
     run_id = uuid.uuid4().hex[:12]
-    a = TCPChannel(0, 2, "W", run_id, config(srv, nat=box_a.options(), **options), Mailbox(0))
-    b = TCPChannel(1, 2, "W", run_id, config(srv, nat=box_b.options(), **options), Mailbox(1))
+    a = TCPChannel(
+        ChannelContext(0, 2, "W", run_id, config(srv, nat=box_a.options(), **options), Mailbox(0))
+    )
+    b = TCPChannel(
+        ChannelContext(1, 2, "W", run_id, config(srv, nat=box_b.options(), **options), Mailbox(1))
+    )
     await asyncio.gather(a.open(), b.open())
     try:
         yield a, b

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from fmi_async.channels.registry import channel_class
 from fmi_async.channels.storage import storage_prefix
 from fmi_async.config import Config
 from fmi_async.errors import (
@@ -321,7 +322,7 @@ class Env:
 
     def store(self, comm: str, run: str) -> Any:
         key = record_name(comm, run)
-        opts = dict(self.config().options(self.name))
+        opts: Any = channel_class(self.name).parse_options(self.config())
         if self.name == "redis":
             return RedisStore(opts, key)
         if self.name == "s3":

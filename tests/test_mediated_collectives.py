@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 import fmi_async as fmi
-from fmi_async.channels import channel_class
-from fmi_async.channels.base import Mailbox
-from fmi_async.channels.storage import MediatedChannel
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
+from fmi_async.channels.registry import channel_class
+from fmi_async.channels.storage import StorageChannel
 from fmi_async.collectives import mediated
 from fmi_async.collectives.base import CollectiveContext
 from fmi_async.config import Config
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.timeout(180)
 class Group:
     """``size`` storage channels of one run, and a way to run one collective on all."""
 
-    def __init__(self, chans: list[MediatedChannel]) -> None:
+    def __init__(self, chans: list[StorageChannel]) -> None:
         self.chans = chans
         self.size = len(chans)
         self._seq = itertools.count(1)
@@ -80,7 +81,9 @@ async def storage_group(backend: Backend, size: int) -> AsyncIterator[Group]:
     name, config = backend
     run = uuid.uuid4().hex[:12]
     cls = channel_class(name)
-    chans: list[Any] = [cls(i, size, "coll", run, config, Mailbox(i)) for i in range(size)]
+    chans: list[Any] = [
+        cls(ChannelContext(i, size, "coll", run, config, Mailbox(i))) for i in range(size)
+    ]
     await asyncio.gather(*(c.open() for c in chans))
     try:
         yield Group(chans)

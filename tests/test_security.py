@@ -27,16 +27,17 @@ import numpy as np
 import pytest
 
 import fmi_async as fmi
-from fmi_async.channels.base import Mailbox
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
 from fmi_async.channels.tcp import TCPChannel
 from fmi_async.channels.udp import UDPChannel
-from fmi_async.cli import main
 from fmi_async.config import Config
 from fmi_async.errors import AuthenticationError, ConfigError
 from fmi_async.holepunch import protocol as hp
 from fmi_async.holepunch.admission import Admission
 from fmi_async.holepunch.client import ControlConnection, RendezvousClient
 from fmi_async.holepunch.server import UDP_RENDEZVOUS, RendezvousServer
+from fmi_async.tools.cli import main
 from fmi_async.wire import dumps, loads
 
 LOOPBACK = "127.0.0.1"
@@ -85,7 +86,7 @@ async def communicators(
 async def tcp_channels(
     config: Config, ids: list[int], n: int, run_id: str
 ) -> AsyncIterator[list[TCPChannel]]:
-    chans = [TCPChannel(i, n, "W", run_id, config, Mailbox(i)) for i in ids]
+    chans = [TCPChannel(ChannelContext(i, n, "W", run_id, config, Mailbox(i))) for i in ids]
     try:
         await asyncio.gather(*(c.open() for c in chans))
         yield chans
@@ -358,7 +359,7 @@ def test_fmi_rendezvous_needs_a_secret_file_or_insecure(
     assert main(["rendezvous", "--port", "0", "--insecure", "--secret-file", str(secret)]) == 2
     assert "contradict" in capsys.readouterr().err
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fmi_async.cli", "rendezvous", "--host", LOOPBACK, "--port", "0",
+        [sys.executable, "-m", "fmi_async", "rendezvous", "--host", LOOPBACK, "--port", "0",
          "--insecure"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -451,7 +452,7 @@ async def test_udp_registration_is_bound_to_its_endpoint() -> None:
     loop = asyncio.get_running_loop()
     async with RendezvousServer(insecure=True) as srv:
         config = config_for(srv, "UDP")
-        chans = [UDPChannel(i, 2, "W", run, config, Mailbox(i)) for i in range(2)]
+        chans = [UDPChannel(ChannelContext(i, 2, "W", run, config, Mailbox(i))) for i in range(2)]
         await asyncio.gather(*(c.open() for c in chans))
         try:
             honest = await RendezvousClient(*srv.address, None).lookup("W/udp", run, 1, 1.0)
@@ -511,7 +512,7 @@ async def test_a_stranger_who_registered_first_is_found_out(stranger_kind: str) 
             await grab.start()
             try:
                 config = config_for(srv, connect_timeout=1.0)
-                peer1 = TCPChannel(1, 2, "W", run, config, Mailbox(1))
+                peer1 = TCPChannel(ChannelContext(1, 2, "W", run, config, Mailbox(1)))
                 with pytest.raises(AuthenticationError, match="registered already"):
                     await peer1.open()
                 assert not peer1.is_open

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from fmi_async.channels import channel_class
-from fmi_async.channels.base import Mailbox
-from fmi_async.channels.storage import MediatedChannel
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
+from fmi_async.channels.registry import channel_class
+from fmi_async.channels.storage import StorageChannel
 from fmi_async.config import Config
 from fmi_async.errors import ArgumentError, ClosedError, CommTimeout
 from fmi_async.wire import dumps, loads
@@ -33,19 +34,19 @@ Backend = tuple[str, Config]
 
 def make(
     backend: Backend, n: int, comm: str = "FMI_WORLD", run: str | None = None, **options: Any
-) -> list[MediatedChannel]:
+) -> list[StorageChannel]:
     name, config = backend
     if options:
         config = config.with_backend(name, **options)
     run = run or uuid.uuid4().hex[:12]
     cls = channel_class(name)
-    chans = [cls(i, n, comm, run, config, Mailbox(i)) for i in range(n)]
-    assert all(isinstance(c, MediatedChannel) and c.kind == "mediated" for c in chans)
+    chans = [cls(ChannelContext(i, n, comm, run, config, Mailbox(i))) for i in range(n)]
+    assert all(isinstance(c, StorageChannel) and c.kind == "mediated" for c in chans)
     return chans  # type: ignore[return-value]
 
 
 @asynccontextmanager
-async def opened(chans: list[MediatedChannel]) -> AsyncIterator[list[MediatedChannel]]:
+async def opened(chans: list[StorageChannel]) -> AsyncIterator[list[StorageChannel]]:
     await asyncio.gather(*(c.open() for c in chans))
     try:
         yield chans
@@ -54,7 +55,7 @@ async def opened(chans: list[MediatedChannel]) -> AsyncIterator[list[MediatedCha
 
 
 @asynccontextmanager
-async def group(backend: Backend, n: int, **kw: Any) -> AsyncIterator[list[MediatedChannel]]:
+async def group(backend: Backend, n: int, **kw: Any) -> AsyncIterator[list[StorageChannel]]:
     async with opened(make(backend, n, **kw)) as chans:
         yield chans
 
@@ -242,7 +243,7 @@ async def test_runs_and_communicators_never_see_each_other(mediated_backend: Bac
     everything = [c for chans in sets.values() for c in chans]
     async with opened(everything):
 
-        async def exchange(label: tuple[str, str], chans: list[MediatedChannel]) -> None:
+        async def exchange(label: tuple[str, str], chans: list[StorageChannel]) -> None:
             a, b = chans
             await a.put(("obj",), dumps(label))
             await a.send(1, ("u", 0), dumps(label))

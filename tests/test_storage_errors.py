@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from fmi_async.channels import channel_class
-from fmi_async.channels.base import Mailbox
-from fmi_async.channels.storage import MediatedChannel
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
+from fmi_async.channels.registry import channel_class
+from fmi_async.channels.storage import StorageChannel
 from fmi_async.config import Config
 from fmi_async.errors import (
     BackendError,
@@ -42,7 +43,9 @@ def closed_port() -> int:
 
 def channel(name: str, config: Config, peer: int = 0, n: int = 2, run: str = "") -> Any:
     cls = channel_class(name)
-    return cls(peer, n, "errors", run or uuid.uuid4().hex[:10], config, Mailbox(peer))
+    return cls(
+        ChannelContext(peer, n, "errors", run or uuid.uuid4().hex[:10], config, Mailbox(peer))
+    )
 
 
 def redis_raw(config: Config) -> aioredis.Redis:
@@ -235,7 +238,7 @@ async def test_a_foreign_object_under_the_prefix_is_a_protocol_error(
     mediated_backend: tuple[str, Config],
 ) -> None:
     name, config = mediated_backend
-    chan: MediatedChannel = channel(name, config)
+    chan: StorageChannel = channel(name, config)
     await chan.open()
     try:
         # A valid message stored under another key's name: the key check catches it.

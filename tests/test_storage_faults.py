@@ -25,10 +25,11 @@ import pytest
 import redis.asyncio as aioredis
 
 import fmi_async as fmi
-from fmi_async.channels import channel_class
 from fmi_async.channels.backoff import Backoff, RetryPolicy
-from fmi_async.channels.base import Mailbox
-from fmi_async.channels.storage import MediatedChannel
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
+from fmi_async.channels.registry import channel_class
+from fmi_async.channels.storage import StorageChannel
 from fmi_async.config import Config
 from fmi_async.errors import (
     BackendError,
@@ -77,9 +78,9 @@ def comms_for(config: Config, n: int, timeout: float) -> list[fmi.Communicator]:
             for i in range(n)]  # fmt: skip
 
 
-def storage_of(comm: fmi.Communicator, name: str) -> MediatedChannel:
+def storage_of(comm: fmi.Communicator, name: str) -> StorageChannel:
     chan = comm._channels[name]
-    assert isinstance(chan, MediatedChannel)
+    assert isinstance(chan, StorageChannel)
     return chan
 
 
@@ -172,7 +173,7 @@ async def test_retry_policy_stops_at_the_deadline_naming_what_failed() -> None:
 
 def test_ttl_defaults_follow_the_timeout(redis_config: Config) -> None:
     def ttl(config: Config) -> int:
-        return channel_class("redis")(0, 2, "t", "r", config, Mailbox(0)).ttl  # type: ignore[attr-defined,no-any-return]
+        return channel_class("redis")(ChannelContext(0, 2, "t", "r", config, Mailbox(0))).ttl  # type: ignore[attr-defined,no-any-return]
 
     options = {k: v for k, v in redis_config.options("redis").items() if k != "ttl"}
 
@@ -187,12 +188,16 @@ def test_ttl_defaults_follow_the_timeout(redis_config: Config) -> None:
 # ---------------------------------------------------------------- Redis: one command at a time
 
 
-def redis_pair(config: Config, proxied: Config, **options: Any) -> list[MediatedChannel]:
+def redis_pair(config: Config, proxied: Config, **options: Any) -> list[StorageChannel]:
     """Peer 0 talks to Redis directly, peer 1 (or the one given ``proxied``) through the proxy."""
     run = uuid.uuid4().hex[:10]
     cls = channel_class("redis")
-    direct = cls(0, 2, "faults", run, config.with_backend("redis", **options), Mailbox(0))
-    faulty = cls(1, 2, "faults", run, proxied.with_backend("redis", **options), Mailbox(1))
+    direct = cls(
+        ChannelContext(0, 2, "faults", run, config.with_backend("redis", **options), Mailbox(0))
+    )
+    faulty = cls(
+        ChannelContext(1, 2, "faults", run, proxied.with_backend("redis", **options), Mailbox(1))
+    )
     return [direct, faulty]  # type: ignore[list-item]
 
 

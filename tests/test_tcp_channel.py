@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import uvloop
 
-from fmi_async.channels import channel_class
-from fmi_async.channels.base import Mailbox
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
+from fmi_async.channels.registry import channel_class
 from fmi_async.channels.tcp import TCPChannel
 from fmi_async.config import Config
 from fmi_async.errors import (
@@ -61,7 +62,7 @@ async def tcp_peers(
         config = make_config(srv, **options)
         run_id = uuid.uuid4().hex[:12]
         ids = list(range(n)) if opened is None else opened
-        chans = [TCPChannel(i, n, "W", run_id, config, Mailbox(i)) for i in ids]
+        chans = [TCPChannel(ChannelContext(i, n, "W", run_id, config, Mailbox(i))) for i in ids]
         try:
             await asyncio.gather(*(c.open() for c in chans))
             yield chans, srv
@@ -235,7 +236,7 @@ async def test_peer_that_never_registers_times_out() -> None:
 
 async def test_wrong_secret_fails_open() -> None:
     async with RendezvousServer(SECRET.encode()) as srv:
-        chan = TCPChannel(0, 2, "W", "r", make_config(srv, "other"), Mailbox(0))
+        chan = TCPChannel(ChannelContext(0, 2, "W", "r", make_config(srv, "other"), Mailbox(0)))
         with pytest.raises(AuthenticationError, match="secret"):
             await chan.open()
         assert not chan.is_open
@@ -251,7 +252,7 @@ async def test_unreachable_rendezvous_fails_open() -> None:
             "security": {"secret": SECRET},
         }
     )
-    chan = TCPChannel(0, 2, "W", "r", config, Mailbox(0))
+    chan = TCPChannel(ChannelContext(0, 2, "W", "r", config, Mailbox(0)))
     with pytest.raises(BrokenChannelError, match=f"{LOOPBACK}:{port}"):
         await chan.open()
     assert "closed" in repr(chan)
@@ -259,14 +260,16 @@ async def test_unreachable_rendezvous_fails_open() -> None:
 
 def test_config_errors() -> None:
     with pytest.raises(ConfigError, match="host and port"):
-        TCPChannel(0, 2, "W", "r", Config.from_dict({"backends": {"TCP": {}}}), Mailbox(0))
+        TCPChannel(
+            ChannelContext(0, 2, "W", "r", Config.from_dict({"backends": {"TCP": {}}}), Mailbox(0))
+        )
     fmi_style = Config.from_dict(
         {
             "backends": {"Direct": {"host": "h", "port": 10000, "max_timeout": 1500}},
             "security": {"secret": SECRET},
         }
     )
-    chan = TCPChannel(0, 2, "W", "r", fmi_style, Mailbox(0))
+    chan = TCPChannel(ChannelContext(0, 2, "W", "r", fmi_style, Mailbox(0)))
     assert chan.connect_timeout == 1.5 and chan.rendezvous == ("h", 10000)
     assert "new" in repr(chan)
 
@@ -471,7 +474,7 @@ async def test_stalled_receiver_hits_send_deadline() -> None:
     try:
         async with RendezvousServer(SECRET.encode()) as srv:
             config = Config.from_dict(make_config(srv).to_dict() | {"timeout": 0.5})
-            chan = TCPChannel(0, 2, "W", "r", config, Mailbox(0))
+            chan = TCPChannel(ChannelContext(0, 2, "W", "r", config, Mailbox(0)))
             await chan.open()
             try:
                 client = RendezvousClient(*srv.address, SECRET.encode())

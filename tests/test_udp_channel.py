@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from fmi_async.channels import channel_class
-from fmi_async.channels.base import Mailbox
 from fmi_async.channels.datagram import MAGIC, encode_data, session_tag
+
+from fmi_async.channels.base import ChannelContext
+from fmi_async.channels.mailbox import Mailbox
+from fmi_async.channels.registry import channel_class
 from fmi_async.channels.udp import Address, DatagramSender, UDPChannel
 from fmi_async.config import Config
 from fmi_async.errors import (
@@ -110,7 +111,7 @@ async def udp_peers(
         config = make_config(srv, **options)
         run_id = uuid.uuid4().hex[:12]
         ids = list(range(n)) if opened is None else opened
-        chans = [UDPChannel(i, n, "W", run_id, config, Mailbox(i)) for i in ids]
+        chans = [UDPChannel(ChannelContext(i, n, "W", run_id, config, Mailbox(i))) for i in ids]
         for chan in chans:
             if lossy is not None:
                 chan.wrap_transport = lambda t, seed=chan.peer_id: Lossy(t, seed, **lossy)
@@ -375,10 +376,10 @@ async def test_garbage_datagrams_are_dropped_and_counted() -> None:
 async def test_bad_options_are_config_errors(options: dict[str, Any], match: str) -> None:
     async with RendezvousServer(SECRET.encode()) as srv:
         with pytest.raises(ConfigError, match=match):
-            UDPChannel(0, 2, "W", "r", make_config(srv, **options), Mailbox(0))
+            UDPChannel(ChannelContext(0, 2, "W", "r", make_config(srv, **options), Mailbox(0)))
 
 
 async def test_missing_rendezvous_is_a_config_error() -> None:
     config = Config.from_dict({"backends": {"UDP": {"enabled": True}}})
     with pytest.raises(ConfigError, match="host and port"):
-        UDPChannel(0, 2, "W", "r", config, Mailbox(0))
+        UDPChannel(ChannelContext(0, 2, "W", "r", config, Mailbox(0)))

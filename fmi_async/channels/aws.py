@@ -53,10 +53,10 @@ from botocore.exceptions import (
 
 from ..errors import BackendError, BackendUnavailable, BrokenChannelError, ConfigError, FMIError
 from .base import ChannelStats
-from .storage import option_number
 
 if TYPE_CHECKING:
-    from .storage import MediatedChannel
+    from .options import AWSOptions
+    from .storage import StorageChannel
 
 __all__ = ["aws_client", "aws_request", "error_code", "map_aws_errors", "transient_aws_error"]
 
@@ -121,7 +121,7 @@ def _session(aioboto3: Any, profile: str | None) -> Any:
     return per_loop[profile]
 
 
-def aws_client(service: str, options: dict[str, Any], backend: str, *, retries: int = 4) -> Any:
+def aws_client(service: str, options: AWSOptions, backend: str, *, retries: int = 4) -> Any:
     """An async context manager yielding an aiobotocore client for ``service``.
 
     ``retries`` is how often botocore itself resends a failed request unless
@@ -130,8 +130,7 @@ def aws_client(service: str, options: dict[str, Any], backend: str, *, retries: 
     may still resend an idempotent request, a PUT say, once when a reused
     keep-alive connection turns out closed.)  Call it with the event loop
     running (from ``open``).
-    Raises :class:`~fmi_async.errors.ConfigError` for bad options or a
-    missing aioboto3.
+    Raises :class:`~fmi_async.errors.ConfigError` for a missing aioboto3.
     """
     try:
         import aioboto3
@@ -139,30 +138,18 @@ def aws_client(service: str, options: dict[str, Any], backend: str, *, retries: 
         raise ConfigError(
             f"the {backend} channel needs aioboto3: pip install 'fmi-async[aws]'"
         ) from exc
-    region = options.get("region", options.get("s3_region"))
-    profile = options.get("profile")
-    for label, value in (("region", region), ("profile", profile)):
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"backends.{backend}.{label} must be a string, got {value!r}")
-    endpoint = options.get("endpoint_url")
-    if endpoint is not None and not isinstance(endpoint, str):
-        raise ConfigError(f"backends.{backend}.endpoint_url must be a URL string")
+    region = options.region if options.region is not None else options.s3_region
+    attempts = options.max_attempts if options.max_attempts is not None else retries
     # A plain botocore Config: aiobotocore converts it to its own subclass.
     config = BotoConfig(
-        max_pool_connections=int(
-            option_number(options, "max_pool_connections", backend, 32, minimum=1)
-        ),
-        connect_timeout=option_number(options, "connect_timeout", backend, 10, minimum=0.1),
-        read_timeout=option_number(options, "read_timeout", backend, 60, minimum=0.1),
-        retries={
-            "mode": "standard",
-            # botocore counts the first attempt in total_max_attempts only.
-            "total_max_attempts": 1
-            + int(option_number(options, "max_attempts", backend, retries, minimum=0)),
-        },
+        max_pool_connections=options.max_pool_connections,
+        connect_timeout=options.connect_timeout,
+        read_timeout=options.read_timeout,
+        # botocore counts the first attempt in total_max_attempts only.
+        retries={"mode": "standard", "total_max_attempts": 1 + attempts},
     )
-    return _session(aioboto3, profile).client(
-        service, region_name=region, endpoint_url=endpoint, config=config
+    return _session(aioboto3, options.profile).client(
+        service, region_name=region, endpoint_url=options.endpoint_url, config=config
     )
 
 
@@ -182,7 +169,7 @@ def transient_aws_error(exc: BaseException) -> bool:
 
 
 async def aws_request(
-    channel: MediatedChannel, operation: str, where: str, call: Callable[[], Awaitable[T]]
+    channel: StorageChannel, operation: str, where: str, call: Callable[[], Awaitable[T]]
 ) -> T:
     """``await call()`` (one AWS request, and reading its body) the channel's way.
 

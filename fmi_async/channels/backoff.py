@@ -23,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import BackendUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    from .options import StorageOptions
 
 __all__ = ["Backoff", "RetryPolicy", "poll_until"]
 
@@ -64,23 +67,26 @@ class Backoff:
             raise ConfigError(f"backoff jitter must be between 0 and 1, got {self.jitter}")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], backend: str) -> Backoff:
+    def from_options(cls, options: StorageOptions) -> Backoff:
         """Read a backend's options.
 
         FMI's ``timeout`` key (milliseconds between two polls) sets the first
         wait when present; ``backoff_initial``, ``backoff_max`` (seconds),
         ``backoff_multiplier`` and ``backoff_jitter`` are ours and win over it.
+        Raises :class:`~fmi_async.errors.ConfigError` for values that do not
+        make a backoff.
         """
         initial = _INITIAL
-        if "timeout" in options:
-            initial = _number(options, "timeout", backend) / 1000.0
-        initial = _number(options, "backoff_initial", backend, initial)
-        maximum = _number(options, "backoff_max", backend, max(_MAXIMUM, initial))
+        if options.timeout is not None:
+            initial = options.timeout / 1000.0
+        if options.backoff_initial is not None:
+            initial = options.backoff_initial
+        maximum = options.backoff_max
         return cls(
             initial=initial,
-            maximum=maximum,
-            multiplier=_number(options, "backoff_multiplier", backend, _MULTIPLIER),
-            jitter=_number(options, "backoff_jitter", backend, _JITTER),
+            maximum=maximum if maximum is not None else max(_MAXIMUM, initial),
+            multiplier=_given(options.backoff_multiplier, _MULTIPLIER),
+            jitter=_given(options.backoff_jitter, _JITTER),
         )
 
     def delays(self, rng: random.Random | None = None) -> Iterator[float]:
@@ -150,18 +156,16 @@ class RetryPolicy:
     @classmethod
     def from_options(
         cls,
-        options: Mapping[str, Any],
-        backend: str,
+        options: StorageOptions,
         transient: Callable[[BaseException], bool],
         on_retry: Callable[[BaseException, int], None] | None = None,
     ) -> RetryPolicy:
         """Read ``retry_initial`` and ``retry_max`` (seconds) of a backend's options.
 
-        Raises :class:`~fmi_async.errors.ConfigError` for values that are not
-        non-negative numbers or not ordered.
+        Raises :class:`~fmi_async.errors.ConfigError` when they are not ordered.
         """
-        initial = _number(options, "retry_initial", backend, _RETRY_INITIAL)
-        maximum = _number(options, "retry_max", backend, max(_RETRY_MAXIMUM, initial))
+        initial = _given(options.retry_initial, _RETRY_INITIAL)
+        maximum = _given(options.retry_max, max(_RETRY_MAXIMUM, initial))
         return cls(Backoff(initial=initial, maximum=maximum), transient, on_retry)
 
     async def run(self, attempt: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
@@ -196,8 +200,5 @@ class RetryPolicy:
                 await asyncio.sleep(delay)
 
 
-def _number(options: Mapping[str, Any], name: str, backend: str, default: float = 0.0) -> float:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"backends.{backend}.{name} must be a non-negative number, got {value!r}")
-    return float(value)
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -1,54 +1,66 @@
-"""What every channel provides, and the matching layer they deliver into.
+"""The channel interfaces: what every channel provides and what it raises.
 
 A channel moves opaque :class:`~fmi_async.wire.Payload` objects for a message
-*key* between two peers.  It knows nothing of collectives.  Direct channels
-deliver into the receiving peer's :class:`Mailbox`, which matches messages by
-``(source, key)`` like MPI matches ``(source, tag)``: an early message for
-another key waits in its own queue and never blocks anybody else.
+*key* between the peers of one communicator.  It knows nothing of
+collectives.  There are two kinds, each an abstract class here:
 
-Mediated channels (storage) may override :meth:`Channel.recv` to fetch from
-their backend, and add ``put``/``get``/``delete`` for one-to-many exchange.
+* :class:`DirectChannel` -- peers exchange messages (TCP, UDP, in-process
+  queues), delivered into the receiving peer's
+  :class:`~fmi_async.channels.mailbox.Mailbox`, which matches them by
+  ``(source, key)``.
+* :class:`MediatedChannel` -- peers exchange objects through shared storage
+  (Redis, S3, DynamoDB): point-to-point messages, and objects :meth:`put`
+  once and :meth:`get` by any number of peers.
+
+Every channel is built from one :class:`ChannelContext` and reads its
+backend's section of the config as a typed options object
+(:mod:`fmi_async.channels.options`); the channels that exist are listed in
+:mod:`fmi_async.channels.registry`.
+
+Errors every channel operation may raise (all :class:`~fmi_async.errors.FMIError`):
+
+* :class:`~fmi_async.errors.ClosedError` -- this channel was closed (by you);
+* :class:`~fmi_async.errors.CommTimeout` -- the deadline passed;
+* :class:`~fmi_async.errors.BrokenChannelError` -- the connection or the
+  backend broke and the operation cannot complete;
+* :class:`~fmi_async.errors.BackendUnavailable` -- a storage backend kept
+  failing transiently until the deadline;
+* :class:`~fmi_async.errors.ProtocolError` -- a peer or server sent bytes
+  that are not a valid message;
+* :class:`~fmi_async.errors.AbortedError` /
+  :class:`~fmi_async.errors.PlanMismatchError` -- another peer gave up the
+  collective this message belongs to, or planned it differently.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
-import functools
 import logging
-import math
 import time
-import zlib
-from collections import Counter, deque
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..config import Config
-from ..errors import AbortedError, ClosedError, CommTimeout, PlanMismatchError
-from ..wire import Key, Payload, dumps, loads
+from ..errors import ClosedError
+from ..wire import Key, Payload
+from . import registry
+from .mailbox import Mailbox
+from .options import ChannelOptions, parse_options
+
+if TYPE_CHECKING:
+    from .memory import MemoryHub
 
 __all__ = [
     "Channel",
+    "ChannelContext",
     "ChannelStats",
-    "Mailbox",
-    "abort_error",
-    "abort_payload",
-    "describe_key",
-    "plan_tag",
-    "ReceiveGuard",
+    "DirectChannel",
+    "MediatedChannel",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def describe_key(key: Key) -> str:
-    """Human-readable key for error messages: ``tag 3`` or ``bcast #5 step 2``."""
-    if len(key) >= 2 and key[0] == "u":
-        return f"tag {key[1]}"
-    if len(key) >= 3 and key[0] == "c":
-        steps = key[3:] if is_plan_tag(key[2]) else key[2:]
-        return f"collective #{key[1]} step {'/'.join(str(k) for k in steps)}"
-    return repr(key)
 
 
 @dataclass
@@ -63,6 +75,19 @@ class ChannelStats:
     seconds: float = 0.0
     pairs: dict[int, str] = field(default_factory=dict)  # peer -> "direct" / "relayed" / ...
 
+    def sent(self, payload: Payload) -> None:
+        """Count one message or object sent."""
+        self.messages_sent += 1
+        self.bytes_sent += payload.nbytes
+
+    def received(self, payload: Payload, since: float | None = None) -> None:
+        """Count one message or object received; ``since`` (``perf_counter``) adds
+        the time the receive took."""
+        self.messages_received += 1
+        self.bytes_received += payload.nbytes
+        if since is not None:
+            self.seconds += time.perf_counter() - since
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "messages_sent": self.messages_sent,
@@ -75,424 +100,57 @@ class ChannelStats:
         }
 
 
-_SWEEP_SLACK = 1e-3  # a timer may fire a clock tick early; such a wait has expired
+@dataclass(frozen=True)
+class ChannelContext:
+    """Everything a channel is built from: who this peer is, in which job.
 
-
-class _Expired(Exception):
-    """Internal: a mailbox wait ran out of time."""
-
-
-def _expire(fut: asyncio.Future[Payload]) -> None:
-    if not fut.done():
-        fut.set_exception(_Expired())
-
-
-class Mailbox:
-    """One peer's inbox, matched by ``(source, key)``; FIFO per match.
-
-    Besides matching, the mailbox keeps the collective bookkeeping that makes
-    failures safe (DESIGN.md section 8):
-
-    * **Cancellation.**  A waiter cancelled after its message was handed to it
-      gives the message back (to the next waiter, or to the head of the queue):
-      a delivered message is never lost.
-    * **Stale messages.**  Collective keys are ``("c", seq, plan, step...)``.
-      Once this peer has finished collective ``seq`` (:meth:`finish`), later
-      messages for it are dropped on arrival and queued ones are evicted, so
-      an abandoned collective cannot leave memory behind.
-    * **Aborts.**  ``("a", seq)`` messages carry another peer's verdict that
-      collective ``seq`` is doomed; every wait of that collective fails at
-      once with it, and later ones fail without waiting.
-    * **Plan agreement.**  :meth:`begin` records this peer's plan tag for a
-      collective; a message of the same collective under another plan tag
-      fails it at once with :class:`~fmi_async.errors.PlanMismatchError`.
-      Peers whose plans differ so much that no message ever crosses (each
-      waits on another) are caught by ``("q", seq)`` probes: a peer that
-      waited a while for another tells it its plan.
+    ``run_id`` is the job's run id including its lease epoch (``run.epoch``):
+    every name or pairing a channel makes carries it, so two jobs never mix.
+    ``hub`` is the in-process meeting point of peers that share one process
+    (:func:`fmi_async.local_peers`); only the memory channel uses it.
     """
 
-    def __init__(self, owner: int) -> None:
-        self.owner = owner
-        self._queues: dict[tuple[int, Key], deque[Payload]] = {}
-        self._waiters: dict[tuple[int, Key], deque[asyncio.Future[Payload]]] = {}
-        self._error: BaseException | None = None
-        self._source_errors: dict[int, BaseException] = {}
-        self._deadlines: dict[asyncio.Future[Payload], float] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._sweep_at = math.inf
-        # collective bookkeeping
-        self._plans: dict[int, tuple[str, str]] = {}  # running seq -> (plan tag, plan ident)
-        # seq not begun -> {plan tag: (a source, its plan)}
-        self._early: dict[int, dict[str, tuple[int, Payload]]] = {}
-        self._aborts: dict[int, BaseException] = {}  # seq -> why it is doomed
-        self._finished_below = 1  # every collective below this seq has finished here
-        self._finished: set[int] = set()  # finished seqs at or above _finished_below
-        self.dropped = 0  # stale collective messages dropped or evicted
-
-    def __repr__(self) -> str:
-        return (
-            f"<Mailbox peer={self.owner} queued={sum(len(q) for q in self._queues.values())} "
-            f"waiting={sum(len(w) for w in self._waiters.values())} "
-            f"running={sorted(self._plans)} dropped={self.dropped}>"
-        )
-
-    # ---------------------------------------------------------------- delivery
-
-    def deliver(self, src: int, key: Key, payload: Payload) -> None:
-        kind = key[0] if key else None
-        if kind == "c" or kind == "a" or kind == "q":
-            seq = key[1]
-            if not isinstance(seq, int) or self._is_finished(seq):
-                self.dropped += 1  # a message of a collective this peer has left
-                return
-            if kind == "a":
-                self._on_abort(seq, payload)
-                return
-            if kind == "q":
-                self._on_probe(seq, src, payload)
-                return
-            if seq in self._aborts:
-                self.dropped += 1
-                return
-            tag = key[2] if len(key) >= 3 else None
-            if (
-                isinstance(tag, str)
-                and is_plan_tag(tag)
-                and not self._plan_agrees(seq, src, tag, payload)
-            ):
-                self.dropped += 1
-                return
-        self._hand_over((src, key), payload)
-
-    def _plan_agrees(self, seq: int, src: int, tag: str, payload: Payload) -> bool:
-        """Compare a plan tag that ``src`` sent for collective ``seq`` with this peer's plan;
-        a collective not begun here keeps the first message of each tag for :meth:`begin`."""
-        expected = self._plans.get(seq)
-        if expected is None:
-            early = self._early.setdefault(seq, {})
-            if tag not in early:
-                early[tag] = (src, payload)
-            return True
-        if tag == expected[0]:
-            return True
-        self._mismatch(seq, src, _plan_of(payload))
-        return False
-
-    def _hand_over(self, match: tuple[int, Key], payload: Payload, *, first: bool = False) -> None:
-        waiters = self._waiters.get(match)
-        while waiters:
-            fut = waiters.popleft()
-            if not waiters:
-                del self._waiters[match]
-            if not fut.done():
-                fut.set_result(payload)
-                return
-        queue = self._queues.setdefault(match, deque())
-        if first:
-            queue.appendleft(payload)
-        else:
-            queue.append(payload)
-
-    async def take(self, src: int, key: Key, timeout: float | None, channel: str) -> Payload:
-        match = (src, key)
-        queue = self._queues.get(match)
-        if queue:
-            payload = queue.popleft()
-            if not queue:
-                del self._queues[match]
-            return payload
-        if self._error is not None:
-            raise self._error
-        if src in self._source_errors:
-            raise self._source_errors[src]
-        if key and key[0] == "c" and key[1] in self._aborts:
-            raise self._aborts[key[1]]
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Payload] = loop.create_future()
-        self._waiters.setdefault(match, deque()).append(fut)
-        if timeout is not None:
-            # Deadlines are kept in a dict that one shared timer sweeps: a wait
-            # that is answered in time (nearly all) costs a dict entry, not a
-            # timer armed and cancelled (asyncio.wait_for would even add a task
-            # on Python 3.11).
-            deadline = loop.time() + timeout
-            self._deadlines[fut] = deadline
-            if deadline < self._sweep_at:
-                self._arm_sweep(loop, deadline)
-        try:
-            return await fut
-        except _Expired:
-            raise CommTimeout(
-                f"peer {self.owner} waited {timeout:.3g}s for a message from peer {src} "
-                f"({describe_key(key)}) on channel {channel}; the peer never sent it"
-            ) from None
-        except BaseException:
-            # Cancelled (or timed out from outside) after the message was handed
-            # to this waiter: give it back instead of dropping it.
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._hand_over(match, fut.result(), first=True)
-            raise
-        finally:
-            if timeout is not None:
-                del self._deadlines[fut]
-            waiters = self._waiters.get(match)
-            if waiters is not None and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self._waiters[match]
-
-    def _arm_sweep(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        self._sweep_at = when
-        self._sweeper = loop.call_at(when, self._sweep, loop)
-
-    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Fail the waits whose deadline passed; sleep until the next one."""
-        self._sweeper, self._sweep_at = None, math.inf
-        now = loop.time() + _SWEEP_SLACK
-        for fut, deadline in list(self._deadlines.items()):
-            if deadline <= now:
-                _expire(fut)  # its take() removes the entry as it wakes
-        pending = [d for f, d in self._deadlines.items() if not f.done()]
-        if pending:
-            self._arm_sweep(loop, min(pending))
-
-    # ---------------------------------------------------------------- failures
-
-    def fail(self, exc: BaseException) -> None:
-        """Wake every waiter with ``exc`` (channel broke or was closed)."""
-        self._error = exc
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_exception(exc)
-        self._waiters.clear()
-
-    def fail_source(self, src: int, exc: BaseException) -> None:
-        """Its connection broke: wake the waiters for ``src`` and fail later receives
-        from it at once (messages already queued are still delivered), until
-        :meth:`clear_source` says it is back."""
-        self._source_errors[src] = exc
-        for (s, _), waiters in list(self._waiters.items()):
-            if s == src:
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_exception(exc)
-
-    def clear_source(self, src: int) -> None:
-        """``src`` reconnected: receives from it wait normally again."""
-        self._source_errors.pop(src, None)
-
-    def pending(self) -> int:
-        return sum(len(q) for q in self._queues.values())
-
-    # ---------------------------------------------------------------- collectives
-
-    def begin(self, seq: int, plan_tag: str, plan: str) -> None:
-        """Collective ``seq`` starts here under ``plan``.
-
-        Raises :class:`~fmi_async.errors.PlanMismatchError` if a message of
-        this collective already arrived under another plan, and the abort a
-        peer already sent for it, if any.
-        """
-        self._plans[seq] = (plan_tag, plan)
-        early = self._early.pop(seq, None)
-        if early:
-            for other, (src, theirs) in early.items():
-                if other != plan_tag:
-                    self._mismatch(seq, src, _plan_of(theirs))
-                    break
-        if seq in self._aborts:
-            raise self._aborts[seq]
-
-    def finish(self, seq: int, *, failed: bool = False) -> None:
-        """Collective ``seq`` is over on this peer: later messages for it are dropped;
-        after a failure, the ones already queued are evicted too."""
-        self._plans.pop(seq, None)
-        self._early.pop(seq, None)
-        self._aborts.pop(seq, None)
-        if seq >= self._finished_below:
-            self._finished.add(seq)
-            while self._finished_below in self._finished:
-                self._finished.remove(self._finished_below)
-                self._finished_below += 1
-        if failed:
-            for match in [m for m in self._queues if _collective_seq(m[1]) == seq]:
-                self.dropped += len(self._queues.pop(match))
-
-    def abort(self, seq: int, exc: BaseException) -> None:
-        """Fail collective ``seq`` on this peer: every wait of it raises ``exc`` now."""
-        if self._is_finished(seq) or seq in self._aborts:
-            return
-        if len(self._aborts) >= _MAX_ABORTS:  # bounded: forget the oldest verdict
-            del self._aborts[next(iter(self._aborts))]
-        self._aborts[seq] = exc
-        for match, waiters in list(self._waiters.items()):
-            if _collective_seq(match[1]) == seq:
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_exception(exc)
-        for match in [m for m in self._queues if _collective_seq(m[1]) == seq]:
-            self.dropped += len(self._queues.pop(match))
-
-    def aborted(self, seq: int) -> BaseException | None:
-        """The verdict that dooms collective ``seq``, if one arrived."""
-        return self._aborts.get(seq)
-
-    def _is_finished(self, seq: int) -> bool:
-        return seq < self._finished_below or seq in self._finished
-
-    def _on_abort(self, seq: int, payload: Payload) -> None:
-        self.abort(seq, abort_error(payload, seq, self.owner))
-
-    def _on_probe(self, seq: int, src: int, payload: Payload) -> None:
-        """A peer waiting on this one for collective ``seq`` says which plan it runs."""
-        self._plan_agrees(seq, src, plan_tag(_plan_of(payload)), payload)
-
-    def _mismatch(self, seq: int, src: int, theirs: str) -> None:
-        mine = self._plans.get(seq, ("", "?"))[1]
-        self.abort(seq, plan_mismatch(f"collective #{seq}", self.owner, mine, src, theirs))
-
-
-_MAX_ABORTS = 4096
-
-
-@functools.lru_cache(maxsize=1024)
-def plan_tag(ident: str) -> str:
-    """The short tag of a plan that direct channels carry in every collective key:
-    ``#`` and 8 hex digits of a CRC of the plan identifier."""
-    return f"#{zlib.crc32(ident.encode()):08x}"
-
-
-def is_plan_tag(part: object) -> bool:
-    return isinstance(part, str) and len(part) == 9 and part[0] == "#"
-
-
-def _plan_of(payload: Payload) -> str:
-    """The plan identifier a collective message carries (for error messages only)."""
-    try:
-        return str(loads(payload)[0])
-    except Exception:
-        return "?"
-
-
-def plan_mismatch(
-    what: str, rank: int, mine: str, src: int | str, theirs: str
-) -> PlanMismatchError:
-    """The error of peer ``rank`` finding that peer ``src`` runs another plan of ``what``."""
-    return PlanMismatchError(
-        f"{what}: peer {rank} runs plan {mine!r} but peer {src} runs plan {theirs!r}; every "
-        "peer must call the same collectives in the same order, with the same root, operator, "
-        "algorithm and channel, and values of the same shape and dtype"
-    )
-
-
-def plan_probe(plan: str) -> Payload:
-    """What a ``("q", seq)`` probe carries: the waiting peer's plan identifier."""
-    return dumps([plan])
-
-
-def _collective_seq(key: Key) -> int | None:
-    if len(key) >= 2 and key[0] == "c" and isinstance(key[1], int):
-        return key[1]
-    return None
-
-
-def abort_payload(peer: int, op: str, exc: BaseException) -> Payload:
-    """What an abort message carries: who gave up, and why."""
-    cause = type(exc).__name__
-    text = str(exc) or cause
-    return dumps([peer, op, cause, text[:2000]])
-
-
-def abort_error(payload: Payload, seq: int, owner: int) -> AbortedError:
-    """The error a peer raises for an abort message it received."""
-    try:
-        peer, op, cause, text = loads(payload)
-        peer, op, cause, text = int(peer), str(op), str(cause), str(text)
-    except Exception:
-        peer, op, cause, text = -1, "collective", "ProtocolError", "malformed abort message"
-    return AbortedError(
-        f"{op} (collective #{seq}) on peer {owner} was aborted by peer {peer}: {cause}: {text}",
-        peer=peer,
-        cause=cause,
-    )
-
-
-class ReceiveGuard:
-    """Cancellation-safe receives from channels that consume in their backend.
-
-    A storage channel's ``recv`` takes the message out of Redis, S3 or
-    DynamoDB; a caller cancelled at that moment would drop it.  Here the
-    receive runs in a task that a cancellation of the caller does not stop:
-    what it fetches goes to the next receive of the same ``(source, key)``.
-    The task ends by itself at its own timeout.
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[tuple[int, Key], asyncio.Task[Payload]] = {}
-
-    def __repr__(self) -> str:
-        return f"<ReceiveGuard pending={len(self._pending)}>"
-
-    async def recv(self, channel: Channel, src: int, key: Key, timeout: float | None) -> Payload:
-        match = (src, key)
-        inherited = self._pending.pop(match, None)
-        if inherited is not None:
-            try:
-                return await self._wait(match, inherited)
-            except CommTimeout:
-                pass  # the earlier caller's shorter wait ran out: wait anew with ours
-        task = asyncio.ensure_future(channel.recv(src, key, timeout))
-        task.add_done_callback(_retrieve)
-        return await self._wait(match, task)
-
-    async def _wait(self, match: tuple[int, Key], task: asyncio.Task[Payload]) -> Payload:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done() or (not task.cancelled() and task.exception() is None):
-                self._pending[match] = task  # running, or holding a message: hand it on
-            raise
-
-    def cancel(self) -> None:
-        """Stop the receives that nobody waits for any more (the channel is closing)."""
-        for task in self._pending.values():
-            task.cancel()
-        self._pending.clear()
-
-
-def _retrieve(task: asyncio.Task[Payload]) -> None:
-    # A receive abandoned by its caller may still fail; its error is nobody's.
-    if not task.cancelled():
-        task.exception()
+    peer_id: int
+    num_peers: int
+    comm_name: str
+    run_id: str
+    config: Config
+    mailbox: Mailbox
+    hub: MemoryHub | None = None
 
 
 class Channel(abc.ABC):
-    """A way to move payloads between the peers of one communicator."""
+    """A way to move payloads between the peers of one communicator.
+
+    Subclasses set ``name`` (their registry name), ``kind`` and ``Options``
+    (their typed options class).  Building one parses its options:
+    :class:`~fmi_async.errors.ConfigError` names a bad or unknown key.
+    """
 
     name: ClassVar[str]
     kind: ClassVar[Literal["direct", "mediated"]]
+    Options: ClassVar[type[ChannelOptions]] = ChannelOptions
 
-    def __init__(
-        self,
-        peer_id: int,
-        num_peers: int,
-        comm_name: str,
-        run_id: str,
-        config: Config,
-        mailbox: Mailbox,
-    ) -> None:
-        self.peer_id = peer_id
-        self.num_peers = num_peers
-        self.comm_name = comm_name
-        self.run_id = run_id
-        self.config = config
-        self.options = config.options(self.name)
-        self.mailbox = mailbox
+    def __init__(self, ctx: ChannelContext) -> None:
+        self.ctx = ctx
+        self.peer_id = ctx.peer_id
+        self.num_peers = ctx.num_peers
+        self.comm_name = ctx.comm_name
+        self.run_id = ctx.run_id
+        self.config = ctx.config
+        self.options: Any = self.parse_options(ctx.config)
+        self.mailbox = ctx.mailbox
         self.stats = ChannelStats()
         self._state: Literal["new", "open", "closed"] = "new"
+
+    @classmethod
+    def parse_options(cls, config: Config) -> ChannelOptions:
+        """This channel's section of ``config`` as its ``Options``.
+
+        Raises :class:`~fmi_async.errors.ConfigError` naming a bad or unknown key.
+        """
+        section = registry.spec(cls.name).config_name
+        return parse_options(cls.Options, config.options(cls.name), section)
 
     def __repr__(self) -> str:
         return (
@@ -509,9 +167,21 @@ class Channel(abc.ABC):
             raise ClosedError(f"channel {self.name} of peer {self.peer_id} is {self._state}")
 
     async def open(self) -> None:
+        """Connect to whatever the channel needs (server, storage, rendezvous).
+
+        Raises :class:`~fmi_async.errors.ConfigError` for settings that
+        cannot work, :class:`~fmi_async.errors.BackendError` or
+        :class:`~fmi_async.errors.BackendUnavailable` when the backend
+        cannot be reached within the deadline.
+        """
         self._state = "open"
 
     async def close(self) -> None:
+        """Release connections and delete what this peer stored; idempotent.
+
+        Waits of this peer still in progress fail with
+        :class:`~fmi_async.errors.ClosedError`.
+        """
         if self._state == "closed":
             return
         self._state = "closed"
@@ -523,20 +193,97 @@ class Channel(abc.ABC):
         that knows a send completes at once says False and saves them the timer."""
         return True
 
+    def all_delivered(self) -> None:  # noqa: B027 - a hook most channels need not override
+        """Every peer has received every message sent to it (a final barrier said so).
+
+        A channel that would otherwise clean up its sent messages at close
+        (storage) leaves them alone from now on: their readers deleted them,
+        and deleting one a slower reader is about to consume would lose it.
+        """
+
     @abc.abstractmethod
     async def send(self, dst: int, key: Key, payload: Payload) -> None:
-        """Deliver ``payload`` to peer ``dst`` under ``key``; returns when buffers may be reused."""
+        """Deliver ``payload`` to peer ``dst`` under ``key``; returns when buffers may be reused.
+
+        Raises :class:`~fmi_async.errors.ClosedError`,
+        :class:`~fmi_async.errors.BrokenChannelError` (connection lost),
+        :class:`~fmi_async.errors.BackendUnavailable` (storage kept failing) or
+        :class:`~fmi_async.errors.ArgumentError` (a payload beyond the
+        configured limits).  It does not time out by itself: callers bound it.
+        """
+
+    @abc.abstractmethod
+    async def recv(self, src: int, key: Key, timeout: float | None) -> Payload:
+        """The next payload from ``src`` under ``key``, waiting at most ``timeout`` seconds.
+
+        ``None`` waits for the channel's own longest wait (its
+        ``max_timeout``, else the config's ``timeout``).  Raises
+        :class:`~fmi_async.errors.CommTimeout` when nothing came in time,
+        :class:`~fmi_async.errors.ClosedError`,
+        :class:`~fmi_async.errors.BrokenChannelError` (``src``'s connection
+        broke), :class:`~fmi_async.errors.AbortedError` (another peer gave
+        up the collective ``key`` belongs to).  A cancelled receive loses no
+        message: it is handed to the next receive of the same match.
+        """
+
+
+class DirectChannel(Channel):
+    """Peers exchange messages; arrivals go into the receiving peer's mailbox."""
+
+    kind: ClassVar[Literal["direct", "mediated"]] = "direct"
 
     async def recv(self, src: int, key: Key, timeout: float | None) -> Payload:
-        """The next payload from ``src`` under ``key``, waiting at most ``timeout`` seconds."""
         self._check_open()
         start = time.perf_counter()
         payload = await self.mailbox.take(src, key, timeout, self.name)
-        self.stats.seconds += time.perf_counter() - start
-        self.stats.messages_received += 1
-        self.stats.bytes_received += payload.nbytes
+        self.stats.received(payload, start)
         return payload
 
-    def _count_send(self, payload: Payload) -> None:
-        self.stats.messages_sent += 1
-        self.stats.bytes_sent += payload.nbytes
+
+class MediatedChannel(Channel):
+    """Peers exchange data through shared storage.
+
+    Beyond point-to-point ``send``/``recv``, a mediated channel stores objects
+    that many peers read: :meth:`put` once, :meth:`get` by any number of
+    peers, :meth:`delete` by their owner.  Everything it stores is named under
+    the communicator's name and run id, and lives at most its ``ttl``.
+    """
+
+    kind: ClassVar[Literal["direct", "mediated"]] = "mediated"
+
+    @abc.abstractmethod
+    def location(self) -> str:
+        """Where the data lives, for messages (``redis://host:6379/0``, ``s3://bucket``)."""
+
+    @abc.abstractmethod
+    async def put(self, key: Key, payload: Payload) -> None:
+        """Store one object under ``key`` that any number of peers may :meth:`get`.
+
+        Raises :class:`~fmi_async.errors.ClosedError`,
+        :class:`~fmi_async.errors.BackendError` (refused by the backend),
+        :class:`~fmi_async.errors.BackendUnavailable` or
+        :class:`~fmi_async.errors.CommTimeout` (the channel's write deadline).
+        """
+
+    @abc.abstractmethod
+    async def get(self, key: Key, timeout: float | None) -> Payload:
+        """The object stored under ``key``, waiting until it exists (it stays stored).
+
+        Raises :class:`~fmi_async.errors.CommTimeout` when it did not appear
+        in time (naming a backend failure that overlapped the wait), and what
+        :meth:`put` raises.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, keys: Iterable[Key]) -> None:
+        """Delete objects this peer :meth:`put`; missing ones are ignored."""
+
+    @abc.abstractmethod
+    async def sweep(
+        self, prefix: str, select: Callable[[str], bool], *, dry_run: bool = False
+    ) -> list[str]:
+        """Delete every stored name under ``prefix`` that ``select`` accepts; return them.
+
+        What ``fmi clean`` does after jobs that crashed; with ``dry_run``,
+        only lists.  Raises the backend's errors (after retries).
+        """

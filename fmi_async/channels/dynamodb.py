@@ -56,25 +56,20 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from botocore.exceptions import ClientError
 
-from ..config import Config
 from ..errors import BackendError, ConfigError
 from ..wire import Buffer
 from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
 from .backoff import poll_until
-from .base import Mailbox
-from .storage import (
-    MediatedChannel,
-    bounded_gather,
-    chunk_bounds,
-    join_range,
-    option_number,
-)
+from .base import ChannelContext
+from .options import AWSOptions, option
+from .storage import StorageChannel, bounded_gather, chunk_bounds, join_range
 
-__all__ = ["DynamoDBChannel", "TABLE_SCHEMA", "TTL_ATTRIBUTE"]
+__all__ = ["DynamoDBChannel", "DynamoDBOptions", "TABLE_SCHEMA", "TTL_ATTRIBUTE"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,38 +94,36 @@ _SCHEMA_TEXT: Final = (
 )
 
 
-class DynamoDBChannel(MediatedChannel):
+@dataclass(frozen=True)
+class DynamoDBOptions(AWSOptions):
+    """``backends.DynamoDB``: the table and how items are cut."""
+
+    table_name: str = option("", doc="the table every peer shares (required)")
+    create_table: bool = option(False, doc="create the table when it is missing")
+    chunk_size: int = option(384 * 1024, ge=1, le=400_000, doc="data bytes per item")
+
+
+class DynamoDBChannel(StorageChannel):
     """A mediated channel over one DynamoDB table; see the module docstring."""
 
     name = "dynamodb"
     max_name_bytes = 1024  # leaves room for the chunk in a 400 KB item
 
-    def __init__(
-        self,
-        peer_id: int,
-        num_peers: int,
-        comm_name: str,
-        run_id: str,
-        config: Config,
-        mailbox: Mailbox,
-    ) -> None:
-        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
-        table = self.options.get("table_name")
-        if not isinstance(table, str) or not table:
+    Options = DynamoDBOptions
+    options: DynamoDBOptions
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        super().__init__(ctx)
+        opts = self.options
+        if not opts.table_name:
             raise ConfigError(
                 "backends.DynamoDB.table_name is required: the table every peer shares "
                 f"({_SCHEMA_TEXT})"
             )
-        self.table = table
-        self.create_table = bool(self.options.get("create_table", False))
-        self.chunk_size = int(
-            option_number(
-                self.options, "chunk_size", "DynamoDB", 384 * 1024, minimum=1, maximum=400_000
-            )
-        )
-        self.max_concurrency = int(
-            option_number(self.options, "max_concurrency", "DynamoDB", 8, minimum=1)
-        )
+        self.table = opts.table_name
+        self.create_table = opts.create_table
+        self.chunk_size = opts.chunk_size
+        self.max_concurrency = opts.max_concurrency
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._chunk_counts: dict[str, int] = {}  # name -> items, for deletes

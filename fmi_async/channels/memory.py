@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
-from ..config import Config
 from ..errors import ArgumentError, ClosedError
 from ..wire import BufferRecycler, Key, Payload
-from .base import Channel, Mailbox
+from .base import ChannelContext, DirectChannel
+from .mailbox import Mailbox
+from .options import ChannelOptions, option
 
-__all__ = ["MemoryChannel", "MemoryHub"]
+__all__ = ["MemoryChannel", "MemoryHub", "MemoryOptions"]
+
+
+@dataclass(frozen=True)
+class MemoryOptions(ChannelOptions):
+    """``backends.Memory``: an optional simulated network."""
+
+    latency: float = option(0.0, ge=0, doc="seconds added to every message")
+    bandwidth: float = option(0.0, ge=0, doc="bytes per second (0: unlimited)")
 
 
 class MemoryHub:
@@ -31,21 +41,16 @@ class MemoryHub:
         return f"<MemoryHub peers={len(self.mailboxes)}/{self.num_peers}>"
 
 
-class MemoryChannel(Channel):
-    name = "memory"
-    kind = "direct"
+class MemoryChannel(DirectChannel):
+    """Messages between peers of one process, through their :class:`MemoryHub`."""
 
-    def __init__(
-        self,
-        peer_id: int,
-        num_peers: int,
-        comm_name: str,
-        run_id: str,
-        config: Config,
-        mailbox: Mailbox,
-        hub: MemoryHub | None = None,
-    ) -> None:
-        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
+    name = "memory"
+    Options = MemoryOptions
+    options: MemoryOptions
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        super().__init__(ctx)
+        hub, num_peers = ctx.hub, ctx.num_peers
         if hub is None:
             raise ArgumentError(
                 "the memory channel connects peers of one process; create them with "
@@ -54,8 +59,8 @@ class MemoryChannel(Channel):
         if hub.num_peers != num_peers:
             raise ArgumentError(f"memory hub has {hub.num_peers} peers, communicator {num_peers}")
         self.hub = hub
-        self.latency = float(self.options.get("latency", 0.0))
-        self.bandwidth = float(self.options.get("bandwidth", 0.0))
+        self.latency = self.options.latency
+        self.bandwidth = self.options.bandwidth
         self._recyclers: dict[int, BufferRecycler] = {}
 
     async def open(self) -> None:
@@ -83,5 +88,5 @@ class MemoryChannel(Channel):
         if delay:
             await asyncio.sleep(delay)
         box.deliver(self.peer_id, key, owned)
-        self._count_send(payload)
+        self.stats.sent(payload)
         self.stats.seconds += time.perf_counter() - start

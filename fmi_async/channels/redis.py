@@ -85,6 +85,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar, cast
 
 import msgpack
@@ -95,7 +96,6 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.utils import HIREDIS_AVAILABLE
 
-from ..config import Config
 from ..errors import (
     BackendError,
     BackendUnavailable,
@@ -105,15 +105,12 @@ from ..errors import (
     ProtocolError,
 )
 from ..wire import MAGIC, Buffer, Key, Payload
-from .base import Mailbox, describe_key
-from .storage import (
-    MediatedChannel,
-    chunk_bounds,
-    join_range,
-    option_number,
-)
+from .base import ChannelContext
+from .mailbox import describe_key
+from .options import StorageOptions, option
+from .storage import StorageChannel, chunk_bounds, join_range
 
-__all__ = ["RedisChannel"]
+__all__ = ["RedisChannel", "RedisOptions"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,44 +197,50 @@ def transient_redis_error(exc: BaseException) -> bool:
     )
 
 
-class RedisChannel(MediatedChannel):
+@dataclass(frozen=True)
+class RedisOptions(StorageOptions):
+    """``backends.Redis``: the server and how this channel uses it."""
+
+    host: str = option("localhost", doc="server host")
+    port: int = option(6379, ge=1, le=65535, doc="server port")
+    db: int = option(0, ge=0, doc="database number")
+    url: str | None = option(None, doc="redis:// or rediss:// URL; wins over host/port/db")
+    username: str | None = option(None, doc="ACL user name")
+    password: str | None = option(None, doc="password (prefer the URL or environment)")
+    max_connections: int = option(
+        32, ge=RESERVED_CONNECTIONS + 1, doc="connection pool size of this peer"
+    )
+    chunk_size: int = option(64 * MiB, ge=1, le=512 * MiB, doc="bytes per stored chunk")
+    inline_max: int = option(MiB, ge=0, doc="data bytes sent inline in one push")
+    socket_timeout: float = option(30.0, ge=0.01, doc="seconds one reply may take")
+
+
+class RedisChannel(StorageChannel):
     """A mediated channel over one Redis database; see the module docstring."""
 
     name = "redis"
     max_name_bytes = 4096
     keep_consumed = False  # pushes dedupe on the server: no ghost can come back
 
-    def __init__(
-        self,
-        peer_id: int,
-        num_peers: int,
-        comm_name: str,
-        run_id: str,
-        config: Config,
-        mailbox: Mailbox,
-    ) -> None:
-        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
+    Options = RedisOptions
+    options: RedisOptions
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        super().__init__(ctx)
         opts = self.options
-        self.max_connections = int(
-            option_number(opts, "max_connections", "Redis", 32, minimum=RESERVED_CONNECTIONS + 1)
-        )
-        self.chunk_size = int(
-            option_number(opts, "chunk_size", "Redis", 64 * MiB, minimum=1, maximum=512 * MiB)
-        )
-        self.inline_max = int(
-            option_number(opts, "inline_max", "Redis", MiB, minimum=0, maximum=self.chunk_size)
-        )
-        self.socket_timeout = option_number(opts, "socket_timeout", "Redis", 30.0, minimum=0.01)
-        url = opts.get("url")
-        if url is not None and not isinstance(url, str):
-            raise ConfigError("backends.Redis.url must be a redis:// or rediss:// URL string")
-        self.url = url
-        host = opts.get("host", "localhost")
-        if not isinstance(host, str):
-            raise ConfigError(f"backends.Redis.host must be a string, got {host!r}")
-        self.host = host
-        self.port = int(option_number(opts, "port", "Redis", 6379, minimum=1, maximum=65535))
-        self.db = int(option_number(opts, "db", "Redis", 0, minimum=0))
+        self.max_connections = opts.max_connections
+        self.chunk_size = opts.chunk_size
+        if opts.inline_max > self.chunk_size:
+            raise ConfigError(
+                f"backends.Redis.inline_max must be at most chunk_size ({self.chunk_size}), "
+                f"got {opts.inline_max}"
+            )
+        self.inline_max = opts.inline_max
+        self.socket_timeout = opts.socket_timeout
+        self.url = opts.url
+        self.host = opts.host
+        self.port = opts.port
+        self.db = opts.db
         self._blocking = asyncio.Semaphore(self.max_connections - RESERVED_CONNECTIONS)
         self._pool: aioredis.BlockingConnectionPool | None = None
         self._client: aioredis.Redis | None = None
@@ -284,8 +287,8 @@ class RedisChannel(MediatedChannel):
                 host=self.host,
                 port=self.port,
                 db=self.db,
-                username=self.options.get("username"),
-                password=self.options.get("password"),
+                username=self.options.username,
+                password=self.options.password,
                 **common,
             )
         self._pool = pool
@@ -489,7 +492,7 @@ class RedisChannel(MediatedChannel):
                 self.config.timeout,
                 "the Redis server is slow or unreachable",
             ) from None
-        self._count_send(payload)
+        self.stats.sent(payload)
         self.stats.seconds += time.perf_counter() - start
 
     # ---------------------------------------------------------------- reads
@@ -703,9 +706,7 @@ class RedisChannel(MediatedChannel):
         parts, chunk_keys = resolved
         self._delete_later([in_flight, *chunk_keys])
         payload = self._decode(parts, name, key)
-        self.stats.messages_received += 1
-        self.stats.bytes_received += payload.nbytes
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.received(payload, start)
         return payload
 
     async def get(self, key: Key, timeout: float | None) -> Payload:
@@ -734,9 +735,7 @@ class RedisChannel(MediatedChannel):
                 if resolved is None and loop.time() >= deadline:
                     raise self._get_timeout(key, wait, failures)
         payload = self._decode(resolved[0], name, key)
-        self.stats.messages_received += 1
-        self.stats.bytes_received += payload.nbytes
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.received(payload, start)
         return payload
 
     # ---------------------------------------------------------------- cleanup

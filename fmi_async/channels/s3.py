@@ -50,24 +50,19 @@ import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
-from ..config import Config
 from ..errors import BackendError, ConfigError, ProtocolError
 from ..wire import Buffer
 from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
-from .base import Mailbox
-from .storage import (
-    MediatedChannel,
-    bounded_gather,
-    chunk_bounds,
-    join_range,
-    option_number,
-)
+from .base import ChannelContext
+from .options import AWSOptions, option
+from .storage import StorageChannel, bounded_gather, chunk_bounds, join_range
 
-__all__ = ["S3Channel", "lifecycle_rule"]
+__all__ = ["S3Channel", "S3Options", "lifecycle_rule"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,38 +136,41 @@ def lifecycle_rule(days: int = 1, prefix: str = "fmi/") -> dict[str, Any]:
     }
 
 
-class S3Channel(MediatedChannel):
+@dataclass(frozen=True)
+class S3Options(AWSOptions):
+    """``backends.S3``: the bucket and how objects are written to it."""
+
+    bucket_name: str = option("", doc="the bucket every peer of the job shares (required)")
+    create_bucket: bool = option(False, doc="create the bucket when it is missing")
+    lifecycle_days: int = option(1, ge=1, doc="days until the bucket's rule expires objects")
+    part_size: int = option(8 * MiB, ge=MIN_PART, le=5 * 1024**3, doc="multipart part bytes")
+    multipart_threshold: int = option(
+        16 * MiB, ge=MIN_PART, doc="bytes from which to upload in parts"
+    )
+
+
+class S3Channel(StorageChannel):
     """A mediated channel over one S3 bucket; see the module docstring for options."""
 
     name = "s3"
     list_page_size = 1000  # ListObjectsV2's maximum page
 
-    def __init__(
-        self,
-        peer_id: int,
-        num_peers: int,
-        comm_name: str,
-        run_id: str,
-        config: Config,
-        mailbox: Mailbox,
-    ) -> None:
-        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
-        bucket = self.options.get("bucket_name")
-        if not isinstance(bucket, str) or not bucket:
+    Options = S3Options
+    options: S3Options
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        super().__init__(ctx)
+        opts = self.options
+        if not opts.bucket_name:
             raise ConfigError(
                 "backends.S3.bucket_name is required: the bucket every peer of the job shares"
             )
-        self.bucket = bucket
-        opts = self.options
-        self.create_bucket = bool(opts.get("create_bucket", False))
-        self.lifecycle_days = int(option_number(opts, "lifecycle_days", "S3", 1, minimum=1))
-        self.part_size = int(
-            option_number(opts, "part_size", "S3", 8 * MiB, minimum=MIN_PART, maximum=5 * 1024**3)
-        )
-        self.multipart_threshold = int(
-            option_number(opts, "multipart_threshold", "S3", 16 * MiB, minimum=MIN_PART)
-        )
-        self.max_concurrency = int(option_number(opts, "max_concurrency", "S3", 8, minimum=1))
+        self.bucket = opts.bucket_name
+        self.create_bucket = opts.create_bucket
+        self.lifecycle_days = opts.lifecycle_days
+        self.part_size = opts.part_size
+        self.multipart_threshold = opts.multipart_threshold
+        self.max_concurrency = opts.max_concurrency
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._token = secrets.token_hex(8)
@@ -475,7 +473,7 @@ class S3Channel(MediatedChannel):
     async def sweep(
         self, prefix: str, select: Callable[[str], bool], *, dry_run: bool = False
     ) -> list[str]:
-        """As :meth:`MediatedChannel.sweep`, and abort the incomplete multipart
+        """As :meth:`StorageChannel.sweep`, and abort the incomplete multipart
         uploads under ``prefix`` that ``select`` accepts (listed as
         ``"<name> (incomplete upload)"``)."""
         names = await super().sweep(prefix, select, dry_run=dry_run)

@@ -67,29 +67,28 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote
 
-from ..config import Config
 from ..errors import (
     ArgumentError,
     BackendUnavailable,
     ClosedError,
     CommTimeout,
-    ConfigError,
     ProtocolError,
 )
 from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
 from .backoff import Backoff, RetryPolicy, poll_until
-from .base import Channel, Mailbox, describe_key
+from .base import ChannelContext, MediatedChannel
+from .mailbox import describe_key
+from .options import StorageOptions
 
 __all__ = [
-    "MediatedChannel",
+    "StorageChannel",
     "bounded_gather",
     "chunk_bounds",
     "join_range",
     "key_component",
-    "option_number",
     "storage_prefix",
 ]
 
@@ -184,35 +183,14 @@ async def bounded_gather(factories: Sequence[Callable[[], Awaitable[T]]], limit:
         raise
 
 
-def option_number(
-    options: dict[str, Any],
-    name: str,
-    backend: str,
-    default: float,
-    *,
-    minimum: float = 0.0,
-    maximum: float | None = None,
-) -> float:
-    """A numeric backend option, checked, with a message naming the config key."""
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"backends.{backend}.{name} must be a number, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = f" and at most {maximum:g}" if maximum is not None else ""
-        raise ConfigError(
-            f"backends.{backend}.{name} must be at least {minimum:g}{upper}, got {value!r}"
-        )
-    return float(value)
-
-
 @dataclass
 class _LockEntry:
     lock: asyncio.Lock
     users: int = 0
 
 
-class MediatedChannel(Channel):
-    """A channel whose peers exchange data through shared storage.
+class StorageChannel(MediatedChannel):
+    """What the storage channels share: a mediated channel over three primitives.
 
     Beyond :class:`~fmi_async.channels.base.Channel`'s point-to-point
     ``send``/``recv``, a mediated channel stores objects that many peers read:
@@ -237,36 +215,22 @@ class MediatedChannel(Channel):
     # backend whose writes cannot come back as ghosts (Redis) sets 0.
     keep_consumed: ClassVar[bool] = True
 
-    kind: ClassVar[Literal["direct", "mediated"]] = "mediated"
+    Options: ClassVar[type[StorageOptions]] = StorageOptions
+    options: StorageOptions
 
-    def __init__(
-        self,
-        peer_id: int,
-        num_peers: int,
-        comm_name: str,
-        run_id: str,
-        config: Config,
-        mailbox: Mailbox,
-    ) -> None:
-        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
-        self.prefix = storage_prefix(comm_name, run_id)
-        self.ttl = int(
-            option_number(self.options, "ttl", self.name, default_ttl(config.timeout), minimum=1)
-        )
-        self.delete_delay = (
-            option_number(self.options, "delete_delay", self.name, config.timeout)
-            if self.keep_consumed
-            else 0.0
-        )
-        if "max_timeout" in self.options:
-            max_ms = option_number(self.options, "max_timeout", self.name, 0, minimum=1)
-            self.max_wait = max_ms / 1000.0
+    def __init__(self, ctx: ChannelContext) -> None:
+        super().__init__(ctx)
+        config, opts = ctx.config, self.options
+        self.prefix = storage_prefix(ctx.comm_name, ctx.run_id)
+        self.ttl = int(opts.ttl if opts.ttl is not None else default_ttl(config.timeout))
+        delay = opts.delete_delay if opts.delete_delay is not None else config.timeout
+        self.delete_delay = delay if self.keep_consumed else 0.0
+        if opts.max_timeout is not None:
+            self.max_wait = opts.max_timeout / 1000.0
         else:
             self.max_wait = config.timeout
-        self.backoff = Backoff.from_options(self.options, self.name)
-        self.retry = RetryPolicy.from_options(
-            self.options, self.name, self._transient, self._count_retry
-        )
+        self.backoff = Backoff.from_options(opts)
+        self.retry = RetryPolicy.from_options(opts, self._transient, self._count_retry)
         self.retried: Counter[str] = Counter()  # failures retried, by error type
         # The latest backend failure and when (loop time): named by the
         # timeout of any wait it overlapped, even one that only waited for
@@ -276,11 +240,8 @@ class MediatedChannel(Channel):
         self._reaper: asyncio.Task[None] | None = None
         self._owned: set[str] = set()  # objects this peer put
         self._sent: set[str] = set()  # messages this peer sent (their readers delete them)
-        # Set by the communicator once a final barrier has shown that every
-        # message sent was received (and so deleted by its reader): close then
-        # leaves messages alone, since deleting one a slower reader is about
-        # to consume would lose it.  After an error, close deletes them too.
-        self.keep_sent_messages = False
+        # Set by all_delivered(); after an error, close deletes sent messages too.
+        self._keep_sent = False
         self._send_seq: dict[tuple[int, Key], int] = {}
         self._recv_seq: dict[tuple[int, Key], int] = {}
         self._recv_locks: dict[tuple[int, Key], _LockEntry] = {}
@@ -294,6 +255,9 @@ class MediatedChannel(Channel):
             f"<{type(self).__name__} peer={self.peer_id}/{self.num_peers} "
             f"{self.location()} prefix={self.prefix!r} owned={len(self._owned)} {self._state}>"
         )
+
+    def all_delivered(self) -> None:
+        self._keep_sent = True
 
     # ---------------------------------------------------------------- backend hooks
 
@@ -619,7 +583,7 @@ class MediatedChannel(Channel):
         self._sent.add(name)
         with self._within(self._write_deadline()):
             await self._store(name, frames, nbytes, exclusive=True)
-        self._count_send(payload)
+        self.stats.sent(payload)
         self.stats.seconds += time.perf_counter() - start
 
     async def recv(self, src: int, key: Key, timeout: float | None) -> Payload:
@@ -655,9 +619,7 @@ class MediatedChannel(Channel):
             )
         self._delete_later([name])
         payload = self._decode(parts, name, key)
-        self.stats.messages_received += 1
-        self.stats.bytes_received += payload.nbytes
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.received(payload, start)
         return payload
 
     async def put(self, key: Key, payload: Payload) -> None:
@@ -669,7 +631,7 @@ class MediatedChannel(Channel):
         self._owned.add(name)
         with self._within(self._write_deadline()):
             await self._store(name, frames, nbytes)
-        self._count_send(payload)
+        self.stats.sent(payload)
         self.stats.seconds += time.perf_counter() - start
 
     async def get(self, key: Key, timeout: float | None) -> Payload:
@@ -686,9 +648,7 @@ class MediatedChannel(Channel):
         if parts is None:
             raise self._get_timeout(key, wait, failures)
         payload = self._decode(parts, name, key)
-        self.stats.messages_received += 1
-        self.stats.bytes_received += payload.nbytes
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.received(payload, start)
         return payload
 
     def _leftovers(self) -> set[str]:
@@ -734,7 +694,7 @@ class MediatedChannel(Channel):
                     await asyncio.gather(self._reaper, return_exceptions=True)
                 if self._background:
                     await asyncio.gather(*self._background, return_exceptions=True)
-                names = self._owned if self.keep_sent_messages else self._owned | self._sent
+                names = self._owned if self._keep_sent else self._owned | self._sent
                 names = names | self._leftovers() | {name for _, name in self._consumed}
                 if names:
                     with self._within(self._write_deadline()):

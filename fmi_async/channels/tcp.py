@@ -65,9 +65,9 @@ import functools
 import logging
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
-from ..config import Config
 from ..errors import (
     ArgumentError,
     AuthenticationError,
@@ -87,16 +87,16 @@ from ..holepunch.net import HostNetwork, Network, close_socket, sock_accept
 from ..holepunch.punch import Membership, authenticate, pair_tcp
 from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
 from .backoff import Backoff
-from .base import Channel, Mailbox
+from .base import ChannelContext, DirectChannel
+from .options import RendezvousOptions, option
 
-__all__ = ["TCPChannel"]
+__all__ = ["TCPChannel", "TCPOptions"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024  # bytes per write of a large buffer
 _SMALL = 256 * 1024  # frames up to this size are joined and written at once
 _CONNECT_ATTEMPTS = 4  # handshakes a connecting peer tries when the other side drops them
-_TRAVERSAL = ("auto", "punch", "off")
 _LOOKUP_RETRY = Backoff(initial=0.05, maximum=1.0)  # lookups while the server is unreachable
 
 
@@ -278,57 +278,38 @@ class _Receiver(asyncio.BufferedProtocol):
         chan.mailbox.fail_source(src, error)
 
 
-class TCPChannel(Channel):
+@dataclass(frozen=True)
+class TCPOptions(RendezvousOptions):
+    """``backends.TCP`` (FMI's ``Direct``): the rendezvous server and hole punching."""
+
+    punch_timeout: float = option(2.0, gt=0, doc="seconds a hole-punching attempt may take")
+
+
+class TCPChannel(DirectChannel):
     """Point-to-point TCP between peers found through a rendezvous server."""
 
     name = "tcp"
     kind = "direct"
 
-    def __init__(
-        self,
-        peer_id: int,
-        num_peers: int,
-        comm_name: str,
-        run_id: str,
-        config: Config,
-        mailbox: Mailbox,
-    ) -> None:
-        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
-        opts = self.options
-        host, port = opts.get("host"), opts.get("port")
-        if isinstance(port, str) and port.isdigit():
-            port = int(port)
-        if not isinstance(host, str) or not host or not isinstance(port, int):
-            raise ConfigError(
-                "backends.TCP needs the rendezvous server's host and port, e.g. "
-                '{"TCP": {"enabled": true, "host": "10.0.0.5", "port": 10000}}; start one '
-                "with `fmi rendezvous`, or use `fmi run`, which starts one for you"
-            )
+    Options = TCPOptions
+    options: TCPOptions
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        super().__init__(ctx)
+        config, opts = ctx.config, self.options
+        host, port = opts.rendezvous("TCP")
         config.check_security(self.name)
         self.rendezvous: hp.Address = (host, port)
-        self.bind = str(opts.get("bind", "127.0.0.1"))
-        self.advertise = str(opts.get("advertise", self.bind))
-        if "connect_timeout" in opts:
-            connect_timeout = float(opts["connect_timeout"])
-        else:
-            connect_timeout = float(opts.get("max_timeout", 10_000)) / 1000.0
-        self.connect_timeout = connect_timeout
-        self.lookup_timeout = float(opts.get("lookup_timeout", config.timeout))
-        self.punch_timeout = float(opts.get("punch_timeout", 2.0))
-        if self.connect_timeout <= 0 or self.lookup_timeout <= 0 or self.punch_timeout <= 0:
-            raise ConfigError(
-                "backends.TCP connect_timeout, lookup_timeout and punch_timeout must be positive"
-            )
-        self.traversal = str(opts.get("traversal", "auto"))
-        if self.traversal not in _TRAVERSAL:
-            raise ConfigError(
-                f"backends.TCP.traversal must be one of {', '.join(_TRAVERSAL)}, "
-                f"got {self.traversal!r}"
-            )
+        self.bind = opts.bind
+        self.advertise = opts.advertise or opts.bind
+        self.connect_timeout = opts.connect_seconds()
+        self.lookup_timeout = opts.lookup_timeout or config.timeout
+        self.punch_timeout = opts.punch_timeout
+        self.traversal = opts.traversal
         self.listen_address: hp.Address | None = None
-        simulated = network_from_options(opts)
+        simulated = network_from_options({} if opts.nat is None else {"nat": opts.nat})
         self.net: Network = simulated or HostNetwork()
-        self.member = Membership(comm_name, run_id, config.secret)
+        self.member = Membership(ctx.comm_name, ctx.run_id, config.secret)
         self._client = RendezvousClient(
             host, port, config.secret, timeout=self.connect_timeout, net=simulated
         )
@@ -462,14 +443,14 @@ class TCPChannel(Channel):
                 # one write, no lock, no await.
                 assert sender.transport is not None
                 sender.transport.write(buffers[0] if len(buffers) == 1 else b"".join(buffers))
-                self._count_send(payload)
+                self.stats.sent(payload)
                 self.stats.seconds += time.perf_counter() - start
                 return
             lock = self._locks.setdefault(dst, asyncio.Lock())
             async with lock:  # frames to one destination never interleave
                 sender = await self._connection(dst)
                 await sender.write_frame(buffers, nbytes, self.config.timeout)
-        self._count_send(payload)
+        self.stats.sent(payload)
         self.stats.seconds += time.perf_counter() - start
 
     async def _lookup(self, dst: int) -> hp.PeerInfo:

@@ -25,7 +25,8 @@ memory for the time it runs, on every peer.
 
 Default prices are AWS list prices, us-east-1, on-demand, as published in
 2025; default performance is FMI's measurements (ICS 2023, section 5) for the
-cloud channels and loopback measurements for memory/TCP.  ``fmi calibrate``
+cloud channels and loopback measurements for memory/TCP.  Each channel's
+defaults are part of its entry in :mod:`fmi_async.channels.registry`.  ``fmi calibrate``
 measures the configured channels and writes the numbers back into the config.
 """
 
@@ -36,13 +37,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..channels import registry
 from ..config import COMPUTE
 from ..errors import ConfigError
 
 __all__ = [
     "ChannelModel",
     "CostModel",
-    "DEFAULT_MODELS",
+    "default_models",
     "FAAS_GB_SECOND",
     "REDUCE_BANDWIDTH",
     "from_fmi",
@@ -62,15 +64,6 @@ FAAS_GB_SECOND = 0.0000166667
 # takes the large-array median.  `fmi calibrate` measures it
 # (model.compute.reduce_bandwidth_Bps).
 REDUCE_BANDWIDTH = 4.0e9
-
-_S3_TIER1 = 0.005 / 1000  # PUT, COPY, POST, LIST: $0.005 per 1,000 (aws.amazon.com/s3/pricing)
-_S3_TIER2 = 0.0004 / 1000  # GET, SELECT and all other requests: $0.0004 per 1,000
-# DynamoDB on-demand after the November 2024 reduction: $0.625 per million write
-# request units (1 KB each), $0.125 per million read request units (4 KB,
-# strongly consistent) (aws.amazon.com/dynamodb/pricing/on-demand).
-_DDB_WRU = 0.625 / 1e6
-_DDB_RRU = 0.125 / 1e6
-
 
 @dataclass(frozen=True)
 class ChannelModel:
@@ -94,6 +87,10 @@ class ChannelModel:
     # local test of any channel): about 1, and a plan's time is at least all
     # of its work done one piece after another.  `fmi calibrate` measures it.
     concurrency: float = math.inf
+    # Request kinds billed per started unit of bytes (DynamoDB's capacity
+    # units: "write_units" per KB written, "read_units" per 4 KB read); 0: none.
+    write_unit: int = 0
+    read_unit: int = 0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -135,97 +132,22 @@ class ChannelModel:
         return out
 
 
-def _units(kind: str, nbytes: float, unit: int) -> float:
+def _units(nbytes: float, unit: int) -> float:
     return float(max(1, math.ceil(nbytes / unit)))
 
 
-DEFAULT_MODELS: dict[str, ChannelModel] = {
-    # In-process queues: a copy of the buffers and one event-loop wake-up.
-    "memory": ChannelModel(
-        overhead=10e-6,
-        bandwidth=2e9,
-        aggregate_bandwidth=4e9,
-        message_requests={},
-        # Its peers share one event loop by construction: one piece of work
-        # at a time (what `fmi calibrate` writes for it, too).
-        concurrency=1.0,
-        source="loopback measurement, 2-core VM",
-    ),
-    # FMI's direct channel (TCPunch) measured on AWS Lambda: 0.34 ms per
-    # message, 400 MB/s.  Infrastructure: the rendezvous server on an EC2
-    # t4g.nano, $0.0042 per hour.  Same-AZ transfer is free.
-    "tcp": ChannelModel(
-        overhead=0.34e-3,
-        bandwidth=400e6,
-        aggregate_bandwidth=400e6,
-        infra_per_hour=0.0042,
-        source="FMI ICS'23 direct channel; EC2 t4g.nano price",
-    ),
-    "udp": ChannelModel(
-        overhead=0.34e-3,
-        bandwidth=200e6,
-        aggregate_bandwidth=200e6,
-        infra_per_hour=0.0042,
-        source="as tcp, half the bandwidth (user-space reliability)",
-    ),
-    "mpi": ChannelModel(
-        overhead=5e-6,
-        bandwidth=5e9,
-        aggregate_bandwidth=5e9,
-        source="typical MPICH on a node",
-    ),
-    # FMI's Redis measurements: 0.5 ms per request, 100 MB/s single and
-    # 400 MB/s aggregate; ElastiCache cache.t4g.micro, $0.016 per hour.
-    "redis": ChannelModel(
-        overhead=0.5e-3,
-        bandwidth=100e6,
-        aggregate_bandwidth=400e6,
-        message_requests={"RPUSH": 1, "BLPOP": 1},
-        put_requests={"SET": 1},
-        get_requests={"GET": 1},
-        infra_per_hour=0.016,
-        source="FMI ICS'23 Redis; ElastiCache t4g.micro price",
-    ),
-    # FMI's S3 measurements: about 40 ms per request, 50 MB/s per stream; S3
-    # scales with readers.  Prices: see _S3_TIER1/_S3_TIER2; deletes are free.
-    "s3": ChannelModel(
-        overhead=40e-3,
-        bandwidth=50e6,
-        aggregate_bandwidth=5e9,
-        request_prices={
-            "PutObject": _S3_TIER1,
-            "CreateMultipartUpload": _S3_TIER1,
-            "UploadPart": _S3_TIER1,
-            "CompleteMultipartUpload": _S3_TIER1,
-            "ListObjectsV2": _S3_TIER1,
-            "GetObject": _S3_TIER2,
-            "HeadObject": _S3_TIER2,
-        },
-        message_requests={"PutObject": 1, "GetObject": 1, "DeleteObjects": 1},
-        put_requests={"PutObject": 1},
-        get_requests={"GetObject": 1},
-        source="FMI ICS'23 S3; S3 Standard list prices",
-    ),
-    # DynamoDB: about 10 ms per request, items of at most 400 KB.
-    "dynamodb": ChannelModel(
-        overhead=10e-3,
-        bandwidth=20e6,
-        aggregate_bandwidth=1e9,
-        request_prices={"write_units": _DDB_WRU, "read_units": _DDB_RRU},
-        message_requests={"PutItem": 1, "GetItem": 1, "DeleteItem": 1},
-        put_requests={"PutItem": 1},
-        get_requests={"GetItem": 1},
-        source="DynamoDB on-demand list prices; latency from AWS documentation",
-    ),
-}
+def default_models() -> dict[str, ChannelModel]:
+    """Every registered channel's default model (its numbers and sources: the registry)."""
+    return {spec.name: ChannelModel(**spec.model) for spec in registry.channels()}
 
 
 def message_requests(name: str, model: ChannelModel, nbytes: float) -> dict[str, float]:
     """Requests (by kind) one point-to-point message of ``nbytes`` costs on a channel."""
     out = dict(model.message_requests)
-    if name == "dynamodb":
-        out["write_units"] = _units("w", nbytes, 1024)
-        out["read_units"] = _units("r", nbytes, 4096)
+    if model.write_unit:
+        out["write_units"] = _units(nbytes, model.write_unit)
+    if model.read_unit:
+        out["read_units"] = _units(nbytes, model.read_unit)
     return out
 
 
@@ -236,9 +158,10 @@ def object_requests(
     out = {k: float(v) for k, v in model.put_requests.items()}
     for k, v in model.get_requests.items():
         out[k] = out.get(k, 0.0) + v * readers
-    if name == "dynamodb":
-        out["write_units"] = _units("w", nbytes, 1024)
-        out["read_units"] = _units("r", nbytes, 4096) * readers
+    if model.write_unit:
+        out["write_units"] = _units(nbytes, model.write_unit)
+    if model.read_unit:
+        out["read_units"] = _units(nbytes, model.read_unit) * readers
     return out
 
 
@@ -337,7 +260,7 @@ def from_fmi(name: str, section: Mapping[str, Any], base: ChannelModel) -> Chann
 
 def load_models(model_section: Mapping[str, Mapping[str, Any]]) -> dict[str, ChannelModel]:
     """Defaults overlaid with a config's ``model`` section (FMI's or ours)."""
-    models = dict(DEFAULT_MODELS)
+    models = default_models()
     for name, section in model_section.items():
         if name == COMPUTE:
             continue

@@ -20,6 +20,7 @@ __all__ = [
     "ShapeMismatchError",
     "OperatorError",
     "SerializationError",
+    "MessageTooLarge",
     "ProtocolError",
     "CommTimeout",
     "PeerError",
@@ -72,8 +73,16 @@ class SerializationError(FMIError, TypeError):
     """A value cannot be carried by the configured serializer."""
 
 
+class MessageTooLarge(ArgumentError):
+    """A message this peer is sending exceeds its own limits (the frame :class:`Limits
+    <fmi_async.wire.Limits>` or a rendezvous message's ``max_body``); raised before
+    anything is sent.  The same excess in a message *received* from a peer is a
+    :class:`ProtocolError`."""
+
+
 class ProtocolError(FMIError):
-    """Bytes on the wire do not form a valid frame or message."""
+    """A peer or server sent bytes this side cannot accept: a malformed, truncated or
+    oversized frame or message, or one of the wrong kind at this point of a protocol."""
 
 
 class CommTimeout(FMIError, TimeoutError):
@@ -81,7 +90,16 @@ class CommTimeout(FMIError, TimeoutError):
 
 
 class PeerError(FMIError):
-    """A peer failed, disappeared or reported an error."""
+    """A peer failed, disappeared or reported an error.
+
+    Raised by :meth:`Communicator.close <fmi_async.Communicator.close>` (after
+    closing everything) when the final barrier with the other peers failed, so
+    objects this peer stored were deleted while peers may still read them; the
+    cause is chained.  The base of
+    :class:`AbortedError` (another peer abandoned a collective) and
+    :class:`BrokenCommunicatorError` (the communicator cannot be used any more),
+    so ``except PeerError`` catches every failure that came from another peer.
+    """
 
 
 class PlanMismatchError(FMIError):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fmi_async.errors import ProtocolError
+from fmi_async.errors import MessageTooLarge, ProtocolError
 from fmi_async.holepunch import protocol as p
 
 SECRET = b"s3cret"
@@ -87,7 +87,7 @@ def test_oversize_rejected_from_header_alone() -> None:
     header = struct.pack("!3sBI", p.MAGIC, p.PROTOCOL_VERSION, p.MAX_BODY + 1)
     with pytest.raises(ProtocolError, match="exceeds"):
         p.Decoder().feed(header)
-    with pytest.raises(ProtocolError, match="exceeds"):
+    with pytest.raises(MessageTooLarge, match="exceeds"):
         p.encode(p.Error("internal", "x" * 4000), max_body=100)
 
 

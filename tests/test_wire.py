@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fmi_async.errors import ProtocolError, SerializationError
+from fmi_async.errors import MessageTooLarge, ProtocolError, SerializationError
 from fmi_async.wire import (
     PREFIX,
     BufferRecycler,
@@ -189,7 +189,7 @@ def test_limits_are_enforced_before_allocation() -> None:
         FrameReader().feed(b"GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(ProtocolError, match="version"):
         FrameReader().feed(PREFIX.pack(b"FMIw", 9, 0, 0, 0, 0))
-    with pytest.raises(ProtocolError, match="limit"):
+    with pytest.raises(MessageTooLarge, match="limit"):
         encode_frame(("u", 0), dumps(b"x" * 2000), Limits(max_total=1000))
 
 

@@ -78,7 +78,7 @@ from typing import Any, ClassVar, Final, Literal
 
 import msgpack
 
-from ..errors import ProtocolError
+from ..errors import MessageTooLarge, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -1012,7 +1012,7 @@ def encode(message: Message, max_body: int = MAX_BODY) -> bytes:
     body = {"type": message.TYPE, **message.to_body()}
     data: bytes = msgpack.packb(body, use_bin_type=True)
     if len(data) > max_body:
-        raise ProtocolError(f"{message.TYPE} message of {len(data)} bytes exceeds {max_body}")
+        raise MessageTooLarge(f"{message.TYPE} message of {len(data)} bytes exceeds {max_body}")
     return _HEADER.pack(MAGIC, PROTOCOL_VERSION, len(data)) + data
 
 

@@ -1,0 +1,283 @@
+"""Value serialization: a Python value to a :class:`Payload` and back.
+
+:func:`dumps` turns a value into a small msgpack (or pickle) *header* plus a
+list of raw *buffers*.  numpy arrays (and large ``bytes``) travel out-of-band
+as buffers, so their data is never copied into the header.  :func:`loads` is
+the inverse; malformed input (bytes a peer sent) raises :class:`ProtocolError`.
+
+msgpack extension codes carry what msgpack has no type for: numpy arrays and
+scalars, tuples, out-of-band bytes, big integers and complex numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+from ..errors import ProtocolError, SerializationError
+from .buffers import Buffer, BufferRecycler, buflen, flat
+
+__all__ = ["Payload", "dumps", "loads", "SERIALIZERS", "OOB_BYTES_THRESHOLD"]
+
+logger = logging.getLogger(__name__)
+
+SERIALIZERS: Final = ("msgpack", "pickle")
+
+# msgpack extension codes used by the msgpack serializer.
+_EXT_NDARRAY: Final = 1
+_EXT_NPSCALAR: Final = 2
+_EXT_TUPLE: Final = 3
+_EXT_OOB_BYTES: Final = 4
+_EXT_BIGINT: Final = 5
+_EXT_COMPLEX: Final = 6
+
+# bytes at least this long travel out-of-band instead of inside the header.
+OOB_BYTES_THRESHOLD: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A serialized value: msgpack/pickle header plus out-of-band buffers."""
+
+    header: bytes
+    buffers: tuple[Buffer, ...] = ()
+    serializer: str = "msgpack"
+
+    @property
+    def nbytes(self) -> int:
+        """Header and buffers together, in bytes."""
+        if not self.buffers:
+            return len(self.header)
+        return len(self.header) + sum(buflen(b) for b in self.buffers)
+
+    def copy(self, recycler: BufferRecycler | None = None) -> Payload:
+        """A payload that owns its memory (the sender may reuse its arrays);
+        large buffers are copied into ``recycler``'s memory when one is given."""
+        if recycler is None:
+            return Payload(self.header, tuple(bytearray(b) for b in self.buffers), self.serializer)
+        return Payload(self.header, tuple(recycler.copy(b) for b in self.buffers), self.serializer)
+
+
+def dumps(value: Any, serializer: str = "msgpack") -> Payload:
+    """Serialize ``value``; raises :class:`SerializationError` for what cannot travel."""
+    if serializer == "msgpack":
+        return _dumps_msgpack(value)
+    if serializer == "pickle":
+        return _dumps_pickle(value)
+    raise SerializationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
+
+
+def loads(payload: Payload) -> Any:
+    """Deserialize a payload; malformed input raises :class:`ProtocolError`."""
+    if payload.serializer == "msgpack":
+        return _loads_msgpack(payload)
+    if payload.serializer == "pickle":
+        return _loads_pickle(payload)
+    raise ProtocolError(f"unknown serializer {payload.serializer!r}")
+
+
+class _OOB:
+    """Marks a large bytes-like value that must travel out-of-band."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: Buffer) -> None:
+        self.buf = buf
+
+
+def _mark_large_bytes(value: Any) -> Any:
+    """Wrap large bytes-like values (msgpack would inline them) in :class:`_OOB`.
+
+    Containers are rebuilt only where something inside them changed.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if memoryview(value).nbytes >= OOB_BYTES_THRESHOLD or not isinstance(value, bytes):
+            return _OOB(value)
+        return value
+    if isinstance(value, list):
+        items = [_mark_large_bytes(v) for v in value]
+        return items if any(a is not b for a, b in zip(items, value, strict=False)) else value
+    if isinstance(value, tuple):
+        items = [_mark_large_bytes(v) for v in value]
+        if any(a is not b for a, b in zip(items, value, strict=False)):
+            return tuple(items)
+        return value
+    if isinstance(value, dict):
+        pairs = {k: _mark_large_bytes(v) for k, v in value.items()}
+        return pairs if any(pairs[k] is not v for k, v in value.items()) else value
+    return value
+
+
+_SCALARS: Final = frozenset({str, float, bool, type(None)})
+
+
+def _dumps_msgpack(value: Any) -> Payload:
+    kind = type(value)
+    if (
+        kind in _SCALARS
+        or (kind is int and -(2**63) <= value < 2**64)
+        or (kind is bytes and len(value) < OOB_BYTES_THRESHOLD)
+    ):  # the common small value: nothing to mark, nothing out of band
+        try:
+            return Payload(msgpack.packb(value, use_bin_type=True), (), "msgpack")
+        except ValueError:  # a lone surrogate in a str: the long way explains it
+            pass
+    buffers: list[Buffer] = []
+    value = _mark_large_bytes(value)
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject:
+                raise SerializationError(
+                    "numpy arrays of dtype object cannot travel with the msgpack serializer; "
+                    "use a numeric dtype or serializer='pickle'"
+                )
+            arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
+            dtype: Any = arr.dtype.descr if arr.dtype.fields is not None else arr.dtype.str
+            buffers.append(flat(arr.data) if arr.nbytes else b"")
+            meta = [dtype, list(arr.shape), len(buffers) - 1]
+            return msgpack.ExtType(_EXT_NDARRAY, _pack(meta))
+        if isinstance(obj, np.generic):
+            if obj.dtype.hasobject:
+                raise SerializationError(f"numpy object scalar {obj!r} cannot travel")
+            return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, _pack(list(obj)))
+        if isinstance(obj, list):
+            return list(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        if isinstance(obj, bool):
+            return bool(obj)
+        if isinstance(obj, int):
+            return msgpack.ExtType(_EXT_BIGINT, str(int(obj)).encode())
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, complex):
+            return msgpack.ExtType(_EXT_COMPLEX, _pack([obj.real, obj.imag]))
+        if isinstance(obj, _OOB):
+            buffers.append(flat(obj.buf))
+            return msgpack.ExtType(_EXT_OOB_BYTES, _pack(len(buffers) - 1))
+        raise SerializationError(
+            f"values of type {type(obj).__name__} cannot travel with the msgpack serializer; "
+            "send None, bool, int, float, complex, str, bytes, list, tuple, dict or numpy "
+            "values, or pass serializer='pickle'"
+        )
+
+    def _pack(obj: Any) -> bytes:
+        packed: bytes = msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+        return packed
+
+    try:
+        header = _pack(value)
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot serialize {type(value).__name__}: {exc}") from exc
+    return Payload(header, tuple(buffers), "msgpack")
+
+
+def _loads_msgpack(payload: Payload) -> Any:
+    ext_hook = _NO_BUFFER_HOOK if not payload.buffers else _ExtDecoder(payload.buffers)
+    try:
+        return msgpack.unpackb(
+            payload.header, ext_hook=ext_hook, raw=False, strict_map_key=False, use_list=True
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types on garbage input
+        raise ProtocolError(f"malformed message header: {type(exc).__name__}: {exc}") from exc
+
+
+class _ExtDecoder:
+    """The msgpack extension decoder for a frame with these out-of-band buffers.
+
+    An object, not nested closures: closures that call each other form a
+    reference cycle, which would keep every received buffer alive until the
+    garbage collector runs instead of until its last user lets go.
+    """
+
+    __slots__ = ("buffers",)
+
+    def __init__(self, buffers: tuple[Buffer, ...]) -> None:
+        self.buffers = buffers
+
+    def __call__(self, code: int, data: bytes) -> Any:
+        _unpack, _buffer = self._unpack, self._buffer
+        if code == _EXT_NDARRAY:
+            dtype, shape, index = _unpack(data)
+            buf = _buffer(index)
+            dt = np.dtype([tuple(f) for f in dtype] if isinstance(dtype, list) else dtype)
+            if dt.hasobject:
+                raise ProtocolError("object dtype in a msgpack frame")
+            count = 1
+            for s in shape:
+                count *= int(s)
+            if count * dt.itemsize != buflen(buf):
+                raise ProtocolError(
+                    f"array of shape {tuple(shape)} and dtype {dt} needs "
+                    f"{count * dt.itemsize} bytes, buffer has {buflen(buf)}"
+                )
+            if count == 0:
+                return np.empty(tuple(shape), dtype=dt)
+            if memoryview(buf).readonly:
+                buf = bytearray(buf)
+            return np.frombuffer(buf, dtype=dt).reshape(tuple(shape))
+        if code == _EXT_NPSCALAR:
+            dtype, raw = _unpack(data)
+            dt = np.dtype(dtype)
+            if dt.hasobject or len(raw) != dt.itemsize:
+                raise ProtocolError("malformed numpy scalar")
+            return np.frombuffer(raw, dtype=dt)[0]
+        if code == _EXT_TUPLE:
+            return tuple(_unpack(data))
+        if code == _EXT_OOB_BYTES:
+            return bytes(_buffer(_unpack(data)))
+        if code == _EXT_BIGINT:
+            return int(data.decode())
+        if code == _EXT_COMPLEX:
+            real, imag = _unpack(data)
+            return complex(real, imag)
+        raise ProtocolError(f"unknown msgpack extension code {code}")
+
+    def _buffer(self, index: Any) -> Buffer:
+        buffers = self.buffers
+        if not isinstance(index, int) or not 0 <= index < len(buffers):
+            raise ProtocolError(f"header refers to buffer {index!r}; frame has {len(buffers)}")
+        return buffers[index]
+
+    def _unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, ext_hook=self, raw=False, strict_map_key=False, use_list=True)
+
+
+_NO_BUFFER_HOOK: Final = _ExtDecoder(())
+
+
+def _dumps_pickle(value: Any) -> Payload:
+    buffers: list[Buffer] = []
+
+    def callback(buf: pickle.PickleBuffer) -> None:
+        buffers.append(buf.raw())
+
+    try:
+        header = pickle.dumps(value, protocol=5, buffer_callback=callback)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle {type(value).__name__}: {exc}") from exc
+    return Payload(header, tuple(buffers), "pickle")
+
+
+def _loads_pickle(payload: Payload) -> Any:
+    try:
+        return pickle.loads(
+            payload.header,
+            buffers=[bytearray(b) if memoryview(b).readonly else b for b in payload.buffers],
+        )
+    except Exception as exc:
+        raise ProtocolError(f"malformed pickle message: {type(exc).__name__}: {exc}") from exc

@@ -69,6 +69,7 @@ from ..errors import (
 )
 from ..holepunch.client import RendezvousClient
 from ..holepunch.natsim import network_from_options
+from ..holepunch.net import Address
 from ..holepunch.udp import UDPHolePuncher
 from ..wire import Key, Payload, encode_frame
 from .backoff import Backoff
@@ -87,7 +88,6 @@ __all__ = ["UDPChannel", "Discovery", "DatagramSender", "RendezvousDiscovery", "
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 _COPY_MAX = 256 * 1024  # messages up to this size are copied and send returns at once
 _TRAVERSAL: tuple[Traversal, ...] = ("auto", "punch", "off")
 

@@ -34,13 +34,13 @@ from typing import Any, Literal, Protocol
 
 from ..holepunch import protocol as p
 from ..holepunch.client import ControlConnection, RendezvousClient
+from ..holepunch.net import Address
 from ..holepunch.udp import RELAY_HOST, UDPHolePuncher
 
 __all__ = ["Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery", "Traversal"]
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Traversal = Literal["auto", "punch", "off"]
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..errors import ConfigError, ProtocolError
-from ..wire import DEFAULT_LIMITS, Buffer, FrameReader, Key, Limits, Payload
+from ..wire import DEFAULT_LIMITS, Buffer, FrameReader, Key, Limits, Payload, flat
 from .backoff import Backoff
 from .datagram import (
     ACK_HEADER,
@@ -105,11 +105,6 @@ class LinkParams:
 def _newer(a: int, b: int) -> bool:
     """Serial-number order of 32-bit epochs (RFC 1982): is ``a`` after ``b``?"""
     return 0 < (a - b) & 0xFFFFFFFF < 2**31
-
-
-def _flat(buf: Buffer) -> memoryview:
-    view = memoryview(buf)
-    return view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
 
 
 class _Frag:
@@ -219,7 +214,7 @@ class Sender:
         must not change until the message is acknowledged or
         :meth:`own_buffers` has run.
         """
-        views = [v for v in map(_flat, buffers) if v.nbytes]
+        views = [v for v in map(flat, buffers) if v.nbytes]
         if copy and not (len(views) == 1 and _owned(views[0])):
             views = [memoryview(b"".join(views))]
         size = sum(v.nbytes for v in views)

@@ -62,7 +62,7 @@ from typing import Any, Final, TypeVar
 from botocore.exceptions import ClientError
 
 from ..errors import BackendError, ConfigError
-from ..wire import Buffer
+from ..wire.buffers import Buffer
 from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
 from .backoff import poll_until
 from .base import ChannelContext

@@ -56,7 +56,7 @@ from typing import Any, TypeVar
 from botocore.exceptions import ClientError
 
 from ..errors import BackendError, ConfigError, ProtocolError
-from ..wire import Buffer
+from ..wire.buffers import Buffer
 from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
 from .base import ChannelContext
 from .options import AWSOptions, option

@@ -288,7 +288,7 @@ def test_fuzz_valid_envelope_random_body(data: bytes, split: int) -> None:
             "public nonce ok outcome commit nat dst code message observed".split()
         ),
         st.one_of(
-            st.sampled_from([*sorted(p._TYPES), "tcp", "udp", "direct", "relay"]),
+            st.sampled_from([*sorted(p.MESSAGE_TYPES), "tcp", "udp", "direct", "relay"]),
             st.booleans(),
             st.integers(-(2**40), 2**40),
             st.text(max_size=20),

@@ -49,25 +49,15 @@ import numpy as np
 from servers import redis_and_moto  # benchmarks/servers.py
 
 import fmi_async as fmi
+from fmi_async.channels import registry
 from fmi_async.selection import plan as planmod  # private helpers: the what-if model only
-from fmi_async.selection.calibrate import (
-    calibrate,
-    cost_model_from,
-    describe,
-    local_group,
-    measure_reduce_bandwidth,
-)
 from fmi_async.selection.model import CostModel
 from fmi_async.selection.plan import Hint, Plan, plan, plans
-from fmi_async.selection.report import (
-    CHANNEL_KINDS,
-    fmt_bytes,
-    fmt_seconds,
-    fmt_usd,
-    main_cost,
-    parse_sizes,
-    render_table,
-)
+from fmi_async.tools.calibrate import calibrate, describe, local_group
+from fmi_async.tools.calibration import cost_model_from, measure_reduce_bandwidth
+from fmi_async.tools.cli import main as fmi_main
+from fmi_async.tools.tables import render_table
+from fmi_async.tools.units import fmt_bytes, fmt_seconds, fmt_usd, parse_sizes
 
 KiB, MiB = 1024, 1024 * 1024
 COLLECTIVES = ("bcast", "reduce", "allreduce", "gather", "allgather", "scan")
@@ -265,7 +255,7 @@ def shared_seconds(
         p.op, float(kw["nbytes"]), peers, 0, kw.get("operator"), kw["is_array"], kw.get("elements")
     )
     if p.family == "direct":
-        scale = 2.0 if CHANNEL_KINDS[p.channel] == "mediated" else 1.0
+        scale = 2.0 if registry.spec(p.channel).kind == "mediated" else 1.0
         a, b = scale * m.overhead, scale / m.bandwidth
         _, count, moved = planmod._direct(p.algorithm, shape, a, b)
         work = count * a + moved * b
@@ -288,7 +278,7 @@ async def sweep_cell(
     args: argparse.Namespace,
 ) -> Cell:
     cell = Cell(op, size, peers)
-    kinds = [(c, CHANNEL_KINDS[c]) for c in channels]
+    kinds = [(c, registry.spec(c).kind) for c in channels]
     kw = _call_kwargs(op, size)
     every = plans(op, num_peers=peers, channels=kinds, models=models, **kw)
     for subset in [*SUBSETS, *channels]:
@@ -499,7 +489,7 @@ async def _example_job(calibrated: fmi.Config, channels: list[str], rate: float)
             _write(stats_file, stats)
             _write(config_file, calibrated.to_dict())
             print(f"fmi cost stats.json --config calibrated.json  ({hint.name}):")
-            main_cost([str(stats_file), "--config", str(config_file)])
+            fmi_main(["cost", str(stats_file), "--config", str(config_file)])
 
 
 # ---------------------------------------------------------------- main

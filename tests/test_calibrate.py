@@ -1,4 +1,5 @@
-"""``fmi calibrate``: the fit, the measurement of real channels, and the config it writes."""
+"""``fmi calibrate``: the fit, the measurement of real channels, and the config it writes
+(the command through the ``fmi`` entry point)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,11 @@ import pytest
 
 from fmi_async.config import Config
 from fmi_async.errors import ArgumentError, ConfigError
-from fmi_async.selection.calibrate import (
-    ChannelCalibration,
-    Progress,
-    calibrate,
-    calibrate_channel,
-    fit_line,
-    main_calibrate,
-    models_from,
-    write_models,
-)
-from fmi_async.selection.model import DEFAULT_MODELS, load_cost_model, load_models
+from fmi_async.selection.model import default_models, load_cost_model, load_models
+from fmi_async.tools.calibrate import calibrate, calibrate_channel
+from fmi_async.tools.calibration import ChannelCalibration, fit_line, models_from, write_models
+from fmi_async.tools.cli import main
+from fmi_async.tools.progress import progress_bar
 
 KiB, MiB = 1024, 1024 * 1024
 SIZES = [8, KiB, 64 * KiB, MiB, 4 * MiB]
@@ -107,7 +102,7 @@ async def test_calibrate_memory_and_tcp_gives_positive_finite_parameters() -> No
         assert 1e-7 < cal.overhead < 0.1
     models = models_from(results)
     assert models["tcp"].overhead == pytest.approx(results[1].overhead, rel=1e-5)
-    assert models["s3"] == DEFAULT_MODELS["s3"]  # what was not measured keeps its default
+    assert models["s3"] == default_models()["s3"]  # what was not measured keeps its default
 
 
 async def test_calibrate_redis_halves_the_message_into_requests(redis_config: Config) -> None:
@@ -174,7 +169,7 @@ def test_command_writes_a_config_that_loads(
     path = tmp_path / "fmi.json"
     path.write_text(json.dumps({"timeout": 30}))
     argv = ["--config", str(path), "--channels", "memory,tcp", "--sizes", "8,64KiB,1MiB"]
-    code = main_calibrate([*argv, "--reps", "3", "--budget", "0.3", "--peers", "2", "--write"])
+    code = main(["calibrate", *argv, "--reps", "3", "--budget", "0.3", "--peers", "2", "--write"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "overhead (IQR)" in out and "memory" in out and "tcp" in out
@@ -183,7 +178,7 @@ def test_command_writes_a_config_that_loads(
     assert config.timeout == 30
     models = load_models(config.model)
     for name in ("memory", "tcp"):
-        assert models[name] != DEFAULT_MODELS[name]
+        assert models[name] != default_models()[name]
         assert models[name].overhead > 0 and models[name].bandwidth > 0
     # The folding rate is measured and written next to the channels.
     assert "folding (numpy SUM" in out
@@ -204,16 +199,27 @@ def test_command_writes_a_config_that_loads(
 def test_command_errors_say_what_to_fix(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main_calibrate([*argv, "--no-progress"]) == 2
+    assert main(["calibrate", *argv, "--no-progress"]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_progress_bar_into_a_file_writes_a_line_per_tenth() -> None:
     out = io.StringIO()
-    bar = Progress(40, "calibrate", stream=out)
+    bar = progress_bar(40, "calibrate", stream=out)
     for _ in range(40):
-        bar.advance("x")
+        bar.set_postfix_str("x", refresh=False)
+        bar.update()
     bar.close()
-    lines = out.getvalue().splitlines()
-    assert 10 <= len(lines) <= 11
-    assert lines[-1].startswith("calibrate 40/40")
+    # Into a file the bar writes one status per tenth of the work (tqdm separates
+    # them with carriage returns), plus its start and its final state.
+    lines = [line for line in out.getvalue().splitlines() if line]
+    assert 10 <= len(lines) <= 12
+    assert lines[-1].startswith("calibrate") and "40/40" in lines[-1]
+
+
+def test_progress_bar_disabled_writes_nothing() -> None:
+    out = io.StringIO()
+    bar = progress_bar(40, "calibrate", stream=out, enabled=False)
+    bar.update()
+    bar.close()
+    assert out.getvalue() == ""

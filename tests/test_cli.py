@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from fmi_async.cli import COMMANDS, build_parser, main, merge_config
 from fmi_async.config import Config
 from fmi_async.errors import ConfigError
 from fmi_async.holepunch.client import RendezvousClient
+from fmi_async.tools.cli import COMMANDS, build_parser, main
+from fmi_async.tools.launcher import merge_config
 
 PID = re.compile(r"pid=(\d+)")
 
@@ -258,7 +259,8 @@ def test_peers_reach_each_other_through_the_launchers_server(
         tmp_path,
         """
         import asyncio, os
-        from fmi_async.channels.base import Mailbox
+        from fmi_async.channels.base import ChannelContext
+        from fmi_async.channels.mailbox import Mailbox
         from fmi_async.channels.tcp import TCPChannel
         from fmi_async.config import Config
         from fmi_async.wire import dumps, loads
@@ -266,8 +268,8 @@ def test_peers_reach_each_other_through_the_launchers_server(
         async def main():
             me, n = int(os.environ["FMI_PEER_ID"]), int(os.environ["FMI_NUM_PEERS"])
             config = Config.load(os.environ["FMI_CONFIG"])
-            chan = TCPChannel(me, n, os.environ["FMI_COMM_NAME"], os.environ["FMI_RUN_ID"],
-                              config, Mailbox(me))
+            comm, run = os.environ["FMI_COMM_NAME"], os.environ["FMI_RUN_ID"]
+            chan = TCPChannel(ChannelContext(me, n, comm, run, config, Mailbox(me)))
             await chan.open()
             try:
                 await chan.send((me + 1) % n, ("u", 0), dumps(me * 10))
@@ -293,7 +295,7 @@ def test_peers_reach_each_other_through_the_launchers_server(
 
 def _launch(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "fmi_async.cli", *args],
+        [sys.executable, "-m", "fmi_async", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

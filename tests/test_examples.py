@@ -16,7 +16,7 @@ EXAMPLES = ROOT / "examples"
 
 def launch(n: int, script: str, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "fmi_async.cli", "run", "-n", str(n), str(EXAMPLES / script), *args],
+        [sys.executable, "-m", "fmi_async", "run", "-n", str(n), str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -180,7 +180,7 @@ def run_job(
     env.pop("FMI_NAT_GATEWAY", None)
     server = subprocess.Popen(
         [
-            *("ip", "netns", "exec", ns["pub"], sys.executable, "-m", "fmi_async.cli"),
+            *("ip", "netns", "exec", ns["pub"], sys.executable, "-m", "fmi_async"),
             # Its one public address, not 0.0.0.0: the public namespace has an
             # address per segment, and a wildcard-bound UDP socket answers from
             # the outgoing route's address, which the peer's NAT does not let in.

@@ -13,18 +13,14 @@ import numpy as np
 import pytest
 
 import fmi_async as fmi
+from fmi_async.channels import registry
 from fmi_async.config import Config
 from fmi_async.errors import ConfigError
 from fmi_async.selection.model import CostModel, load_models
 from fmi_async.selection.plan import OPERATIONS, Hint, plan
-from fmi_async.selection.report import (
-    CHANNEL_KINDS,
-    cost_report,
-    load_stats,
-    main_cost,
-    main_plan,
-    parse_size,
-)
+from fmi_async.tools.cli import main
+from fmi_async.tools.cost_report import cost_report, load_stats
+from fmi_async.tools.units import parse_size
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -36,7 +32,7 @@ def _chosen(op: str, hint: Hint, peers: int, size: int, channels: list[str]) -> 
     p = plan(
         op,
         num_peers=peers,
-        channels=[(c, CHANNEL_KINDS[c]) for c in channels],
+        channels=[(c, registry.spec(c).kind) for c in channels],
         models=CostModel(load_models({})),
         hint=hint,
         **kw,  # type: ignore[arg-type]
@@ -50,7 +46,7 @@ def _chosen(op: str, hint: Hint, peers: int, size: int, channels: list[str]) -> 
 def test_plan_lists_every_collective_and_marks_the_choice(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main_plan(["--peers", "8", "--size", "1MiB"]) == 0
+    assert main(["plan", "--peers", "8", "--size", "1MiB"]) == 0
     out = capsys.readouterr().out
     table, summary = out.split("chosen under FAST:")
     channels = ["tcp", "redis", "s3", "dynamodb"]  # the default without a config
@@ -82,7 +78,7 @@ def test_plan_uses_the_config_channels_and_model(
         )
     )
     argv = ["--peers", "4", "--size", "8", "--config", str(path), "--collectives", "bcast"]
-    assert main_plan([*argv, "--hint", "fast"]) == 0
+    assert main(["plan", *argv, "--hint", "fast"]) == 0
     out = capsys.readouterr().out
     assert "channels redis, s3" in out
     fast = next(line for line in out.splitlines() if "FAST" in line and line.startswith("bcast"))
@@ -102,14 +98,14 @@ def test_plan_uses_the_config_channels_and_model(
 def test_plan_errors_say_what_to_fix(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main_plan(argv) == 2
+    assert main(["plan", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_plot_is_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib is optional; the test extra installs it")
     out = tmp_path / "plans.png"
-    assert main_plan(["--peers", "4", "--size", "64KiB", "--plot", str(out)]) == 0
+    assert main(["plan", "--peers", "4", "--size", "64KiB", "--plot", str(out)]) == 0
     data = out.read_bytes()
     assert data[:8] == PNG_MAGIC
     assert len(data) > 10_000  # two panels with lines, not an empty canvas
@@ -120,7 +116,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     argv = ["--peers", "4", "--size", "8", "--plot", str(tmp_path / "x.png")]
-    assert main_plan(argv) == 2
+    assert main(["plan", *argv]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
@@ -146,7 +142,7 @@ async def test_cost_of_a_real_run_sums_per_peer_and_in_total(
     stats_file = tmp_path / "stats.json"
     stats_file.write_text(json.dumps(stats))
 
-    assert main_cost([str(stats_file), "--json"]) == 0
+    assert main(["cost", str(stats_file), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     peers = report["peers"]
     assert len(peers) == 4
@@ -172,7 +168,7 @@ async def test_cost_of_a_real_run_sums_per_peer_and_in_total(
         assert count == sum(s["channels"]["redis"]["requests"].get(kind, 0) for s in stats)
 
     # The text report shows the same numbers.
-    assert main_cost([str(stats_file)]) == 0
+    assert main(["cost", str(stats_file)]) == 0
     text = capsys.readouterr().out
     assert text.count("peer ") >= 4 and "total over 4 peer(s)" in text
     assert "GB-s" in text and "redis" in text and "memory" in text

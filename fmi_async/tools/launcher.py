@@ -1,0 +1,305 @@
+"""``fmi run``: start N peers of a script on this machine, like ``mpirun``.
+
+A rendezvous server runs inside the launcher, every peer gets its identity
+and a config in environment variables (with a random secret of this run,
+which the server requires too), output is prefixed with ``[peer i]``, and the
+run stops as a whole when one peer fails.  With ``--nat`` (default
+``port-restricted``) every peer sits behind its own simulated NAT box, so the
+run exercises real hole punching; the launcher prints how many pairs went
+direct and how many through the relay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..channels import registry
+from ..config import Config
+from ..errors import ConfigError
+from ..holepunch.natsim import PRESETS, NATBox
+from ..holepunch.server import RendezvousServer
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TIMEOUT", "add_run_arguments", "cmd_run", "merge_config"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_TIMEOUT = 124  # as coreutils `timeout`
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+_LINE_LIMIT = 64 * 1024  # a "line" without newline is flushed at this size
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``fmi run``."""
+    parser.add_argument("-n", "--num-peers", type=int, required=True, help="number of peers")
+    parser.add_argument("--config", type=Path, help="JSON config file (FMI's format)")
+    parser.add_argument(
+        "--timeout", type=float, help="stop the whole run after this many seconds (exit 124)"
+    )
+    parser.add_argument("--name", default="FMI_WORLD", help="communicator name")
+    parser.add_argument(
+        "--grace", type=float, default=3.0, help="seconds between SIGTERM and SIGKILL"
+    )
+    parser.add_argument(
+        "--nat",
+        choices=["none", *PRESETS],
+        default="port-restricted",
+        help="put every peer behind its own simulated NAT of this type (default: "
+        "port-restricted, which hole punching crosses; symmetric forces the relay)",
+    )
+    parser.add_argument("script", help="Python script every peer runs")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
+
+
+def merge_config(user: Mapping[str, Any], host: str, port: int, secret: str) -> dict[str, Any]:
+    """The user's config with the launcher's rendezvous server and secret filled in.
+
+    Options the user gave the TCP backend (under ``TCP`` or FMI's ``Direct``)
+    are kept; only its address and ``enabled`` are replaced.  A UDP backend
+    the user configured gets the same server's address (it registers and
+    punches over the server's UDP port, the same number); a config that names
+    UDP and not TCP runs over UDP alone.  Raises
+    :class:`~fmi_async.errors.ConfigError` when ``backends``, a backend's
+    section or ``security`` is not an object.
+    """
+    merged = copy.deepcopy(dict(user))
+    backends = merged.setdefault("backends", {})
+    if not isinstance(backends, dict):
+        raise ConfigError("config: backends must be an object keyed by backend name")
+
+    def named(channel: str) -> list[str]:
+        return [k for k in backends if registry.canonical(k) == channel]
+
+    tcp, udp = named("tcp"), named("udp")
+    for key in tcp or ([] if udp else ["TCP"]):
+        current = backends.get(key) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"config: backends.{key} must be an object")
+        backends[key] = {**current, "enabled": True, "host": host, "port": port}
+    for key in udp:
+        current = backends.get(key) or {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"config: backends.{key} must be an object")
+        backends[key] = {**current, "host": host, "port": port}
+    security = merged.setdefault("security", {})
+    if not isinstance(security, dict):
+        raise ConfigError("config: security must be an object")
+    security["secret"] = secret
+    return merged
+
+
+def _load_user_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    Config.from_dict(data, origin=str(path))  # fail here, not in N peers
+    return dict(data)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the peers; the exit code is the first failing peer's, 124 on timeout.
+
+    Raises :class:`~fmi_async.errors.ConfigError` for bad arguments, a missing
+    script or a config that does not load.
+    """
+    if args.num_peers < 1:
+        raise ConfigError(f"-n must be at least 1, got {args.num_peers}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError("--timeout must be a positive number of seconds")
+    if not Path(args.script).is_file():
+        raise ConfigError(f"script {args.script} not found")
+    user = _load_user_config(args.config)
+    return asyncio.run(_launch(args, user))
+
+
+async def _launch(args: argparse.Namespace, user: dict[str, Any]) -> int:
+    secret = secrets.token_urlsafe(32)
+    run_id = secrets.token_hex(8)
+    server = RendezvousServer(secret.encode())
+    await server.start("127.0.0.1", 0)
+    nat = getattr(args, "nat", "none")
+    boxes = [NATBox(nat) for _ in range(args.num_peers)] if nat != "none" else []
+    try:
+        for box in boxes:
+            await box.start()
+        host, port = server.address
+        config = merge_config(user, host, port, secret)
+        Config.from_dict(config)
+        envs = _peer_envs(args.num_peers, args.name, run_id, json.dumps(config))
+        for env, box in zip(envs, boxes, strict=False):
+            options = box.options()
+            env["FMI_NAT_GATEWAY"] = options["gateway"]
+            env["FMI_NAT_UDP_GATEWAY"] = options["udp_gateway"]
+        launcher = _Launcher([sys.executable, args.script, *args.args], envs, grace=args.grace)
+        code = await launcher.run(args.timeout)
+        decided = server.pairings.decided
+        if boxes and decided:
+            _note(
+                f"NAT {nat}: {decided['direct']} pairs direct, {decided['relay']} relayed "
+                f"({sum(b.dropped for b in boxes)} packets filtered by the NATs)"
+            )
+        return code
+    finally:
+        await asyncio.gather(*(b.close() for b in boxes), return_exceptions=True)
+        await server.close()
+
+
+def _peer_envs(n: int, name: str, run_id: str, config: str) -> list[dict[str, str]]:
+    base = dict(os.environ)
+    base.setdefault("PYTHONUNBUFFERED", "1")  # so "[peer i]" lines stream as printed
+    return [
+        {
+            **base,
+            "FMI_PEER_ID": str(i),
+            "FMI_NUM_PEERS": str(n),
+            "FMI_COMM_NAME": name,
+            "FMI_RUN_ID": run_id,
+            "FMI_CONFIG": config,
+        }
+        for i in range(n)
+    ]
+
+
+class _Launcher:
+    """Starts the peers, relays their output and stops them all together.
+
+    Each peer leads its own process group, so stopping it also stops whatever
+    it started; the launcher alone decides when peers stop (Ctrl-C reaches it,
+    not them, and it passes SIGTERM on).
+    """
+
+    def __init__(self, argv: list[str], envs: list[dict[str, str]], grace: float) -> None:
+        self.argv = argv
+        self.envs = envs
+        self.grace = grace
+        self.procs: list[asyncio.subprocess.Process] = []
+        self._pumps: list[asyncio.Task[None]] = []
+
+    async def run(self, timeout: float | None) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+        try:
+            await self._start()
+            return await self._supervise(stop, timeout)
+        finally:
+            await self._stop_all()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def _start(self) -> None:
+        for i, env in enumerate(self.envs):
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+            self.procs.append(proc)
+            assert proc.stdout is not None and proc.stderr is not None
+            prefix = f"[peer {i}] "
+            self._pumps.append(asyncio.create_task(_pump(proc.stdout, lambda: sys.stdout, prefix)))
+            self._pumps.append(asyncio.create_task(_pump(proc.stderr, lambda: sys.stderr, prefix)))
+        logger.debug("started %d peers: %s", len(self.procs), [p.pid for p in self.procs])
+
+    async def _supervise(self, stop: asyncio.Event, timeout: float | None) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        waits = {asyncio.create_task(p.wait()): i for i, p in enumerate(self.procs)}
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            pending = set(waits)
+            while pending:  # at most one round per peer, and bounded by the deadline
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(
+                    pending | {stopper}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stopper in done:
+                    _note("interrupted; stopping every peer")
+                    return EXIT_INTERRUPTED
+                if not done:
+                    _note(f"the run exceeded --timeout {timeout:g}s; stopping every peer")
+                    return EXIT_TIMEOUT
+                for task in done:
+                    pending.discard(task)
+                    code = _exit_code(task.result())
+                    if code != 0:
+                        _note(f"peer {waits[task]} exited with code {code}; stopping the others")
+                        return code
+            return 0
+        finally:
+            stopper.cancel()
+            for task in waits:
+                task.cancel()
+
+    async def _stop_all(self) -> None:
+        """SIGTERM every peer's group, SIGKILL what is left after the grace period."""
+        running = [p for p in self.procs if p.returncode is None]
+        for proc in running:
+            _signal_group(proc, signal.SIGTERM)
+        if running:
+            await asyncio.wait([asyncio.create_task(p.wait()) for p in running], timeout=self.grace)
+        for proc in self.procs:
+            # Also groups whose leader is gone: what a peer started must not outlive the run.
+            _signal_group(proc, signal.SIGKILL)
+        left = [p for p in self.procs if p.returncode is None]
+        if left:
+            await asyncio.wait([asyncio.create_task(p.wait()) for p in left], timeout=5.0)
+        if self._pumps:
+            _, unfinished = await asyncio.wait(self._pumps, timeout=2.0)
+            for task in unfinished:
+                task.cancel()
+
+
+def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128 + N
+
+
+def _note(message: str) -> None:
+    print(f"[fmi] {message}", file=sys.stderr, flush=True)
+
+
+async def _pump(stream: asyncio.StreamReader, sink: Callable[[], TextIO], prefix: str) -> None:
+    """Copy a child's output line by line, each line prefixed; ends at EOF."""
+    pending = b""
+    while chunk := await stream.read(65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if len(pending) >= _LINE_LIMIT:
+            lines.append(pending)
+            pending = b""
+        out = sink()
+        for line in lines:
+            out.write(prefix + line.rstrip(b"\r").decode(errors="replace") + "\n")
+        out.flush()
+    if pending:
+        out = sink()
+        out.write(prefix + pending.decode(errors="replace") + "\n")
+        out.flush()

@@ -3,16 +3,16 @@
 Why UDP next to TCP: UDP hole punching works through more NATs than TCP
 simultaneous open (RFC 5128 section 3.3), and a punched UDP path needs no
 connection set-up per pair.  The price is that reliability is ours: the
-sans-IO state machine of :mod:`fmi_async.channels.reliable` fragments each
+sans-IO state machine of :mod:`fmi_async.channels.udp.reliable` fragments each
 framed message, acknowledges, retransmits with a backed-off timer, controls
 congestion (RFC 8085 section 3.1) and reassembles in order.  This module only
 moves its datagrams: a thin :class:`asyncio.DatagramProtocol` hands every
-datagram to the per-peer :class:`~fmi_async.channels.reliable.Link`, sends
+datagram to the per-peer :class:`~fmi_async.channels.udp.reliable.Link`, sends
 what the link answers, and keeps one timer per link for retransmissions and
 delayed acks.
 
 Peers find each other through a :class:`Discovery`
-(:mod:`fmi_async.channels.udp_discovery`).  By default (``traversal: auto``)
+(:mod:`fmi_async.channels.udp.discovery`).  By default (``traversal: auto``)
 that is :class:`PunchDiscovery`: the channel's socket registers over UDP at
 the rendezvous server (the same server as the TCP channel's, under
 ``<comm>/udp``), pairs with peers behind NAT by hole punching, and pairs that
@@ -58,8 +58,8 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from ..config import Config
-from ..errors import (
+from ...config import Config
+from ...errors import (
     ArgumentError,
     BrokenChannelError,
     ClosedError,
@@ -67,22 +67,22 @@ from ..errors import (
     ConfigError,
     EndOfStream,
 )
-from ..holepunch.client import RendezvousClient
-from ..holepunch.natsim import network_from_options
-from ..holepunch.net import Address
-from ..holepunch.udp import UDPHolePuncher
-from ..wire import Key, Payload, encode_frame
-from .backoff import Backoff
-from .base import Channel, Mailbox
+from ...holepunch.client import RendezvousClient
+from ...holepunch.natsim import network_from_options
+from ...holepunch.net import Address
+from ...holepunch.udp import UDPHolePuncher
+from ...wire import Key, Payload, encode_frame
+from ..backoff import Backoff
+from ..base import Channel, Mailbox
 from .datagram import RESERVED_FIRST_BYTE, session_tag
-from .reliable import Endpoint, Link, LinkParams
-from .udp_discovery import (
+from .discovery import (
     DatagramSender,
     Discovery,
     PunchDiscovery,
     RendezvousDiscovery,
     Traversal,
 )
+from .reliable import Endpoint, Link, LinkParams
 
 __all__ = ["UDPChannel", "Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery"]
 

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import ProtocolError
-from ..wire import Buffer
+from ...errors import ProtocolError
+from ...wire import Buffer
 
 __all__ = [
     "MAGIC",

@@ -32,10 +32,10 @@ import logging
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
-from ..holepunch import protocol as p
-from ..holepunch.client import ControlConnection, RendezvousClient
-from ..holepunch.net import Address
-from ..holepunch.udp import RELAY_HOST, UDPHolePuncher
+from ...holepunch import protocol as p
+from ...holepunch.client import ControlConnection, RendezvousClient
+from ...holepunch.net import Address
+from ...holepunch.udp import RELAY_HOST, UDPHolePuncher
 
 __all__ = ["Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery", "Traversal"]
 

@@ -15,8 +15,8 @@ path's payload size; its :class:`Receiver` puts them back in order and feeds
 them to a :class:`~fmi_async.wire.FrameReader`, so in-order, exactly-once,
 byte-exact delivery is the same guarantee TCP gives the stream channel.
 
-The datagram format is in :mod:`fmi_async.channels.datagram`, the
-retransmission timer in :mod:`fmi_async.channels.retransmit`.
+The datagram format is in :mod:`fmi_async.channels.udp.datagram`, the
+retransmission timer in :mod:`fmi_async.channels.udp.retransmit`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from ..errors import ConfigError, ProtocolError
-from ..wire import DEFAULT_LIMITS, Buffer, FrameReader, Key, Limits, Payload, flat
-from .backoff import Backoff
+from ...errors import ConfigError, ProtocolError
+from ...wire import DEFAULT_LIMITS, Buffer, FrameReader, Key, Limits, Payload, flat
+from ..backoff import Backoff
 from .datagram import (
     ACK_HEADER,
     DATA_HEADER,
@@ -59,7 +59,7 @@ _MIN_CWND: Final = 2.0
 
 @dataclass(frozen=True, slots=True)
 class LinkParams:
-    """Tunables of one link; :meth:`fmi_async.channels.udp.UDPChannel` reads them from options.
+    """Tunables of one link; :meth:`fmi_async.channels.udp.channel.UDPChannel` reads them from options.
 
     ``rto`` is the retransmission policy: its ``initial`` is the first timeout
     before any round trip was measured (RFC 6298 section 2.1 says 1 s for the

@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import replace
 
-from .backoff import Backoff
+from ..backoff import Backoff
 
 __all__ = ["RetransmitTimer"]
 

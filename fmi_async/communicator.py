@@ -17,7 +17,7 @@ import numpy as np
 from .channels import channel_class
 from .channels.base import Channel, Mailbox, ReceiveGuard, abort_payload
 from .channels.memory import MemoryHub
-from .collectives import direct
+from .collectives import registry as algorithms
 from .collectives.base import CollectiveContext
 from .config import Config, check_timeout
 from .errors import (
@@ -546,19 +546,13 @@ class Communicator:
             logger.debug("peer %d: background task failed: %r", self.peer_id, task.exception())
 
     async def _run(self, ctx: CollectiveContext, chosen: Plan, *args: Any) -> Any:
-        """Run the chosen algorithm of the chosen family."""
-        if chosen.family == "direct":
-            module: Any = direct
-        else:
-            from .collectives import mediated
+        """Run the chosen algorithm: one registry lookup, one uniform call.
 
-            module = mediated
-        fn = getattr(module, chosen.op)
-        if chosen.op == "allreduce" or (
-            chosen.family == "direct" and chosen.op in ("reduce", "scan", "exscan")
-        ):
-            return await fn(ctx, *args, chosen.algorithm)
-        return await fn(ctx, *args)
+        ``args`` are the collective's arguments in the order
+        :data:`~fmi_async.collectives.registry.COLLECTIVES` declares them.
+        """
+        entry = algorithms.get(chosen.family, chosen.op, chosen.algorithm)
+        return await entry.fn(ctx, *args)
 
     def _serializable(self, value: Any) -> None:
         """Raise SerializationError now, before any message of the collective is sent."""

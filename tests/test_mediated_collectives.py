@@ -23,7 +23,7 @@ from fmi_async.channels.base import ChannelContext
 from fmi_async.channels.mailbox import Mailbox
 from fmi_async.channels.registry import channel_class
 from fmi_async.channels.storage import StorageChannel
-from fmi_async.collectives import mediated
+from fmi_async.collectives import mediated, registry
 from fmi_async.collectives.base import CollectiveContext
 from fmi_async.config import Config
 from fmi_async.errors import ArgumentError, CommTimeout
@@ -252,6 +252,10 @@ async def test_a_missing_peer_times_out_with_the_collective_named(
             await g.run("bcast", body, timeout=0.5)
 
 
-def test_every_collective_has_an_algorithm_table_entry() -> None:
-    names = {n for n in mediated.__all__ if n != "ALGORITHMS"}
-    assert names == set(mediated.ALGORITHMS)
+def test_every_collective_has_a_registered_storage_algorithm() -> None:
+    for op in registry.COLLECTIVES:
+        entries = registry.algorithms("mediated", op)
+        assert entries, op
+        for entry in entries:
+            assert entry.fn.__module__ == mediated.__name__
+            assert entry.fn.__name__ in mediated.__all__

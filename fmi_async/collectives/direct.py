@@ -31,18 +31,24 @@ import numpy as np
 
 from ..ops import Op, fold
 from .base import CollectiveContext
+from .registry import Need, algorithm
 
 __all__ = [
     "bcast",
     "reduce",
-    "allreduce",
+    "reduce_linear",
+    "allreduce_recursive_doubling",
+    "allreduce_ring",
+    "allreduce_linear",
     "gather",
     "scatter",
     "allgather",
     "alltoall",
     "reduce_scatter",
     "scan",
+    "scan_chain",
     "exscan",
+    "exscan_chain",
     "barrier",
 ]
 
@@ -60,6 +66,7 @@ def _parent_mask(v: int, size: int) -> int:
 # ------------------------------------------------------------------- bcast
 
 
+@algorithm("direct", "bcast", "binomial")
 async def bcast(ctx: CollectiveContext, value: Any, root: int) -> Any:
     """Binomial tree; the payload is serialized once and forwarded as received."""
     size, v = ctx.size, (ctx.rank - root) % ctx.size
@@ -85,15 +92,14 @@ async def bcast(ctx: CollectiveContext, value: Any, root: int) -> Any:
 # ------------------------------------------------------------------- reduce
 
 
-async def reduce(
-    ctx: CollectiveContext, value: Any, op: Op, root: int, algorithm: str = "binomial"
-) -> Any:
+@algorithm("direct", "reduce", "binomial", needs=(Need.ASSOCIATIVE,))
+async def reduce(ctx: CollectiveContext, value: Any, op: Op, root: int) -> Any:
+    """Binomial tree; a non-associative operator falls back to :func:`reduce_linear`."""
     size = ctx.size
     if size == 1:
         return value
-    if algorithm == "linear" or not op.associative:
-        values = await gather(ctx, value, root)
-        return fold(op, values) if values is not None else None
+    if not op.associative:
+        return await reduce_linear(ctx, value, op, root)
     # Commutative: tree relative to the root.  Otherwise: tree rooted at rank 0
     # in true rank order, then one hop to the root.
     base = root if op.commutative else 0
@@ -118,10 +124,21 @@ async def reduce(
     return None
 
 
+@algorithm("direct", "reduce", "linear")
+async def reduce_linear(ctx: CollectiveContext, value: Any, op: Op, root: int) -> Any:
+    """Gather to the root, which folds left to right: exact for any operator."""
+    if ctx.size == 1:
+        return value
+    values = await gather(ctx, value, root)
+    return fold(op, values) if values is not None else None
+
+
 # ------------------------------------------------------------------- allreduce
 
 
+@algorithm("direct", "allreduce", "recursive_doubling", needs=(Need.ASSOCIATIVE,))
 async def allreduce_recursive_doubling(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Recursive doubling; non-powers of two fold their first ``2 * rem`` ranks pairwise."""
     size, rank = ctx.size, ctx.rank
     if size == 1:
         return value
@@ -154,6 +171,12 @@ async def allreduce_recursive_doubling(ctx: CollectiveContext, value: Any, op: O
     return value
 
 
+@algorithm(
+    "direct",
+    "allreduce",
+    "ring",
+    needs=(Need.ARRAY, Need.COMMUTATIVE, Need.ASSOCIATIVE),
+)
 async def allreduce_ring(ctx: CollectiveContext, value: np.ndarray, op: Op) -> np.ndarray:
     """Ring reduce-scatter + ring allgather; commutative operators only.
 
@@ -204,23 +227,17 @@ def _reduces_in_place(op: Op, got: Any, mine: np.ndarray) -> bool:
     return bool(op.ufunc(got[:1], mine[:1]).dtype == mine.dtype)
 
 
+@algorithm("direct", "allreduce", "linear")
 async def allreduce_linear(ctx: CollectiveContext, value: Any, op: Op) -> Any:
     """Reduce to rank 0 (binomial; gather and left fold if not associative), then bcast."""
     result = await reduce(ctx, value, op, 0)
     return await bcast(ctx, result, 0)
 
 
-async def allreduce(ctx: CollectiveContext, value: Any, op: Op, algorithm: str) -> Any:
-    if algorithm == "ring":
-        return await allreduce_ring(ctx, value, op)
-    if algorithm == "linear":
-        return await allreduce_linear(ctx, value, op)
-    return await allreduce_recursive_doubling(ctx, value, op)
-
-
 # ------------------------------------------------------------------- gather / scatter
 
 
+@algorithm("direct", "gather", "binomial")
 async def gather(ctx: CollectiveContext, value: Any, root: int) -> list[Any] | None:
     """Binomial tree; each subtree forwards its values as one message."""
     size, v = ctx.size, (ctx.rank - root) % ctx.size
@@ -239,6 +256,7 @@ async def gather(ctx: CollectiveContext, value: Any, root: int) -> list[Any] | N
     return result
 
 
+@algorithm("direct", "scatter", "binomial")
 async def scatter(ctx: CollectiveContext, values: list[Any] | None, root: int) -> Any:
     size, v = ctx.size, (ctx.rank - root) % ctx.size
     if v == 0:
@@ -261,6 +279,7 @@ async def scatter(ctx: CollectiveContext, values: list[Any] | None, root: int) -
 # ------------------------------------------------------------------- allgather / alltoall
 
 
+@algorithm("direct", "allgather", "bruck")
 async def allgather(ctx: CollectiveContext, value: Any) -> list[Any]:
     """Bruck's algorithm: block j at this rank holds the value of rank (rank + j) mod P."""
     size, rank = ctx.size, ctx.rank
@@ -277,6 +296,7 @@ async def allgather(ctx: CollectiveContext, value: Any) -> list[Any]:
     return result
 
 
+@algorithm("direct", "alltoall", "pairwise")
 async def alltoall(ctx: CollectiveContext, values: list[Any]) -> list[Any]:
     """Pairwise exchange: in round s, send to rank+s and receive from rank-s."""
     size, rank = ctx.size, ctx.rank
@@ -288,6 +308,7 @@ async def alltoall(ctx: CollectiveContext, values: list[Any]) -> list[Any]:
     return result
 
 
+@algorithm("direct", "reduce_scatter", "pairwise")
 async def reduce_scatter(ctx: CollectiveContext, parts: list[Any], op: Op) -> Any:
     """Part ``j`` of every peer goes to peer ``j``, which folds them in rank order."""
     size, rank = ctx.size, ctx.rank
@@ -302,15 +323,12 @@ async def reduce_scatter(ctx: CollectiveContext, parts: list[Any], op: Op) -> An
 # ------------------------------------------------------------------- scan / exscan
 
 
-async def scan(
-    ctx: CollectiveContext, value: Any, op: Op, algorithm: str = "recursive_doubling"
-) -> Any:
+@algorithm("direct", "scan", "recursive_doubling", needs=(Need.ASSOCIATIVE,))
+async def scan(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Recursive doubling; a non-associative operator falls back to :func:`scan_chain`."""
     size, rank = ctx.size, ctx.rank
-    if algorithm == "chain" or not op.associative:
-        prefix = value if rank == 0 else op(await ctx.recv(rank - 1, "chain"), value)
-        if rank + 1 < size:
-            await ctx.send(rank + 1, "chain", prefix)
-        return prefix
+    if not op.associative:
+        return await scan_chain(ctx, value, op)
     partial, result = value, value
     mask = 1
     while mask < size:
@@ -326,16 +344,25 @@ async def scan(
     return result
 
 
-async def exscan(
-    ctx: CollectiveContext, value: Any, op: Op, algorithm: str = "recursive_doubling"
-) -> Any:
-    """Exclusive scan; rank 0 gets ``None`` (MPI leaves it undefined)."""
+@algorithm("direct", "scan", "chain")
+async def scan_chain(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Left to right, one peer after the other: exact for any operator."""
+    rank = ctx.rank
+    prefix = value if rank == 0 else op(await ctx.recv(rank - 1, "chain"), value)
+    if rank + 1 < ctx.size:
+        await ctx.send(rank + 1, "chain", prefix)
+    return prefix
+
+
+@algorithm("direct", "exscan", "recursive_doubling", needs=(Need.ASSOCIATIVE,))
+async def exscan(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Exclusive scan; rank 0 gets ``None`` (MPI leaves it undefined).
+
+    Recursive doubling; a non-associative operator falls back to :func:`exscan_chain`.
+    """
     size, rank = ctx.size, ctx.rank
-    if algorithm == "chain" or not op.associative:
-        prefix = None if rank == 0 else await ctx.recv(rank - 1, "chain")
-        if rank + 1 < size:
-            await ctx.send(rank + 1, "chain", value if prefix is None else op(prefix, value))
-        return prefix
+    if not op.associative:
+        return await exscan_chain(ctx, value, op)
     partial: Any = value
     result: Any = None
     mask = 1
@@ -352,9 +379,20 @@ async def exscan(
     return result
 
 
+@algorithm("direct", "exscan", "chain")
+async def exscan_chain(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Left to right, one peer after the other; rank 0 gets ``None``."""
+    rank = ctx.rank
+    prefix = None if rank == 0 else await ctx.recv(rank - 1, "chain")
+    if rank + 1 < ctx.size:
+        await ctx.send(rank + 1, "chain", value if prefix is None else op(prefix, value))
+    return prefix
+
+
 # ------------------------------------------------------------------- barrier
 
 
+@algorithm("direct", "barrier", "dissemination")
 async def barrier(ctx: CollectiveContext) -> None:
     """Dissemination barrier: ceil(log2 P) rounds, any P."""
     size, rank = ctx.size, ctx.rank

@@ -40,19 +40,25 @@ import numpy as np
 from ..errors import ArgumentError
 from ..ops import Op
 from .base import CollectiveContext
+from .registry import Need, algorithm
 
 __all__ = [
-    "ALGORITHMS",
     "allgather",
     "allreduce",
+    "allreduce_root",
+    "allreduce_split",
     "alltoall",
     "barrier",
     "bcast",
     "exscan",
+    "exscan_chain",
+    "exscan_tree",
     "gather",
     "reduce",
     "reduce_scatter",
     "scan",
+    "scan_chain",
+    "scan_tree",
     "scatter",
 ]
 
@@ -61,20 +67,6 @@ T = TypeVar("T")
 # Above this size an elementwise allreduce is split: each peer reduces one
 # part, so no peer downloads more than about twice the array.
 SPLIT_THRESHOLD: Final = 1024 * 1024
-
-ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "bcast": ("put_get",),
-    "reduce": ("fetch_fold",),
-    "allreduce": ("root", "split"),
-    "gather": ("fetch",),
-    "scatter": ("store",),
-    "allgather": ("put_get",),
-    "alltoall": ("store",),
-    "reduce_scatter": ("fetch_fold",),
-    "scan": ("tree", "chain"),
-    "exscan": ("tree", "chain"),
-    "barrier": ("gather_release",),
-}
 
 
 async def _all(aws: Iterable[Awaitable[T]]) -> list[T]:
@@ -125,6 +117,7 @@ async def _fetch_fold(ctx: CollectiveContext, own: Any, op: Op, step: str) -> An
 # ------------------------------------------------------------------- one to many
 
 
+@algorithm("mediated", "bcast", "put_get")
 async def bcast(ctx: CollectiveContext, value: Any, root: int) -> Any:
     """The root stores the value once; every other peer reads it, all at once."""
     if ctx.size == 1:
@@ -135,6 +128,7 @@ async def bcast(ctx: CollectiveContext, value: Any, root: int) -> Any:
     return await ctx.get("b", root)
 
 
+@algorithm("mediated", "scatter", "store")
 async def scatter(ctx: CollectiveContext, values: list[Any] | None, root: int) -> Any:
     """The root stores one message per peer, concurrently; each peer reads its own."""
     if ctx.rank != root:
@@ -147,6 +141,7 @@ async def scatter(ctx: CollectiveContext, values: list[Any] | None, root: int) -
 # ------------------------------------------------------------------- many to one
 
 
+@algorithm("mediated", "gather", "fetch")
 async def gather(ctx: CollectiveContext, value: Any, root: int) -> list[Any] | None:
     """Every peer stores its value; the root fetches them concurrently."""
     if ctx.rank != root:
@@ -157,6 +152,7 @@ async def gather(ctx: CollectiveContext, value: Any, root: int) -> list[Any] | N
     return got
 
 
+@algorithm("mediated", "reduce", "fetch_fold")
 async def reduce(ctx: CollectiveContext, value: Any, op: Op, root: int) -> Any:
     """Every peer stores its value; the root fetches concurrently and folds (see module doc)."""
     if ctx.size == 1:
@@ -185,14 +181,17 @@ async def allreduce(ctx: CollectiveContext, value: Any, op: Op, algorithm: str =
         large = isinstance(value, np.ndarray) and value.nbytes >= SPLIT_THRESHOLD
         algorithm = "split" if large and _splittable(ctx, value, op) else "root"
     if algorithm == "split":
-        if not _splittable(ctx, value, op):
-            raise ArgumentError(
-                "the split allreduce needs a numpy array with at least one element per peer "
-                "and a built-in elementwise operator (fmi.SUM, fmi.MAX, ...)"
-            )
-        return await _allreduce_split(ctx, value, op)
+        return await allreduce_split(ctx, value, op)
     if algorithm != "root":
         raise ArgumentError(f"mediated allreduce has no algorithm {algorithm!r}")
+    return await allreduce_root(ctx, value, op)
+
+
+@algorithm("mediated", "allreduce", "root")
+async def allreduce_root(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Rank 0 fetches and folds every value, stores the result once; everyone reads it."""
+    if ctx.size == 1:
+        return value
     if ctx.rank == 0:
         result = await _fetch_fold(ctx, value, op, "r")
         await ctx.put("result", result)
@@ -206,7 +205,26 @@ def _splittable(ctx: CollectiveContext, value: Any, op: Op) -> bool:
     return isinstance(value, np.ndarray) and op.ufunc is not None and value.size >= ctx.size
 
 
-async def _allreduce_split(ctx: CollectiveContext, value: np.ndarray, op: Op) -> np.ndarray:
+@algorithm(
+    "mediated",
+    "allreduce",
+    "split",
+    needs=(Need.ARRAY, Need.ELEMENTWISE, Need.PART_PER_PEER),
+)
+async def allreduce_split(ctx: CollectiveContext, value: np.ndarray, op: Op) -> np.ndarray:
+    """Peer j folds part j of every array and stores it once; every peer reads all parts.
+
+    Raises :class:`~fmi_async.errors.ArgumentError` (with more than one peer)
+    unless ``value`` is a numpy array with at least one element per peer and ``op`` a built-in
+    elementwise operator.
+    """
+    if ctx.size == 1:
+        return value
+    if not _splittable(ctx, value, op):
+        raise ArgumentError(
+            "the split allreduce needs a numpy array with at least one element per peer "
+            "and a built-in elementwise operator (fmi.SUM, fmi.MAX, ...)"
+        )
     flat = np.ascontiguousarray(value).reshape(-1)
     parts = np.array_split(flat, ctx.size)
     mine = await _exchange_and_fold(ctx, parts, op, "part")
@@ -230,6 +248,7 @@ async def _exchange_and_fold(ctx: CollectiveContext, parts: list[Any], op: Op, s
     return folded
 
 
+@algorithm("mediated", "allgather", "put_get")
 async def allgather(ctx: CollectiveContext, value: Any) -> list[Any]:
     """Every peer stores its value once and reads every other one, concurrently: one round."""
     if ctx.size == 1:
@@ -240,6 +259,7 @@ async def allgather(ctx: CollectiveContext, value: Any) -> list[Any]:
     return got
 
 
+@algorithm("mediated", "alltoall", "store")
 async def alltoall(ctx: CollectiveContext, values: list[Any]) -> list[Any]:
     """Every peer stores one message per destination and reads its own: one round."""
     rank = ctx.rank
@@ -251,6 +271,7 @@ async def alltoall(ctx: CollectiveContext, values: list[Any]) -> list[Any]:
     return received
 
 
+@algorithm("mediated", "reduce_scatter", "fetch_fold")
 async def reduce_scatter(ctx: CollectiveContext, parts: list[Any], op: Op) -> Any:
     """Part j of every peer is stored for peer j, which fetches and folds them."""
     if ctx.size == 1:
@@ -258,6 +279,7 @@ async def reduce_scatter(ctx: CollectiveContext, parts: list[Any], op: Op) -> An
     return await _exchange_and_fold(ctx, parts, op, "rs")
 
 
+@algorithm("mediated", "barrier", "gather_release")
 async def barrier(ctx: CollectiveContext) -> None:
     """Every peer reports to rank 0, which stores one release object that everyone reads.
 
@@ -278,17 +300,45 @@ async def barrier(ctx: CollectiveContext) -> None:
 
 
 async def scan(ctx: CollectiveContext, value: Any, op: Op) -> Any:
-    """Inclusive prefix: peer i gets ``op(v0, ..., vi)``."""
+    """Inclusive prefix: peer i gets ``op(v0, ..., vi)`` (the tree, or the chain
+    for a non-associative operator)."""
     if not op.associative:
-        return (await _chain(ctx, value, op))[0]
-    return (await _tree_scan(ctx, value, op))[0]
+        return await scan_chain(ctx, value, op)
+    return await scan_tree(ctx, value, op)
 
 
 async def exscan(ctx: CollectiveContext, value: Any, op: Op) -> Any:
     """Exclusive prefix: peer i gets ``op(v0, ..., v(i-1))``; peer 0 gets ``None``."""
     if not op.associative:
-        return (await _chain(ctx, value, op))[1]
+        return await exscan_chain(ctx, value, op)
+    return await exscan_tree(ctx, value, op)
+
+
+@algorithm("mediated", "scan", "tree", needs=(Need.ASSOCIATIVE,))
+async def scan_tree(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Inclusive prefix by Blelloch's tree (see :func:`_tree_scan`)."""
+    return (await _tree_scan(ctx, value, op))[0]
+
+
+@algorithm("mediated", "scan", "chain", needs=(Need.NON_ASSOCIATIVE,))
+async def scan_chain(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Inclusive prefix along the chain of peers: exact for any operator.
+
+    Registered for non-associative operators only, where the tree cannot run.
+    """
+    return (await _chain(ctx, value, op))[0]
+
+
+@algorithm("mediated", "exscan", "tree", needs=(Need.ASSOCIATIVE,))
+async def exscan_tree(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Exclusive prefix by Blelloch's tree (see :func:`_tree_scan`)."""
     return (await _tree_scan(ctx, value, op))[1]
+
+
+@algorithm("mediated", "exscan", "chain", needs=(Need.NON_ASSOCIATIVE,))
+async def exscan_chain(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """Exclusive prefix along the chain of peers; peer 0 gets ``None``."""
+    return (await _chain(ctx, value, op))[1]
 
 
 async def _chain(ctx: CollectiveContext, value: Any, op: Op) -> tuple[Any, Any]:

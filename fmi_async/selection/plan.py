@@ -51,17 +51,17 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
+from ..collectives import registry
+from ..collectives.registry import Algorithm
 from ..errors import ArgumentError
 from ..ops import Op
 from .model import ChannelModel, CostModel, message_requests, object_requests
 
 __all__ = [
     "DEFAULT_NBYTES",
-    "DIRECT_ALGORITHMS",
-    "MEDIATED_ALGORITHMS",
     "OPERATIONS",
     "Hint",
     "Plan",
@@ -83,33 +83,9 @@ class Hint(enum.Enum):
     CHEAP = "cheap"
 
 
-DIRECT_ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "bcast": ("binomial",),
-    "reduce": ("binomial", "linear"),
-    "allreduce": ("recursive_doubling", "ring", "linear"),
-    "gather": ("binomial",),
-    "scatter": ("binomial",),
-    "allgather": ("bruck",),
-    "alltoall": ("pairwise",),
-    "reduce_scatter": ("pairwise",),
-    "scan": ("recursive_doubling", "chain"),
-    "exscan": ("recursive_doubling", "chain"),
-    "barrier": ("dissemination",),
-}
-MEDIATED_ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "bcast": ("put_get",),
-    "reduce": ("fetch_fold",),
-    "allreduce": ("root", "split"),
-    "gather": ("fetch",),
-    "scatter": ("store",),
-    "allgather": ("put_get",),
-    "alltoall": ("store",),
-    "reduce_scatter": ("fetch_fold",),
-    "scan": ("tree", "chain"),
-    "exscan": ("tree", "chain"),
-    "barrier": ("gather_release",),
-}
-OPERATIONS = tuple(DIRECT_ALGORITHMS)
+# The collectives, their algorithms and what each needs of a call are declared
+# once, in fmi_async.collectives.registry; plan() reads them from there.
+OPERATIONS = tuple(registry.COLLECTIVES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,89 +129,118 @@ def _scan_messages(p: int) -> int:
     return sum(1 for m in range(_log2ceil(p)) for r in range(p) if r ^ (1 << m) < p)
 
 
-def _valid(family: str, algorithm: str, s: _Shape) -> bool:
-    op = s.operator
-    associative = op is None or op.associative
-    commutative = op is not None and op.commutative
-    if family == "direct":
-        if algorithm == "ring":
-            return s.is_array and commutative and associative
-        if algorithm in ("recursive_doubling", "binomial") and s.op in (
-            "allreduce",
-            "reduce",
-            "scan",
-            "exscan",
-        ):
-            return associative
-        return True
-    if algorithm == "split":
-        return (
-            s.is_array
-            and op is not None
-            and op.ufunc is not None
-            and s.elements is not None
-            and s.elements >= s.peers
-        )
-    if algorithm == "tree":
-        return associative
-    if algorithm == "chain":  # the storage scan picks tree or chain by the operator
-        return not associative
-    return True
+# Cost formulas, keyed by an algorithm's cost tag (Algorithm.cost in the
+# registry).  A direct formula gets the call and the price of one message,
+# ``a + n b``, and returns (seconds, messages, bytes); every formula handles
+# the collectives whose algorithms carry its tag and refuses the others.
+Direct = Callable[[_Shape, float, float], tuple[float, float, float]]
 
 
-def _direct(alg: str, s: _Shape, a: float, b: float) -> tuple[float, float, float]:
-    """(seconds, messages, bytes) of a direct algorithm; a message costs a + n b."""
+def _no_formula(tag: str, s: _Shape) -> ArgumentError:
+    return ArgumentError(f"cost formula {tag!r} does not describe {s.op}")
+
+
+def _binomial(s: _Shape, a: float, b: float) -> tuple[float, float, float]:
     p, n, big_l = s.peers, s.nbytes, _log2ceil(s.peers)
-
-    def t(x: float) -> float:
-        return a + x * b
-
-    op = s.op
-    if p == 1:
-        return 0.0, 0.0, 0.0
-    if op == "bcast":
-        return big_l * t(n), p - 1, (p - 1) * n
-    if op in ("gather", "scatter") or (op == "reduce" and alg == "linear"):
+    if s.op == "bcast":
+        return big_l * (a + n * b), p - 1, (p - 1) * n
+    if s.op in ("gather", "scatter"):  # subtrees forwarded whole
         hops = sum(bin(v).count("1") for v in range(1, p))
         return big_l * a + (p - 1) * n * b, p - 1, hops * n
-    if op == "reduce":
+    if s.op == "reduce":
         extra = 0 if (s.operator is not None and s.operator.commutative) or s.root == 0 else 1
-        return (big_l + extra) * t(n), p - 1 + extra, (p - 1 + extra) * n
-    if op == "allreduce":
-        if alg == "ring":
-            return 2 * (p - 1) * t(n / p), 2 * p * (p - 1), 2 * (p - 1) * n
-        if alg == "linear":
-            # A binomial reduce to rank 0 (P-1 messages of n) where the operator
-            # is associative, a gather (subtrees forwarded whole) where it is
-            # not; then a binomial bcast.
-            assoc = s.operator is None or s.operator.associative
-            first = "reduce" if assoc else "gather"
-            g = _direct("binomial", _Shape(first, n, p, 0, s.operator, False, None), a, b)
-            c = _direct("binomial", _Shape("bcast", n, p, 0, None, False, None), a, b)
-            return g[0] + c[0], g[1] + c[1], g[2] + c[2]
+        return (big_l + extra) * (a + n * b), p - 1 + extra, (p - 1 + extra) * n
+    raise _no_formula("binomial", s)
+
+
+def _linear(s: _Shape, a: float, b: float) -> tuple[float, float, float]:
+    if s.op == "reduce":  # a binomial gather, folded at the root
+        return _binomial(replace(s, op="gather"), a, b)
+    if s.op != "allreduce":
+        raise _no_formula("linear", s)
+    # A binomial reduce to rank 0 (P-1 messages of n) where the operator is
+    # associative, a gather (subtrees forwarded whole) where it is not; then a
+    # binomial bcast.
+    p, n = s.peers, s.nbytes
+    first = "reduce" if s.operator is None or s.operator.associative else "gather"
+    g = _binomial(_Shape(first, n, p, 0, s.operator, False, None), a, b)
+    c = _binomial(_Shape("bcast", n, p, 0, None, False, None), a, b)
+    return g[0] + c[0], g[1] + c[1], g[2] + c[2]
+
+
+def _recursive_doubling(s: _Shape, a: float, b: float) -> tuple[float, float, float]:
+    p, n = s.peers, s.nbytes
+    if s.op == "allreduce":
         pof2 = 1 << (p.bit_length() - 1)
         rem = p - pof2
         rounds = (pof2.bit_length() - 1) + (2 if rem else 0)
         msgs = pof2 * (pof2.bit_length() - 1) + 2 * rem
-        return rounds * t(n), msgs, msgs * n
-    if op == "allgather":
-        return big_l * a + (p - 1) * n * b, p * big_l, p * (p - 1) * n
-    if op == "alltoall":
-        return (p - 1) * t(n), p * (p - 1), p * (p - 1) * n
-    if op == "reduce_scatter":
-        return (p - 1) * a + (p - 1) * (n / p) * b, p * (p - 1), (p - 1) * n
-    if op in ("scan", "exscan"):
-        if alg == "chain":
-            return (p - 1) * t(n), p - 1, (p - 1) * n
+        return rounds * (a + n * b), msgs, msgs * n
+    if s.op in ("scan", "exscan"):
         msgs = _scan_messages(p)
-        return big_l * t(n), msgs, msgs * n
-    if op == "barrier":
-        return big_l * t(0), p * big_l, 0.0
-    raise ArgumentError(f"no collective named {op!r}")
+        return _log2ceil(p) * (a + n * b), msgs, msgs * n
+    raise _no_formula("recursive_doubling", s)
 
 
-def _folds(family: str, alg: str, s: _Shape) -> tuple[float, float]:
-    """Bytes folded by an operator (critical path, whole group) in a collective.
+def _ring(s: _Shape, a: float, b: float) -> tuple[float, float, float]:
+    p, n = s.peers, s.nbytes
+    if s.op != "allreduce":
+        raise _no_formula("ring", s)
+    return 2 * (p - 1) * (a + n / p * b), 2 * p * (p - 1), 2 * (p - 1) * n
+
+
+def _bruck(s: _Shape, a: float, b: float) -> tuple[float, float, float]:
+    p, n, big_l = s.peers, s.nbytes, _log2ceil(s.peers)
+    if s.op != "allgather":
+        raise _no_formula("bruck", s)
+    return big_l * a + (p - 1) * n * b, p * big_l, p * (p - 1) * n
+
+
+def _pairwise(s: _Shape, a: float, b: float) -> tuple[float, float, float]:
+    p, n = s.peers, s.nbytes
+    if s.op == "alltoall":
+        return (p - 1) * (a + n * b), p * (p - 1), p * (p - 1) * n
+    if s.op == "reduce_scatter":
+        return (p - 1) * a + (p - 1) * (n / p) * b, p * (p - 1), (p - 1) * n
+    raise _no_formula("pairwise", s)
+
+
+def _chain(s: _Shape, a: float, b: float) -> tuple[float, float, float]:
+    p, n = s.peers, s.nbytes
+    if s.op not in ("scan", "exscan"):
+        raise _no_formula("chain", s)
+    return (p - 1) * (a + n * b), p - 1, (p - 1) * n
+
+
+def _dissemination(s: _Shape, a: float, b: float) -> tuple[float, float, float]:
+    if s.op != "barrier":
+        raise _no_formula("dissemination", s)
+    big_l = _log2ceil(s.peers)
+    return big_l * (a + 0 * b), s.peers * big_l, 0.0
+
+
+DIRECT_COSTS: dict[str, Direct] = {
+    "binomial": _binomial,
+    "linear": _linear,
+    "recursive_doubling": _recursive_doubling,
+    "ring": _ring,
+    "bruck": _bruck,
+    "pairwise": _pairwise,
+    "chain": _chain,
+    "dissemination": _dissemination,
+}
+
+
+def _direct(cost: str, s: _Shape, a: float, b: float) -> tuple[float, float, float]:
+    """(seconds, messages, bytes) of a direct algorithm by its cost tag; a message costs a + n b."""
+    if s.peers == 1:
+        return 0.0, 0.0, 0.0
+    return DIRECT_COSTS[cost](s, a, b)
+
+
+def _folds(family: str, cost: str, s: _Shape) -> tuple[float, float]:
+    """Bytes folded by an operator (critical path, whole group) in a collective,
+    by the algorithm's family and cost tag.
 
     Every operand a peer folds into its accumulator costs ``n / reduce_bandwidth``
     (the model's gamma).  It separates algorithms that move the same bytes but
@@ -247,22 +252,22 @@ def _folds(family: str, alg: str, s: _Shape) -> tuple[float, float]:
         return 0.0, 0.0
     every = (p - 1) * n  # each peer's operand folded once, somewhere
     associative = s.operator is None or s.operator.associative
-    if op == "reduce_scatter" or alg in ("ring", "split"):
+    if op == "reduce_scatter" or cost in ("ring", "split"):
         return every / p, every  # parts of n/P, one part per peer
     if family == "mediated":
-        if alg == "tree":  # scan over storage: up to two folds per level
+        if cost == "tree":  # scan over storage: up to two folds per level
             return 2 * _log2ceil(p) * n, 2 * every
         return every, every  # one peer folds everything (fetch_fold, root, chain)
-    if alg == "chain" or not associative:
+    if cost == "chain" or not associative:
         return every, every
-    if op == "allreduce" and alg == "recursive_doubling":
+    if op == "allreduce" and cost == "recursive_doubling":
         pof2 = 1 << (p.bit_length() - 1)
         levels = pof2.bit_length() - 1
         extra = 1 if p != pof2 else 0
         return (levels + extra) * n, (pof2 * levels + (p - pof2)) * n
     if op in ("scan", "exscan"):  # recursive doubling: a prefix and a partial per round
         return 2 * _log2ceil(p) * n, 1.5 * _scan_messages(p) * n
-    if alg == "linear" and op == "reduce":
+    if cost == "linear" and op == "reduce":
         return every, every  # gathered, then folded at the root
     return _log2ceil(p) * n, every  # binomial reduce (also the first half of linear allreduce)
 
@@ -272,73 +277,144 @@ def _add(total: dict[str, float], more: Mapping[str, float], times: float = 1.0)
         total[k] = total.get(k, 0.0) + v * times
 
 
-def _mediated(
-    name: str, m: ChannelModel, alg: str, s: _Shape
-) -> tuple[float, dict[str, float], float]:
-    """(seconds, requests by kind, bytes moved) of a storage-native algorithm."""
+class _Tally:
+    """The requests a storage-native algorithm makes, by kind."""
+
+    def __init__(self, name: str, m: ChannelModel) -> None:
+        self.name, self.m = name, m
+        self.req: dict[str, float] = {}
+
+    def msgs(self, count: float, size: float) -> None:
+        """``count`` point-to-point messages of ``size`` bytes (stored, read once)."""
+        _add(self.req, message_requests(self.name, self.m, size), count)
+
+    def objs(self, count: float, size: float, readers: int) -> None:
+        """``count`` objects of ``size`` bytes, each stored once and read by ``readers``."""
+        _add(self.req, object_requests(self.name, self.m, size, readers), count)
+
+
+# A mediated formula gets the call, the channel's model and a tally of its
+# requests; it returns (seconds, bytes moved).
+Mediated = Callable[[_Shape, ChannelModel, _Tally], tuple[float, float]]
+
+
+def _put_get(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
     p, n, o, b = s.peers, s.nbytes, m.overhead, 1.0 / m.bandwidth
-    req: dict[str, float] = {}
-    if p == 1:
-        return 0.0, req, 0.0
+    if s.op == "bcast":
+        t.objs(1, n, p - 1)
+        return m.time(n) + m.shared_time(n, p - 1), p * n
+    if s.op == "allgather":
+        t.objs(p, n, p - 1)
+        return m.time(n) + o + (p - 1) * n * b, p * p * n
+    raise _no_formula("put_get", s)
 
-    def msgs(count: float, size: float) -> None:
-        _add(req, message_requests(name, m, size), count)
 
-    def objs(count: float, size: float, readers: int) -> None:
-        _add(req, object_requests(name, m, size, readers), count)
+def _store(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
+    p, n, o, b = s.peers, s.nbytes, m.overhead, 1.0 / m.bandwidth
+    if s.op == "scatter":
+        t.msgs(p - 1, n)
+        return o + (p - 1) * n * b + m.time(n), 2 * (p - 1) * n
+    if s.op == "alltoall":
+        t.msgs(p * (p - 1), n)
+        return 2 * (o + (p - 1) * n * b), 2 * p * (p - 1) * n
+    raise _no_formula("store", s)
 
-    op = s.op
-    if op == "bcast":
-        objs(1, n, p - 1)
-        return m.time(n) + m.shared_time(n, p - 1), req, p * n
-    if op == "scatter":
-        msgs(p - 1, n)
-        return o + (p - 1) * n * b + m.time(n), req, 2 * (p - 1) * n
-    if op in ("gather", "reduce"):
-        msgs(p - 1, n)
-        return m.time(n) + o + (p - 1) * n * b, req, 2 * (p - 1) * n
-    if op == "allreduce":
-        if alg == "split":
-            part = n / p
-            msgs(p * (p - 1), part)
-            objs(p, part, p - 1)
-            secs = 2 * (o + (p - 1) * part * b) + m.time(part) + o + (p - 1) * part * b
-            return secs, req, 2 * p * (p - 1) * part + p * p * part
-        msgs(p - 1, n)
-        objs(1, n, p - 1)
-        secs = m.time(n) + o + (p - 1) * n * b + m.time(n) + m.shared_time(n, p - 1)
-        return secs, req, 2 * (p - 1) * n + p * n
-    if op == "allgather":
-        objs(p, n, p - 1)
-        return m.time(n) + o + (p - 1) * n * b, req, p * p * n
-    if op == "alltoall":
-        msgs(p * (p - 1), n)
-        return 2 * (o + (p - 1) * n * b), req, 2 * p * (p - 1) * n
-    if op == "reduce_scatter":
-        msgs(p * (p - 1), n / p)
-        return 2 * (o + (p - 1) * (n / p) * b), req, 2 * (p - 1) * n
-    if op == "barrier":
-        msgs(p - 1, 0)
-        objs(1, 0, p - 1)
-        return 4 * o, req, 0.0
-    if op in ("scan", "exscan"):
-        if alg == "chain":
-            msgs(p - 1, n)
-            return (p - 1) * 2 * m.time(n), req, 2 * (p - 1) * n
-        msgs(2 * (p - 1), n)
-        return 2 * _log2ceil(p) * 2 * m.time(n), req, 4 * (p - 1) * n
-    raise ArgumentError(f"no collective named {op!r}")
+
+def _fetch(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
+    p, n, o, b = s.peers, s.nbytes, m.overhead, 1.0 / m.bandwidth
+    if s.op not in ("gather", "reduce"):
+        raise _no_formula("fetch", s)
+    t.msgs(p - 1, n)
+    return m.time(n) + o + (p - 1) * n * b, 2 * (p - 1) * n
+
+
+def _fetch_fold(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
+    p, n, o, b = s.peers, s.nbytes, m.overhead, 1.0 / m.bandwidth
+    if s.op == "reduce_scatter":
+        t.msgs(p * (p - 1), n / p)
+        return 2 * (o + (p - 1) * (n / p) * b), 2 * (p - 1) * n
+    return _fetch(s, m, t)
+
+
+def _root(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
+    p, n, o, b = s.peers, s.nbytes, m.overhead, 1.0 / m.bandwidth
+    if s.op != "allreduce":
+        raise _no_formula("root", s)
+    t.msgs(p - 1, n)
+    t.objs(1, n, p - 1)
+    secs = m.time(n) + o + (p - 1) * n * b + m.time(n) + m.shared_time(n, p - 1)
+    return secs, 2 * (p - 1) * n + p * n
+
+
+def _split(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
+    p, o, b = s.peers, m.overhead, 1.0 / m.bandwidth
+    if s.op != "allreduce":
+        raise _no_formula("split", s)
+    part = s.nbytes / p
+    t.msgs(p * (p - 1), part)
+    t.objs(p, part, p - 1)
+    secs = 2 * (o + (p - 1) * part * b) + m.time(part) + o + (p - 1) * part * b
+    return secs, 2 * p * (p - 1) * part + p * p * part
+
+
+def _gather_release(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
+    if s.op != "barrier":
+        raise _no_formula("gather_release", s)
+    t.msgs(s.peers - 1, 0)
+    t.objs(1, 0, s.peers - 1)
+    return 4 * m.overhead, 0.0
+
+
+def _tree(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
+    p, n = s.peers, s.nbytes
+    if s.op not in ("scan", "exscan"):
+        raise _no_formula("tree", s)
+    t.msgs(2 * (p - 1), n)
+    return 2 * _log2ceil(p) * 2 * m.time(n), 4 * (p - 1) * n
+
+
+def _stored_chain(s: _Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
+    p, n = s.peers, s.nbytes
+    if s.op not in ("scan", "exscan"):
+        raise _no_formula("chain", s)
+    t.msgs(p - 1, n)
+    return (p - 1) * 2 * m.time(n), 2 * (p - 1) * n
+
+
+MEDIATED_COSTS: dict[str, Mediated] = {
+    "put_get": _put_get,
+    "store": _store,
+    "fetch": _fetch,
+    "fetch_fold": _fetch_fold,
+    "root": _root,
+    "split": _split,
+    "gather_release": _gather_release,
+    "tree": _tree,
+    "chain": _stored_chain,
+}
+
+
+def _mediated(
+    name: str, m: ChannelModel, cost: str, s: _Shape
+) -> tuple[float, dict[str, float], float]:
+    """(seconds, requests by kind, bytes moved) of a storage-native algorithm by its cost tag."""
+    tally = _Tally(name, m)
+    if s.peers == 1:
+        return 0.0, tally.req, 0.0
+    secs, moved = MEDIATED_COSTS[cost](s, m, tally)
+    return secs, tally.req, moved
 
 
 def _estimate(
-    name: str, kind: str, family: str, alg: str, s: _Shape, models: CostModel
+    name: str, kind: str, entry: Algorithm, s: _Shape, models: CostModel
 ) -> tuple[float, float, dict[str, float]]:
     m = models.channel(name)
+    family = entry.family
     if family == "direct":
         # Over storage, a point-to-point message is a put and a get.
         scale = 2.0 if kind == "mediated" else 1.0
         a, b = scale * m.overhead, scale / m.bandwidth
-        secs, count, moved = _direct(alg, s, a, b)
+        secs, count, moved = _direct(entry.cost, s, a, b)
         work = count * a + moved * b
         req: dict[str, float] = {}
         if kind == "mediated":
@@ -347,11 +423,11 @@ def _estimate(
             req["messages"] = count
         calls = sum(req.values())
     else:
-        secs, req, moved = _mediated(name, m, alg, s)
+        secs, req, moved = _mediated(name, m, entry.cost, s)
         calls = sum(v for k, v in req.items() if not k.endswith("_units"))
         work = calls * m.overhead + moved / m.bandwidth
     gamma = 1.0 / models.reduce_bandwidth
-    path_folds, all_folds = _folds(family, alg, s)
+    path_folds, all_folds = _folds(family, entry.cost, s)
     secs += path_folds * gamma
     work += all_folds * gamma
     # However short the critical path, the group cannot do more than
@@ -381,7 +457,7 @@ def plans(
     signature: str = "",
 ) -> list[Plan]:
     """Every valid plan for the call, with its predictions, in the fixed tie-break order."""
-    if op not in DIRECT_ALGORITHMS:
+    if op not in registry.COLLECTIVES:
         raise ArgumentError(f"no collective named {op!r}; known: {', '.join(OPERATIONS)}")
     shape = _Shape(
         op,
@@ -395,15 +471,13 @@ def plans(
     order = {name: i for i, name in enumerate(CHANNEL_ORDER)}
     out: list[Plan] = []
     for name, kind in sorted(channels, key=lambda c: (order.get(c[0], 99), c[0])):
-        families = [("direct", DIRECT_ALGORITHMS[op])]
-        if kind == "mediated":
-            families.append(("mediated", MEDIATED_ALGORITHMS[op]))
-        for family, algorithms in families:
-            for alg in algorithms:
-                if not _valid(family, alg, shape):
-                    continue
-                secs, usd, req = _estimate(name, kind, family, alg, shape, models)
-                out.append(Plan(op, name, family, alg, signature, secs, usd, req))
+        # Direct algorithms run on every channel, storage-native ones on storage.
+        families = registry.FAMILIES if kind == "mediated" else ("direct",)
+        for family in families:
+            for entry in registry.algorithms(family, op):
+                if entry.allows(shape):
+                    secs, usd, req = _estimate(name, kind, entry, shape, models)
+                    out.append(Plan(op, name, family, entry.name, signature, secs, usd, req))
     return out
 
 
@@ -427,6 +501,11 @@ def plan(
 
     ``channel=`` and ``algorithm=`` restrict the choice (per-call override);
     an algorithm name may be qualified with its family, ``"mediated:root"``.
+
+    Raises :class:`~fmi_async.errors.ArgumentError` for an unknown collective,
+    a channel that is not enabled, an algorithm that is not registered for
+    ``op`` (the message lists the registered ones) or one that cannot run this
+    call (the message says what it needs and lists the valid choices).
     """
     if not channels:
         raise ArgumentError("no channel is open to plan a collective on")
@@ -447,17 +526,7 @@ def plan(
         signature=signature,
     )
     if algorithm is not None:
-        family, _, name = algorithm.rpartition(":")
-        picked = [
-            c for c in candidates if c.algorithm == name and (not family or c.family == family)
-        ]
-        if not picked:
-            known = sorted({f"{c.family}:{c.algorithm}" for c in candidates})
-            raise ArgumentError(
-                f"{op} cannot use algorithm {algorithm!r} here (operator, values or channel do "
-                f"not allow it); valid choices: {', '.join(known)}"
-            )
-        candidates = picked
+        candidates = _override(op, algorithm, candidates, num_peers, operator, is_array, elements)
     if not candidates:
         raise ArgumentError(f"no valid plan for {op} on channels {[c[0] for c in channels]}")
     if hint is Hint.CHEAP:
@@ -469,6 +538,41 @@ def plan(
             enumerate(candidates), key=lambda ic: (_q(ic[1].seconds), _q(ic[1].usd), ic[0])
         )
     return ranked[0][1]
+
+
+def _override(
+    op: str,
+    algorithm: str,
+    candidates: list[Plan],
+    peers: int,
+    operator: Op | None,
+    is_array: bool,
+    elements: int | None,
+) -> list[Plan]:
+    """The candidates running ``algorithm`` (``name`` or ``family:name``)."""
+    family, _, name = algorithm.rpartition(":")
+    entries = [
+        a
+        for f in registry.FAMILIES
+        if not family or f == family
+        for a in registry.algorithms(f, op)
+        if a.name == name
+    ]
+    if not entries:
+        raise ArgumentError(
+            f"{op} has no algorithm {algorithm!r}; known: {', '.join(registry.known(op))}"
+        )
+    picked = [c for c in candidates if c.algorithm == name and (not family or c.family == family)]
+    if not picked:
+        call = _Shape(op, 0.0, peers, 0, operator, is_array, elements)
+        needs = sorted({n.value for a in entries for n in a.missing(call)})
+        why = f"it needs {', '.join(needs)}" if needs else "no enabled channel offers it"
+        valid = sorted({f"{c.family}:{c.algorithm}" for c in candidates})
+        raise ArgumentError(
+            f"{op} cannot use algorithm {algorithm!r} here ({why}); "
+            f"valid choices: {', '.join(valid)}"
+        )
+    return picked
 
 
 def _q(x: float) -> float:

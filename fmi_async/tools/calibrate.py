@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..channels import registry
-from ..channels.base import Channel, ChannelContext
+from ..channels.base import ChannelContext, MediatedChannel
 from ..channels.mailbox import Mailbox
 from ..channels.registry import channel_class
 from ..communicator import Communicator
@@ -240,12 +240,15 @@ async def _storage_aggregate(
     """Bytes/s that ``P - 1`` readers get out of one stored object at once.
 
     Uses the channel objects directly: the communicator's mediated bcast
-    would mix the put and the readers' polling into the figure.
+    would mix the put and the readers' polling into the figure.  Raises
+    :class:`~fmi_async.errors.ArgumentError` for a channel that is not mediated.
     """
     config, peers, timeout = comms[0].config, len(comms), comms[0].timeout
     cls = channel_class(name)
+    if not issubclass(cls, MediatedChannel):
+        raise ArgumentError(f"channel {name!r} stores nothing: it has no aggregate read rate")
     run_id = uuid.uuid4().hex[:12]
-    chans: list[Channel] = [
+    chans: list[MediatedChannel] = [
         cls(ChannelContext(i, peers, "fmi-calibrate", run_id, config, Mailbox(i)))
         for i in range(peers)
     ]
@@ -256,9 +259,9 @@ async def _storage_aggregate(
         start = time.perf_counter()
         for rep in range(reps + 1):
             key = ("calibrate", rep)
-            await chans[0].put(key, payload)  # type: ignore[attr-defined]
+            await chans[0].put(key, payload)
             t0 = time.perf_counter()
-            await asyncio.gather(*(c.get(key, timeout) for c in chans[1:]))  # type: ignore[attr-defined]
+            await asyncio.gather(*(c.get(key, timeout) for c in chans[1:]))
             if rep:
                 samples.append((peers - 1) * nbytes / (time.perf_counter() - t0))
             if len(samples) >= _MIN_REPS and time.perf_counter() - start > budget:

@@ -40,8 +40,8 @@ from fmi_async.channels.base import ChannelContext
 from fmi_async.channels.mailbox import Mailbox
 from fmi_async.channels.tcp import TCPChannel
 from fmi_async.config import Config
-from fmi_async.holepunch.natsim import NATBox
 from fmi_async.holepunch.server import RendezvousServer
+from fmi_async.natsim import NATBox
 from fmi_async.wire import dumps
 
 SECRET = "bench-secret"

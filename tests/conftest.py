@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import fmi_async as fmi
-from fmi_async.holepunch.natsim import NATBehavior
+from fmi_async.natsim import NATBehavior
 
 pytest_plugins = [p for p in ("tests.storage_servers",) if importlib.util.find_spec(p) is not None]
 
@@ -135,7 +135,7 @@ async def _loop_errors_fail(modules: tuple[str, ...]) -> AsyncIterator[None]:
     assert not errors, f"exceptions in udp loop callbacks: {errors!r}"
 
 
-_UDP_MODULES = ("channels/udp.py", "channels/reliable.py", "channels/datagram.py")
+_UDP_MODULES = ("channels/udp/channel.py", "channels/udp/reliable.py", "channels/udp/datagram.py")
 
 
 GROUPS: dict[str, GroupFactory] = {
@@ -226,8 +226,8 @@ async def _behind_nats(
 ) -> AsyncIterator[list[fmi.Communicator]]:
     """``n`` communicators on ``backend``, each behind its own simulated NAT box
     (``kinds`` in turn), pairing through one rendezvous server."""
-    from fmi_async.holepunch.natsim import NATBox
     from fmi_async.holepunch.server import RendezvousServer
+    from fmi_async.natsim import NATBox
 
     server = RendezvousServer(secret=b"test-secret")
     await server.start("127.0.0.1", 0)
@@ -270,7 +270,7 @@ def _default_punch_timeout(kinds: Sequence[NATKind]) -> float:
     no pair can be punched and each waits this long for nothing, so it is
     short; a mix gets a bound in between.
     """
-    from fmi_async.holepunch.natsim import PRESETS
+    from fmi_async.natsim import PRESETS
 
     behaviors = [PRESETS[k] if isinstance(k, str) else k for k in kinds]
     independent = [b.mapping == "endpoint-independent" for b in behaviors]
@@ -282,7 +282,7 @@ def _default_punch_timeout(kinds: Sequence[NATKind]) -> float:
 def nat_tcp_group(kind: str, punch_timeout: float | None = None) -> GroupFactory:
     """A factory like ``tcp_group`` with every peer behind its own simulated NAT box.
 
-    ``kind`` is a :data:`fmi_async.holepunch.natsim.PRESETS` name; pairs that
+    ``kind`` is a :data:`fmi_async.natsim.PRESETS` name; pairs that
     cannot be punched within ``punch_timeout`` go through the server's relay.
     """
     if punch_timeout is None:
@@ -300,8 +300,8 @@ def nat_udp_group(
 ) -> GroupFactory:
     """A factory like ``udp_group`` with every peer behind its own simulated NAT box.
 
-    ``kind`` is a :data:`fmi_async.holepunch.natsim.PRESETS` name or a
-    :class:`~fmi_async.holepunch.natsim.NATBehavior` (say with seeded loss),
+    ``kind`` is a :data:`fmi_async.natsim.PRESETS` name or a
+    :class:`~fmi_async.natsim.NATBehavior` (say with seeded loss),
     or a list of them, one per peer in turn.  The channel runs with its
     default ``traversal: auto``, so every pair punches (every peer is behind
     NAT); pairs that cannot be punched within ``punch_timeout`` go through the
@@ -320,8 +320,9 @@ def nat_udp_group(
 
 _NAT_UDP_MODULES = (
     *_UDP_MODULES,
-    "channels/udp_discovery.py",
+    "channels/udp/discovery.py",
     "holepunch/udp.py",
-    "holepunch/natsim.py",
+    "natsim/box.py",
+    "natsim/client.py",
     "holepunch/server.py",
 )

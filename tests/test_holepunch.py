@@ -19,11 +19,11 @@ from fmi_async.config import Config
 from fmi_async.errors import AuthenticationError, BrokenChannelError, CommTimeout
 from fmi_async.holepunch import protocol as p
 from fmi_async.holepunch.client import RendezvousClient
-from fmi_async.holepunch.natsim import NATBox
 from fmi_async.holepunch.net import HostNetwork, close_socket, read_message, send_message
 from fmi_async.holepunch.pairing import PairingTable
 from fmi_async.holepunch.punch import Membership, _punch, _relay, authenticate, pair_tcp
 from fmi_async.holepunch.server import RendezvousServer
+from fmi_async.natsim import NATBox
 from fmi_async.wire import dumps, encode_frame, loads
 from tests.conftest import nat_tcp_group
 

@@ -12,8 +12,8 @@ import pytest
 
 from fmi_async.errors import AuthenticationError
 from fmi_async.holepunch import RESERVED_MIN, UDPHolePuncher
-from fmi_async.holepunch.natsim import NATBox, network_from_options
 from fmi_async.holepunch.server import RendezvousServer
+from fmi_async.natsim import NATBox, network_from_options
 
 SECRET = b"udp-secret"
 Address = tuple[str, int]
@@ -42,13 +42,13 @@ async def peers(
     async with AsyncExitStack() as stack:
         out = []
         for _ in range(n):
-            gateway = None
+            datagrams = None
             if nat is not None:
                 box = await stack.enter_async_context(NATBox(nat))
                 net = network_from_options({"nat": box.options()})
                 assert net is not None
-                gateway = net.udp_gateway
-            puncher = UDPHolePuncher(*srv.address, SECRET, udp_gateway=gateway, **options)
+                datagrams = net.datagrams()
+            puncher = UDPHolePuncher(*srv.address, SECRET, datagrams=datagrams, **options)
             stack.push_async_callback(puncher.close)
             transport, proto = await loop.create_datagram_endpoint(
                 lambda puncher=puncher: Endpoint(puncher), local_addr=("127.0.0.1", 0)

@@ -19,9 +19,9 @@ import pytest
 
 import fmi_async as fmi
 from fmi_async.holepunch import UDPHolePuncher
-from fmi_async.holepunch.natsim import NATBehavior, NATBox, network_from_options
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.holepunch.udp import RELAY_HOST, UDP_RELAY
+from fmi_async.natsim import NATBehavior, NATBox, network_from_options
 from tests.conftest import nat_udp_group
 from tests.test_holepunch_collectives import _all, _suite
 
@@ -133,7 +133,7 @@ async def test_server_relays_only_for_the_pair() -> None:
         for box in (box_a, box_b):
             net = network_from_options({"nat": box.options()})
             assert net is not None
-            puncher = UDPHolePuncher(*srv.address, secret, udp_gateway=net.udp_gateway,
+            puncher = UDPHolePuncher(*srv.address, secret, datagrams=net.datagrams(),
                                      punch_timeout=0.2)  # fmt: skip
             puncher.attach(lambda data, addr: got.put_nowait((data, addr)))
             transport, _ = await loop.create_datagram_endpoint(

@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 import pytest
 
 from fmi_async.errors import ArgumentError, ConfigError
-from fmi_async.holepunch.natsim import (
+from fmi_async.holepunch.net import Address, close_socket
+from fmi_async.natsim import (
     PRESETS,
     NATBehavior,
     NATBox,
@@ -23,7 +24,6 @@ from fmi_async.holepunch.natsim import (
     encapsulate,
     network_from_options,
 )
-from fmi_async.holepunch.net import Address, close_socket
 
 DEADLINE = 5.0
 

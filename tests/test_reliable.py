@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fmi_async.channels.backoff import Backoff
-from fmi_async.channels.datagram import (
+from fmi_async.channels.udp.datagram import (
     DATA_HEADER,
     MAGIC,
     Ack,
@@ -29,8 +29,8 @@ from fmi_async.channels.datagram import (
     encode_data,
     session_tag,
 )
-from fmi_async.channels.reliable import Endpoint, LinkParams
-from fmi_async.channels.retransmit import RetransmitTimer
+from fmi_async.channels.udp.reliable import Endpoint, LinkParams
+from fmi_async.channels.udp.retransmit import RetransmitTimer
 from fmi_async.errors import ConfigError, ProtocolError
 from fmi_async.wire import Payload, dumps, encode_frame, loads
 

@@ -30,7 +30,7 @@ import fmi_async as fmi
 from fmi_async.channels.base import ChannelContext
 from fmi_async.channels.mailbox import Mailbox
 from fmi_async.channels.tcp import TCPChannel
-from fmi_async.channels.udp import UDPChannel
+from fmi_async.channels.udp.channel import UDPChannel
 from fmi_async.config import Config
 from fmi_async.errors import AuthenticationError, ConfigError
 from fmi_async.holepunch import protocol as hp

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fmi_async.channels.datagram import MAGIC, encode_data, session_tag
 
 from fmi_async.channels.base import ChannelContext
 from fmi_async.channels.mailbox import Mailbox
 from fmi_async.channels.registry import channel_class
-from fmi_async.channels.udp import Address, DatagramSender, UDPChannel
+from fmi_async.channels.udp.channel import Address, DatagramSender, UDPChannel
+from fmi_async.channels.udp.datagram import MAGIC, encode_data, session_tag
 from fmi_async.config import Config
 from fmi_async.errors import (
     ArgumentError,

@@ -53,7 +53,7 @@ a first send waits for the destination to register, default the config's
 the default; ``punch``: always pair through the server; ``off``: never);
 ``punch_timeout`` (seconds of punching before the relay takes over, default
 2); ``nat`` (a simulated NAT's gateway ``"host:port"``, see
-:mod:`fmi_async.holepunch.natsim`; also the ``FMI_NAT_GATEWAY`` environment
+:mod:`fmi_async.natsim`; also the ``FMI_NAT_GATEWAY`` environment
 variable).
 """
 
@@ -82,8 +82,7 @@ from ..errors import (
 from ..holepunch import protocol as hp
 from ..holepunch.admission import Admission
 from ..holepunch.client import ControlConnection, RendezvousClient
-from ..holepunch.natsim import network_from_options
-from ..holepunch.net import HostNetwork, Network, close_socket, sock_accept
+from ..holepunch.net import HostNetwork, Network, close_socket, simulated_network, sock_accept
 from ..holepunch.punch import Membership, authenticate, pair_tcp
 from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
 from .backoff import Backoff
@@ -307,7 +306,7 @@ class TCPChannel(DirectChannel):
         self.punch_timeout = opts.punch_timeout
         self.traversal = opts.traversal
         self.listen_address: hp.Address | None = None
-        simulated = network_from_options({} if opts.nat is None else {"nat": opts.nat})
+        simulated = simulated_network(opts.nat)
         self.net: Network = simulated or HostNetwork()
         self.member = Membership(ctx.comm_name, ctx.run_id, config.secret)
         self._client = RendezvousClient(

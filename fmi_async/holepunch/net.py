@@ -5,8 +5,16 @@ give: a connection *from a chosen local port* (the one the rendezvous server
 saw, RFC 5128 section 3.3 / 3.4) and a listener on that same port while it is
 in use.  :class:`Network` names those operations, so the punching code runs
 unchanged over the host's own stack (:class:`HostNetwork`) and over a
-simulated NAT box (:class:`fmi_async.holepunch.natsim.NATNetwork`), where
+simulated NAT box (:class:`fmi_async.natsim.client.NATNetwork`), where
 every socket a peer opens is opened by its NAT on its behalf.
+
+The NAT simulator belongs to tests and ``fmi run --nat``, not to the
+production path: no production module imports it.  :func:`simulated_network`
+is the one place that loads it, and only when a simulated NAT gateway is
+configured (the backend's ``nat`` option or ``FMI_NAT_GATEWAY``).  The
+simulated network also carries the UDP side (:class:`DatagramPath`), so the
+UDP hole puncher learns of the simulator's encapsulation through the same
+object instead of importing it.
 
 Both return plain connected, non-blocking sockets.  The handshake and the
 rendezvous exchange run on them with the ``loop.sock_*`` calls, reading
@@ -19,12 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
+import os
 import socket
 import struct
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from ..errors import BrokenChannelError, CommTimeout
+from ..errors import BrokenChannelError, CommTimeout, ConfigError
 from . import protocol as p
 from .protocol import Address
 
@@ -33,6 +44,11 @@ __all__ = [
     "Listener",
     "Network",
     "HostNetwork",
+    "DatagramSender",
+    "DatagramPath",
+    "SimulatedNetwork",
+    "NAT_SIMULATOR",
+    "simulated_network",
     "recv_exact",
     "read_message",
     "send_message",
@@ -63,6 +79,74 @@ class Network(Protocol):
         ...
 
     async def listen(self, local_port: int) -> Listener: ...
+
+
+class DatagramSender(Protocol):
+    """Where a UDP socket's datagrams go out: an asyncio datagram transport, or a
+    wrapper around one (the simulated NAT's, the relay's, tests' lossy ones)."""
+
+    def sendto(self, data: bytes, addr: Address) -> None: ...
+
+
+class DatagramPath(Protocol):
+    """How a UDP socket's datagrams cross a simulated NAT box.
+
+    Behind a simulated box every datagram travels to and from the box's
+    gateway port encapsulated (first byte ``kinds.NAT``, 0xFE); the host's
+    own stack needs no such path.
+    """
+
+    def sender(self, transport: DatagramSender) -> DatagramSender:
+        """A sender that sends every datagram through the box."""
+        ...
+
+    def unwrap(self, data: bytes) -> tuple[Address, bytes]:
+        """The true source and the payload of a datagram from the box.
+
+        Raises :class:`~fmi_async.errors.ProtocolError` when ``data`` is not one.
+        """
+        ...
+
+
+class SimulatedNetwork(Network, Protocol):
+    """A :class:`Network` behind a simulated NAT box, with its UDP side."""
+
+    def datagrams(self) -> DatagramPath:
+        """The UDP path through the box.
+
+        Raises :class:`~fmi_async.errors.ConfigError` when the box's UDP
+        gateway is not configured.
+        """
+        ...
+
+
+NAT_SIMULATOR = "fmi_async.natsim.client"
+"""The module :func:`simulated_network` loads; it offers ``network_from_options``."""
+
+
+def simulated_network(
+    nat: Any = None, environ: Callable[[str], str | None] = os.environ.get
+) -> SimulatedNetwork | None:
+    """The simulated NAT box a peer is behind, or None for the host's own stack.
+
+    ``nat`` is a TCP or UDP backend's ``nat`` option (``{"gateway": "host:port",
+    "udp_gateway": "host:port"}`` or just the gateway); without it, the
+    ``FMI_NAT_GATEWAY`` and ``FMI_NAT_UDP_GATEWAY`` environment variables that
+    ``fmi run --nat`` sets.  Only when one of them names a gateway is the NAT
+    simulator loaded -- here, and nowhere else in the production path.
+
+    Raises :class:`~fmi_async.errors.ConfigError` when ``nat`` is malformed,
+    or when a gateway is configured but the simulator is not installed.
+    """
+    if nat is None and not environ("FMI_NAT_GATEWAY"):
+        return None
+    try:
+        simulator = importlib.import_module(NAT_SIMULATOR)
+    except ImportError as exc:  # pragma: no cover - the simulator ships with the package
+        raise ConfigError(f"a simulated NAT gateway is configured but {exc}") from exc
+    options: Mapping[str, Any] = {} if nat is None else {"nat": nat}
+    network: SimulatedNetwork | None = simulator.network_from_options(options, environ)
+    return network
 
 
 def _reusable_socket() -> socket.socket:

@@ -7,20 +7,19 @@ module never owns a socket: it is handed the channel's transport, and the
 channel hands it back every datagram whose first byte is in the reserved
 range 0xF0-0xFF (:meth:`UDPHolePuncher.handle_datagram`).
 
-Reserved first bytes (the UDP channel's own datagrams start with 0x75):
+The first byte of each datagram says what it is; the one table of them is
+:mod:`fmi_async.channels.udp.kinds` (0xF0 rendezvous message, 0xF1 probe,
+0xF2 probe answer, 0xF3 keep-alive, 0xF4 relayed datagram, 0xFE simulated
+NAT encapsulation).
 
-======  =====================================================================
-0xF0    a rendezvous protocol message (envelope of ``protocol.py``), to or
-        from the rendezvous server's UDP port (same port as its TCP port)
-0xF1    punch probe, peer to peer:  msgpack [comm, run_id, from, to, mac]
-0xF2    probe answer, same layout; the mac covers the kind, so neither can
-        be replayed as the other
-0xF3    keep-alive towards a punched peer (contents ignored)
-0xF4    relayed datagram, peer to server to peer: the pairing's 16-byte
-        nonce, then the payload; the server forwards it only for pairings
-        it decided ``relay`` and only between the two observed endpoints
-0xFE    datagram between a peer and its simulated NAT box (``natsim``)
-======  =====================================================================
+Why this module stays in ``holepunch/`` rather than in the UDP channel's
+subpackage: it is one of hole punching's two transports (TCP punching is
+:mod:`.punch`), it speaks the rendezvous protocol of :mod:`.protocol` with
+the server's UDP adapter as its counterpart, and it knows nothing of the
+channel's reliability (it owns no socket and never reads the channel's
+datagrams).  Keeping it beside the protocol lets a protocol change stay in
+one package; it reads the table of first bytes, a module that imports
+nothing, from the channel's subpackage.
 
 A probe's mac is HMAC-SHA256(secret, [kind, comm, run, from, to, pairing
 nonce]) truncated to 16 bytes; the nonce comes from the server per pairing
@@ -59,14 +58,14 @@ import hmac
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 
+from ..channels.udp import kinds
 from ..errors import AuthenticationError, CommTimeout, ProtocolError
 from . import protocol as p
-from .natsim import UDP_NAT, NATDatagramTransport, decapsulate
-from .net import Address
+from .net import Address, DatagramPath, DatagramSender
 from .pairing import PairKey
 
 __all__ = [
@@ -83,21 +82,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RESERVED_MIN = 0xF0
-UDP_RENDEZVOUS = 0xF0
-UDP_PROBE = 0xF1
-UDP_PROBE_ACK = 0xF2
-UDP_KEEPALIVE = 0xF3
-UDP_RELAY = 0xF4
+RESERVED_MIN = kinds.RESERVED_MIN
+UDP_RENDEZVOUS = kinds.RENDEZVOUS
+UDP_PROBE = kinds.PROBE
+UDP_PROBE_ACK = kinds.PROBE_ACK
+UDP_KEEPALIVE = kinds.KEEPALIVE
+UDP_RELAY = kinds.RELAY
 RELAY_HOST = "<relay>"
 """Host part of a relay address: not a valid host name, so never a real endpoint."""
 _MAC_LEN = 16
 _PROBE_INTERVAL = 0.02
 _FIRST_RETRY = 0.1
-
-
-class DatagramSender(Protocol):
-    def sendto(self, data: bytes, addr: Address) -> None: ...
 
 
 class _Punch:
@@ -115,11 +110,14 @@ class _Punch:
 class UDPHolePuncher:
     """What the UDP channel calls to be found and to punch; see the module doc.
 
-    ``udp_gateway`` is set behind a simulated NAT: then :meth:`wrap` gives the
-    sender to use for *every* datagram (the channel's own too), and inbound
-    datagrams arrive encapsulated (first byte 0xFE); :meth:`handle_datagram`
-    unwraps them and hands the channel's own to the ``deliver`` callback given
-    to :meth:`attach`, with their true source address.
+    ``datagrams`` is set behind a simulated NAT (the simulated network's
+    :meth:`~fmi_async.holepunch.net.SimulatedNetwork.datagrams`): then
+    :meth:`wrap` gives the sender to use for *every* datagram (the channel's
+    own too), and inbound datagrams arrive encapsulated (first byte 0xFE);
+    :meth:`handle_datagram` unwraps them and hands the channel's own to the
+    ``deliver`` callback given to :meth:`attach`, with their true source
+    address.  Without it, an encapsulated datagram is not ours (nobody may
+    claim a source address by encapsulation on the host's own network).
     """
 
     def __init__(
@@ -131,14 +129,14 @@ class UDPHolePuncher:
         timeout: float = 10.0,
         punch_timeout: float = 2.0,
         keepalive: float = 15.0,
-        udp_gateway: Address | None = None,
+        datagrams: DatagramPath | None = None,
     ) -> None:
         self.server: Address = (host, port)
         self.secret = secret
         self.timeout = timeout
         self.punch_timeout = punch_timeout
         self.keepalive = keepalive
-        self.udp_gateway = udp_gateway
+        self.datagrams = datagrams
         self.observed: Address | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Queue[p.Message]] = {}
@@ -174,10 +172,10 @@ class UDPHolePuncher:
         return _Router(self, self._base(transport))
 
     def _base(self, transport: Any) -> DatagramSender:
-        if self.udp_gateway is None:
+        if self.datagrams is None:
             out: DatagramSender = transport
             return out
-        return NATDatagramTransport(transport, self.udp_gateway)
+        return self.datagrams.sender(transport)
 
     def relay_address(self, comm: str, run_id: str, peer: int) -> Address | None:
         """Where to send datagrams for ``peer`` when the verdict was relay, else None."""
@@ -238,8 +236,10 @@ class UDPHolePuncher:
             return False
         kind = data[0]
         try:
-            if kind == UDP_NAT:
-                src, inner = decapsulate(data)
+            if kind == kinds.NAT:
+                if self.datagrams is None:
+                    return False
+                src, inner = self.datagrams.unwrap(data)
                 if inner and inner[0] >= RESERVED_MIN:
                     return self.handle_datagram(inner, src)
                 if self._deliver is not None:
@@ -404,7 +404,7 @@ class UDPHolePuncher:
         deadline = loop.time() + timeout
         rid = next(self._ids)
         try:
-            local = _local(self._transport) if self.udp_gateway is None else ("0.0.0.0", 0)
+            local = _local(self._transport) if self.datagrams is None else ("0.0.0.0", 0)
             join = p.Join(comm, run_id, me, lo, hi, "udp", local, timeout, id=rid)
             answer = await self._ask(
                 join, (p.PeerEndpoint,), timeout, f"pairing with peer {other}", keep=True
@@ -547,6 +547,4 @@ def _with_id(message: p.Message, rid: int) -> p.Message:
 def _error(answer: p.Error, server: Address, what: str) -> Exception:
     from .punch import server_error
 
-    return server_error(
-        answer, f"the rendezvous server at {server[0]}:{server[1]}", what, -1, "", ""
-    )
+    return server_error(answer, f"the rendezvous server at {server[0]}:{server[1]}", what)

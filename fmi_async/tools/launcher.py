@@ -28,8 +28,8 @@ from typing import Any, TextIO
 from ..channels import registry
 from ..config import Config
 from ..errors import ConfigError
-from ..holepunch.natsim import PRESETS, NATBox
 from ..holepunch.server import RendezvousServer
+from ..natsim import PRESETS, NATBox
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_TIMEOUT", "add_run_arguments", "cmd_run", "merge_config"]
 

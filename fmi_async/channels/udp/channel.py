@@ -19,7 +19,7 @@ the rendezvous server (the same server as the TCP channel's, under
 cannot be punched talk through the server's UDP relay; ``stats.pairs`` says
 which.  ``traversal: off`` registers the bound address instead and never
 punches (:class:`RendezvousDiscovery`).  Datagrams whose first byte is
-0xF0-0xFF belong to hole punching and are handed to
+0xF0-0xFF (:mod:`.kinds`) belong to hole punching and are handed to
 ``Discovery.handle_datagram``.
 
 ``send`` returns when the caller may reuse its buffers: messages up to 256 KiB
@@ -68,13 +68,12 @@ from ...errors import (
     EndOfStream,
 )
 from ...holepunch.client import RendezvousClient
-from ...holepunch.natsim import network_from_options
-from ...holepunch.net import Address
+from ...holepunch.net import Address, simulated_network
 from ...holepunch.udp import UDPHolePuncher
 from ...wire import Key, Payload, encode_frame
 from ..backoff import Backoff
 from ..base import Channel, Mailbox
-from .datagram import RESERVED_FIRST_BYTE, session_tag
+from .datagram import session_tag
 from .discovery import (
     DatagramSender,
     Discovery,
@@ -82,6 +81,7 @@ from .discovery import (
     RendezvousDiscovery,
     Traversal,
 )
+from .kinds import RESERVED_MIN
 from .reliable import Endpoint, Link, LinkParams
 
 __all__ = ["UDPChannel", "Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery"]
@@ -239,13 +239,7 @@ class UDPChannel(Channel):
         if traversal == "off":
             client = RendezvousClient(host, port, config.secret, timeout=self.connect_timeout)
             return RendezvousDiscovery(client, self.comm_name, self.run_id, self.peer_id)
-        simulated = network_from_options(opts)
-        if simulated is not None and simulated.udp_gateway is None:
-            raise ConfigError(
-                "backends.UDP.nat needs the NAT box's udp_gateway, e.g. "
-                '{"gateway": "127.0.0.1:4000", "udp_gateway": "127.0.0.1:4001"} '
-                "(NATBox.options() gives both)"
-            )
+        simulated = simulated_network(opts.get("nat"))
         puncher = UDPHolePuncher(
             host,
             port,
@@ -253,7 +247,7 @@ class UDPChannel(Channel):
             timeout=self.connect_timeout,
             punch_timeout=_number(opts, "punch_timeout", 2.0),
             keepalive=_number(opts, "keepalive", 15.0),
-            udp_gateway=simulated.udp_gateway if simulated is not None else None,
+            datagrams=simulated.datagrams() if simulated is not None else None,
         )
         client = RendezvousClient(
             host, port, config.secret, timeout=self.connect_timeout, net=simulated
@@ -458,7 +452,7 @@ class UDPChannel(Channel):
             logger.debug("peer %d: sendto %s failed: %s", self.peer_id, addr, exc)
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
-        if data and data[0] >= RESERVED_FIRST_BYTE:
+        if data and data[0] >= RESERVED_MIN:
             if not self.discovery.handle_datagram(data, addr):
                 self.stats.requests["dropped"] += 1
             return

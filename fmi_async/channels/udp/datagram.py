@@ -2,7 +2,8 @@
 
 Network byte order::
 
-    magic  u8   0x75 ("u"); 0xF0-0xFF are reserved for hole-punching datagrams
+    magic  u8   0x75 ("u"); the first byte of every datagram on the socket is
+                named in :mod:`.kinds` (0xF0-0xFF belong to hole punching)
     ver    u8   1
     type   u8   1 = DATA, 2 = ACK
     flags  u8   DATA: 1 = last fragment of a message; ACK: 1 = sender is closing
@@ -31,11 +32,11 @@ from typing import Final
 
 from ...errors import ProtocolError
 from ...wire import Buffer
+from . import kinds
 
 __all__ = [
     "MAGIC",
     "VERSION",
-    "RESERVED_FIRST_BYTE",
     "DATA_HEADER",
     "ACK_HEADER",
     "RANGE_SIZE",
@@ -50,9 +51,8 @@ __all__ = [
     "session_tag",
 ]
 
-MAGIC: Final = 0x75
+MAGIC: Final = kinds.CHANNEL
 VERSION: Final = 1
-RESERVED_FIRST_BYTE: Final = 0xF0  # 0xF0-0xFF: hole-punching datagrams, never ours
 _COMMON = struct.Struct("!BBBBIIII")
 _SEQ = struct.Struct("!Q")
 _ACK = struct.Struct("!QIH")
@@ -66,7 +66,6 @@ F_LAST: Final = 0x01
 F_CLOSING: Final = 0x01
 MAX_DATAGRAM: Final = 65507  # largest UDP payload over IPv4
 MIN_DATAGRAM: Final = 128
-assert MAGIC < RESERVED_FIRST_BYTE
 
 
 @dataclass(frozen=True, slots=True)

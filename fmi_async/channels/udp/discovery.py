@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 
 from ...holepunch import protocol as p
 from ...holepunch.client import ControlConnection, RendezvousClient
-from ...holepunch.net import Address
+from ...holepunch.net import Address, DatagramSender
 from ...holepunch.udp import RELAY_HOST, UDPHolePuncher
 
 __all__ = ["Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery", "Traversal"]
@@ -42,12 +42,6 @@ __all__ = ["Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery
 logger = logging.getLogger(__name__)
 
 Traversal = Literal["auto", "punch", "off"]
-
-
-class DatagramSender(Protocol):
-    """What the channel needs of a datagram transport (tests wrap it to lose datagrams)."""
-
-    def sendto(self, data: bytes, addr: Address) -> None: ...
 
 
 class Discovery(Protocol):

@@ -59,7 +59,8 @@ _MIN_CWND: Final = 2.0
 
 @dataclass(frozen=True, slots=True)
 class LinkParams:
-    """Tunables of one link; :meth:`fmi_async.channels.udp.channel.UDPChannel` reads them from options.
+    """Tunables of one link; :class:`~fmi_async.channels.udp.channel.UDPChannel` reads them
+    from options.
 
     ``rto`` is the retransmission policy: its ``initial`` is the first timeout
     before any round trip was measured (RFC 6298 section 2.1 says 1 s for the

@@ -1,36 +1,19 @@
-"""A userspace NAT, so that hole punching runs on one machine without privileges.
+"""The simulated NAT box: a userspace NAT in front of one private network.
 
-One :class:`NATBox` per private network.  Peers behind it never open sockets
-to anyone but their box: they ask it, over a loopback *gateway* connection,
-to open each TCP connection (and to send each UDP datagram) on their behalf,
-exactly as a NAT rewrites every packet of a host behind it.  The box owns
-real sockets bound to its own "public" loopback address (``127.0.X.1``:
-Linux routes all of 127.0.0.0/8 to ``lo``, so distinct boxes get distinct
+Peers behind a :class:`NATBox` never open sockets to anyone but their box:
+they ask it, over a loopback *gateway* connection (:mod:`.gateway`), to open
+each TCP connection (and to send each UDP datagram) on their behalf, exactly
+as a NAT rewrites every packet of a host behind it.  The box owns real
+sockets bound to its own "public" loopback address (``127.0.X.1``: Linux
+routes all of 127.0.0.0/8 to ``lo``, so distinct boxes get distinct
 addresses without privileges), keeps a mapping table, and forwards inbound
-traffic only when its filtering rule allows.  The rendezvous server, being
-public, therefore observes the box's mapping, and punching through the box is
-real punching: its mapping and filter state decide whether a connection
-passes.
-
-Behaviours, as RFC 4787 (UDP) and RFC 5382 (TCP) name them:
-
-* **Mapping** (RFC 4787 section 4.1, RFC 5382 section 4.1): one public port
-  per internal endpoint (*endpoint-independent*), per internal endpoint and
-  destination address (*address-dependent*), or per internal endpoint and
-  destination address and port (*address-and-port-dependent*, the classic
-  "symmetric" NAT).
-* **Port assignment** (RFC 4787 section 4.2.1): *port preservation* keeps
-  the internal port number when free; otherwise the kernel picks one.
-* **Filtering** (RFC 4787 section 5, RFC 5382 section 5): inbound traffic to
-  a mapping is let in from anyone (*endpoint-independent*), only from
-  addresses the internal endpoint sent to (*address-dependent*), or only from
-  address-and-port pairs it sent to (*address-and-port-dependent*).
-  Unsolicited inbound traffic (no mapping, or filtered) is dropped: a TCP
-  connection the filter refuses is reset at once, which to the connecting
-  side looks like the RST some NATs send (RFC 5382 section 7.1, REQ-4 allows
-  either).
-* **Impairments** for UDP (seeded): loss, duplication, reordering of the
-  datagrams the box forwards, for testing the UDP channel.
+traffic only when its filtering rule (:mod:`.behavior`) allows.  The
+rendezvous server, being public, therefore observes the box's mapping, and
+punching through the box is real punching: its mapping and filter state
+decide whether a connection passes.  Unsolicited inbound traffic (no
+mapping, or filtered) is dropped: a TCP connection the filter refuses is
+reset at once, which to the connecting side looks like the RST some NATs
+send (RFC 5382 section 7.1, REQ-4 allows either).
 
 Limits of the simulation: a TCP SYN is only visible to userspace once the
 kernel has completed the handshake, so a filtered connect *succeeds* and is
@@ -39,21 +22,6 @@ after their last connection closed or datagram passed (far shorter than RFC
 5382 REQ-5's two hours, to keep test runs clean); there is no hairpinning
 (RFC 4787 section 6), but peers behind the same box reach each other at its
 private address (``10.N.0.2``), as hosts on one LAN do.
-
-**Gateway protocol** (peer to box, loopback TCP): each connection starts
-with one request, a u32 length and a msgpack map, answered the same way;
-after an ``ok`` answer the connection *is* the requested stream.
-
-* ``{"op": "connect", "port": P or 0, "dst": [h, p], "timeout": s}`` ->
-  ``{"ok": true, "local": [private, P]}``.  Port 0 allocates a fresh internal
-  port (the box's "ephemeral port").
-* ``{"op": "listen", "port": P, "timeout": s}`` -> ``{"ok": true,
-  "remote": [h, p]}`` when an admitted inbound connection arrives.
-
-UDP: a peer's datagram socket sends ``0xFE`` + u8 host length + host + u16
-port + payload to the box's gateway UDP port; the box sends the payload from
-the mapping's public socket, and forwards admitted inbound datagrams to the
-peer's socket the same way, the header naming the true source.
 """
 
 from __future__ import annotations
@@ -69,137 +37,19 @@ import random
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import msgpack
+from ..errors import ArgumentError, BrokenChannelError, ProtocolError
+from ..holepunch.net import Address, close_socket
+from ..holepunch.relay import splice
+from .behavior import PRESETS, NATBehavior, PortMapping
+from .gateway import LENGTH, MAX_REQUEST, address, decapsulate, encapsulate, pack, unpack
 
-from ..errors import ArgumentError, BrokenChannelError, ConfigError, ProtocolError
-from .net import Address, Listener, close_socket, recv_exact
-from .relay import splice
-
-__all__ = [
-    "NATBehavior",
-    "PRESETS",
-    "NATBox",
-    "NATNetwork",
-    "NATDatagramTransport",
-    "network_from_options",
-    "encapsulate",
-    "decapsulate",
-    "UDP_NAT",
-]
+__all__ = ["NATBox"]
 
 logger = logging.getLogger(__name__)
 
-Dependence = Literal["endpoint-independent", "address-dependent", "address-and-port-dependent"]
-_DEPENDENCE = ("endpoint-independent", "address-dependent", "address-and-port-dependent")
-UDP_NAT = 0xFE
-"""First byte of a datagram between a peer and its NAT box (reserved range 0xF0-0xFF)."""
-_MAX_REQUEST = 4096
 _BACKLOG = 16  # admitted inbound connections waiting for a "listen" request
-
-
-@dataclass(frozen=True)
-class NATBehavior:
-    """How a NAT box maps and filters (RFC 4787 sections 4-5, RFC 5382 sections 4-5)."""
-
-    mapping: Dependence = "endpoint-independent"
-    filtering: Dependence = "address-and-port-dependent"
-    port_preserving: bool = True
-    lifetime: float = 60.0
-    loss: float = 0.0
-    duplicate: float = 0.0
-    reorder: float = 0.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.mapping not in _DEPENDENCE or self.filtering not in _DEPENDENCE:
-            raise ArgumentError(f"NAT mapping and filtering must be one of {_DEPENDENCE}")
-        for name in ("loss", "duplicate", "reorder"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ArgumentError(f"NAT {name} must be a probability in [0, 1)")
-
-
-PRESETS: dict[str, NATBehavior] = {
-    # RFC 3489's names, mapped onto RFC 4787's terms (RFC 4787 section 3).
-    "full-cone": NATBehavior("endpoint-independent", "endpoint-independent"),
-    "restricted": NATBehavior("endpoint-independent", "address-dependent"),
-    "port-restricted": NATBehavior("endpoint-independent", "address-and-port-dependent"),
-    "symmetric": NATBehavior(
-        "address-and-port-dependent", "address-and-port-dependent", port_preserving=False
-    ),
-}
-
-
-# ---------------------------------------------------------------- framing
-
-
-def _pack(obj: dict[str, Any]) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return struct.pack("!I", len(data)) + data
-
-
-def _unpack(data: bytes | bytearray) -> dict[str, Any]:
-    try:
-        obj = msgpack.unpackb(bytes(data), raw=False)
-    except Exception as exc:
-        raise ProtocolError(f"malformed NAT gateway message: {type(exc).__name__}") from exc
-    if not isinstance(obj, dict):
-        raise ProtocolError("a NAT gateway message must be a map")
-    return obj
-
-
-def _address(value: Any, what: str) -> Address:
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or not isinstance(value[0], str)
-        or not isinstance(value[1], int)
-        or not 0 <= value[1] <= 65535
-    ):
-        raise ProtocolError(f"NAT gateway: {what} must be [host, port]")
-    return (value[0], int(value[1]))
-
-
-def encapsulate(addr: Address, payload: bytes) -> bytes:
-    """A datagram between a peer and its box: who it is really to (or from), then the data."""
-    host = addr[0].encode()
-    return bytes([UDP_NAT, len(host)]) + host + struct.pack("!H", addr[1]) + payload
-
-
-def decapsulate(data: bytes) -> tuple[Address, bytes]:
-    if len(data) < 4 or data[0] != UDP_NAT or len(data) < 4 + data[1]:
-        raise ProtocolError("not a NAT gateway datagram")
-    n = data[1]
-    host = data[2 : 2 + n].decode(errors="replace")
-    (port,) = struct.unpack_from("!H", data, 2 + n)
-    return (host, port), data[4 + n :]
-
-
-# ---------------------------------------------------------------- the box
-
-
-@dataclass(eq=False)
-class _Mapping:
-    proto: str
-    internal: int
-    public_port: int
-    allowed: set[Address] = field(default_factory=set)
-    users: int = 0
-    idle_since: float = 0.0
-    server: asyncio.Server | None = None
-    udp: asyncio.DatagramTransport | None = None
-    client: Address | None = None  # udp: the peer socket behind this internal port
-
-    def admits(self, remote: Address, filtering: Dependence) -> bool:
-        """RFC 4787 section 5 / RFC 5382 section 5."""
-        if filtering == "endpoint-independent":
-            return True
-        if filtering == "address-dependent":
-            return any(host == remote[0] for host, _ in self.allowed)
-        return remote in self.allowed
 
 
 class NATBox:
@@ -225,8 +75,8 @@ class NATBox:
         self.dropped = 0
         self.forwarded = 0
         self._rng = random.Random(behavior.seed)
-        self._mappings: dict[tuple[Any, ...], _Mapping] = {}
-        self._by_port: dict[tuple[str, int], _Mapping] = {}
+        self._mappings: dict[tuple[Any, ...], PortMapping] = {}
+        self._by_port: dict[tuple[str, int], PortMapping] = {}
         self._acceptors: dict[int, deque[asyncio.Future[tuple[_Tracked, Address]]]] = {}
         self._backlog: dict[int, deque[tuple[_Tracked, Address]]] = {}
         self._internal_ports = itertools.count(20000 + self._rng.randrange(20000))
@@ -298,7 +148,7 @@ class NATBox:
             return (proto, internal, dst[0])
         return (proto, internal, dst[0], dst[1])
 
-    async def _mapping(self, proto: str, internal: int, dst: Address) -> _Mapping:
+    async def _mapping(self, proto: str, internal: int, dst: Address) -> PortMapping:
         key = self._key(proto, internal, dst)
         mapping = self._mappings.get(key)
         if mapping is None:
@@ -313,7 +163,7 @@ class NATBox:
         mapping.idle_since = asyncio.get_running_loop().time()
         return mapping
 
-    async def _new_mapping(self, proto: str, internal: int) -> _Mapping:
+    async def _new_mapping(self, proto: str, internal: int) -> PortMapping:
         wanted = [internal] if self.behavior.port_preserving else []
         for port in [*wanted, 0, 0, 0]:
             if port and (proto, port) in self._by_port:
@@ -326,7 +176,7 @@ class NATBox:
                     if (proto, public_port) in self._by_port:
                         close_socket(sock)
                         continue
-                    mapping = _Mapping(proto, internal, public_port)
+                    mapping = PortMapping(proto, internal, public_port)
                     mapping.server = await asyncio.start_server(
                         functools.partial(self._inbound_tcp, mapping), sock=sock
                     )
@@ -337,7 +187,7 @@ class NATBox:
                 if (proto, public_port) in self._by_port:
                     close_socket(usock)
                     continue
-                mapping = _Mapping(proto, internal, public_port)
+                mapping = PortMapping(proto, internal, public_port)
                 transport, _ = await loop.create_datagram_endpoint(
                     functools.partial(_PublicUDP, self, mapping), sock=usock
                 )
@@ -347,7 +197,7 @@ class NATBox:
                 logger.debug("%s: port %d unavailable: %s", self.public_ip, port, exc)
         raise BrokenChannelError(f"NAT box {self.public_ip} ran out of ports")
 
-    def _drop(self, mapping: _Mapping) -> None:
+    def _drop(self, mapping: PortMapping) -> None:
         for key, value in list(self._mappings.items()):
             if value is mapping:
                 del self._mappings[key]
@@ -376,16 +226,16 @@ class NATBox:
         self._tasks.add(task)
         try:
             async with asyncio.timeout(10.0):
-                (length,) = struct.unpack("!I", await reader.readexactly(4))
-                if length > _MAX_REQUEST:
+                (length,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
+                if length > MAX_REQUEST:
                     raise ProtocolError("NAT gateway request too large")
-                request = _unpack(await reader.readexactly(length))
+                request = unpack(await reader.readexactly(length))
             op = request.get("op")
             timeout = float(request.get("timeout") or 10.0)
             port = int(request.get("port") or 0)
             if op == "connect":
                 await self._connect(
-                    reader, writer, port, _address(request.get("dst"), "dst"), timeout
+                    reader, writer, port, address(request.get("dst"), "dst"), timeout
                 )
             elif op == "listen":
                 await self._listen(reader, writer, port, timeout)
@@ -396,7 +246,7 @@ class NATBox:
         except Exception as exc:
             logger.debug("%s: gateway request failed: %s", self.public_ip, exc)
             with contextlib.suppress(Exception):
-                writer.write(_pack({"ok": False, "error": str(exc)}))
+                writer.write(pack({"ok": False, "error": str(exc)}))
                 await asyncio.wait_for(writer.drain(), 1.0)
         finally:
             self._tasks.discard(task)
@@ -421,7 +271,7 @@ class NATBox:
             far_r, far_w = await asyncio.open_connection(sock=b)
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             future.set_result((_Tracked(far_r, far_w, done), (self.private_ip, internal)))
-            inner_w.write(_pack({"ok": True, "local": local}))
+            inner_w.write(pack({"ok": True, "local": local}))
             await self._splice((inner_r, inner_w), near)
             return
         if ipaddress.ip_address(dst[0]).is_private and not ipaddress.ip_address(dst[0]).is_loopback:
@@ -436,7 +286,7 @@ class NATBox:
         except BaseException:
             close_socket(sock, reset=True)
             raise
-        inner_w.write(_pack({"ok": True, "local": local}))
+        inner_w.write(pack({"ok": True, "local": local}))
         mapping.users += 1
         try:
             await self._splice((inner_r, inner_w), outer)
@@ -481,7 +331,7 @@ class NATBox:
                 return
             stream, remote = future.result()
         try:
-            writer.write(_pack({"ok": True, "remote": list(remote)}))
+            writer.write(pack({"ok": True, "remote": list(remote)}))
             await self._splice((reader, writer), (stream.reader, stream.writer))
         finally:
             if not stream.done.done():
@@ -496,14 +346,14 @@ class NATBox:
         return None
 
     async def _inbound_tcp(
-        self, mapping: _Mapping, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, mapping: PortMapping, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         # Returns normally when cancelled: asyncio's stream server logs a cancelled handler.
         with contextlib.suppress(asyncio.CancelledError):
             await self._admit_tcp(mapping, reader, writer)
 
     async def _admit_tcp(
-        self, mapping: _Mapping, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, mapping: PortMapping, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         peer = writer.get_extra_info("peername")
         remote = (str(peer[0]), int(peer[1]))
@@ -544,7 +394,7 @@ class NATBox:
             mapping.idle_since = loop.time()
             self._tasks.discard(task)
 
-    def _key_of(self, mapping: _Mapping) -> tuple[Any, ...]:
+    def _key_of(self, mapping: PortMapping) -> tuple[Any, ...]:
         for key, value in self._mappings.items():
             if value is mapping:
                 return key
@@ -570,7 +420,7 @@ class NATBox:
         if mapping.udp is not None:
             mapping.udp.sendto(payload, dst)
 
-    def _udp_in(self, mapping: _Mapping, data: bytes, remote: Address) -> None:
+    def _udp_in(self, mapping: PortMapping, data: bytes, remote: Address) -> None:
         if not mapping.admits(remote, self.behavior.filtering) or mapping.client is None:
             self.dropped += 1
             return
@@ -634,127 +484,9 @@ class _UDPGateway(asyncio.DatagramProtocol):
 
 
 class _PublicUDP(asyncio.DatagramProtocol):
-    def __init__(self, box: NATBox, mapping: _Mapping) -> None:
+    def __init__(self, box: NATBox, mapping: PortMapping) -> None:
         self.box = box
         self.mapping = mapping
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         self.box._udp_in(self.mapping, data, (str(addr[0]), int(addr[1])))
-
-
-# ---------------------------------------------------------------- the peer's side
-
-
-class _NATListener:
-    def __init__(self, net: NATNetwork, port: int) -> None:
-        self.net = net
-        self.port = port
-
-    def __repr__(self) -> str:
-        return f"<_NATListener {self.net.name} port={self.port}>"
-
-    async def accept(self, timeout: float) -> tuple[socket.socket, Address]:
-        sock, reply = await self.net._request(
-            {"op": "listen", "port": self.port, "timeout": timeout}, timeout + 1.0
-        )
-        return sock, _address(reply.get("remote"), "remote")
-
-    def close(self) -> None:
-        pass  # pending accepts end when their tasks are cancelled
-
-
-class NATNetwork:
-    """A peer's :class:`~fmi_async.holepunch.net.Network` behind a :class:`NATBox`."""
-
-    def __init__(self, gateway: Address, udp_gateway: Address | None = None) -> None:
-        self.gateway = gateway
-        self.udp_gateway = udp_gateway
-
-    @property
-    def name(self) -> str:
-        return f"natsim@{self.gateway[0]}:{self.gateway[1]}"
-
-    def __repr__(self) -> str:
-        return f"<NATNetwork gateway={self.gateway}>"
-
-    async def _request(
-        self, request: dict[str, Any], timeout: float
-    ) -> tuple[socket.socket, dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            deadline = loop.time() + timeout
-            async with asyncio.timeout_at(deadline):
-                await loop.sock_connect(sock, self.gateway)
-                await loop.sock_sendall(sock, _pack(request))
-            (length,) = struct.unpack("!I", await recv_exact(sock, 4, deadline, "the NAT box"))
-            if length > _MAX_REQUEST:
-                raise ProtocolError("NAT gateway answer too large")
-            reply = _unpack(await recv_exact(sock, length, deadline, "the NAT box"))
-        except BaseException:
-            close_socket(sock)
-            raise
-        if not reply.get("ok"):
-            close_socket(sock)
-            raise ConnectionRefusedError(f"NAT box: {reply.get('error', 'refused')}")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, reply
-
-    async def connect(
-        self, dst: Address, *, local_port: int | None = None, timeout: float
-    ) -> tuple[socket.socket, Address]:
-        request = {"op": "connect", "port": local_port or 0, "dst": list(dst), "timeout": timeout}
-        try:
-            sock, reply = await self._request(request, timeout + 1.0)
-        except BrokenChannelError as exc:
-            raise ConnectionResetError(str(exc)) from exc
-        return sock, _address(reply.get("local"), "local")
-
-    async def listen(self, local_port: int) -> Listener:
-        return _NATListener(self, local_port)
-
-
-class NATDatagramTransport:
-    """Sends a UDP channel's datagrams through its NAT box (wraps the real transport)."""
-
-    def __init__(self, transport: Any, udp_gateway: Address) -> None:
-        self.transport = transport
-        self.udp_gateway = udp_gateway
-
-    def sendto(self, data: bytes, addr: Address) -> None:
-        self.transport.sendto(encapsulate(addr, data), self.udp_gateway)
-
-
-def _parse_hostport(value: Any, what: str) -> Address:
-    if isinstance(value, str) and ":" in value:
-        host, _, port = value.rpartition(":")
-        if port.isdigit():
-            return (host, int(port))
-    if isinstance(value, list | tuple) and len(value) == 2:
-        return (str(value[0]), int(value[1]))
-    raise ConfigError(f"{what} must be 'host:port', got {value!r}")
-
-
-def network_from_options(
-    options: dict[str, Any], environ: Callable[[str], str | None] = os.environ.get
-) -> NATNetwork | None:
-    """The simulated NAT a peer is behind (``nat`` option or ``FMI_NAT_GATEWAY``), if any."""
-    nat = options.get("nat")
-    if nat is None:
-        gateway = environ("FMI_NAT_GATEWAY")
-        if not gateway:
-            return None
-        nat = {"gateway": gateway, "udp_gateway": environ("FMI_NAT_UDP_GATEWAY")}
-    if isinstance(nat, str):
-        nat = {"gateway": nat}
-    if not isinstance(nat, dict) or "gateway" not in nat:
-        raise ConfigError(
-            'backends.TCP.nat must be {"gateway": "host:port"} (a simulated NAT box), '
-            f"got {nat!r}"
-        )
-    udp = nat.get("udp_gateway")
-    return NATNetwork(
-        _parse_hostport(nat["gateway"], "nat.gateway"),
-        _parse_hostport(udp, "nat.udp_gateway") if udp else None,
-    )

@@ -50,7 +50,7 @@ from servers import redis_and_moto  # benchmarks/servers.py
 
 import fmi_async as fmi
 from fmi_async.channels import registry
-from fmi_async.selection import plan as planmod  # private helpers: the what-if model only
+from fmi_async.selection import rounds as round_model  # the what-if model only
 from fmi_async.selection.model import CostModel
 from fmi_async.selection.plan import Hint, Plan, plan, plans
 from fmi_async.tools.calibrate import calibrate, describe, local_group
@@ -251,19 +251,19 @@ def shared_seconds(
     the calibration's raw ratio, as a cross-check.
     """
     m = models.channel(p.channel)
-    shape = planmod._Shape(
+    shape = round_model.Shape(
         p.op, float(kw["nbytes"]), peers, 0, kw.get("operator"), kw["is_array"], kw.get("elements")
     )
     if p.family == "direct":
         scale = 2.0 if registry.spec(p.channel).kind == "mediated" else 1.0
         a, b = scale * m.overhead, scale / m.bandwidth
-        _, count, moved = planmod._direct(p.algorithm, shape, a, b)
+        _, count, moved = round_model.direct_rounds(p.algorithm, shape, a, b)
         work = count * a + moved * b
     else:
-        _, req, moved = planmod._mediated(p.channel, m, p.algorithm, shape)
+        _, req, moved = round_model.mediated_rounds(p.channel, m, p.algorithm, shape)
         calls = sum(v for k, v in req.items() if not k.endswith("_units"))
         work = calls * m.overhead + moved / m.bandwidth
-    work += planmod._folds(p.family, p.algorithm, shape)[1] / models.reduce_bandwidth
+    work += round_model.folds(p.family, p.algorithm, shape)[1] / models.reduce_bandwidth
     return max(p.seconds, work / concurrency[p.channel])
 
 

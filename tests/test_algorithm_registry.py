@@ -17,6 +17,7 @@ from fmi_async.collectives.base import CollectiveContext
 from fmi_async.collectives.registry import Algorithm, Need
 from fmi_async.config import Config
 from fmi_async.selection import plan as planmod
+from fmi_async.selection import rounds
 from fmi_async.selection.model import load_cost_model
 
 from .conftest import storage_group
@@ -140,9 +141,9 @@ def test_plan_offers_exactly_the_registered_algorithms() -> None:
 
 def test_every_cost_tag_has_a_formula() -> None:
     for entry in ENTRIES:
-        assert entry.cost in planmod.DIRECT_COSTS or entry.family == "mediated", entry
+        assert entry.cost in rounds.DIRECT_COSTS or entry.family == "mediated", entry
         if entry.family == "mediated":
-            assert entry.cost in planmod.MEDIATED_COSTS, entry
+            assert entry.cost in rounds.MEDIATED_COSTS, entry
 
 
 def test_unknown_algorithm_names_list_the_registered_ones() -> None:

@@ -26,7 +26,8 @@ from fmi_async.selection.model import (
     load_cost_model,
     load_models,
 )
-from fmi_async.selection.plan import OPERATIONS, Hint, _folds, _Shape, plan, plans
+from fmi_async.selection.plan import OPERATIONS, Hint, plan, plans
+from fmi_async.selection.rounds import Shape, folds
 
 from .reference import REDUCTIONS, assert_same, reference_fold, value
 
@@ -256,19 +257,19 @@ def test_folds_count_what_the_algorithms_fold(peers: int) -> None:
     """Whole-group folds: (P-1) operands of n for every algorithm that folds each
     operand once; recursive doubling folds on every peer in every round."""
     n = 1000.0
-    shape = _Shape("allreduce", n, peers, 0, fmi.SUM, True, 1000)
+    shape = Shape("allreduce", n, peers, 0, fmi.SUM, True, 1000)
     every = (peers - 1) * n
     for alg in ("ring", "linear"):
-        path, total = _folds("direct", alg, shape)
+        path, total = folds("direct", alg, shape)
         assert total == every and 0 < path <= total
     pof2 = 1 << (peers.bit_length() - 1)
-    path, total = _folds("direct", "recursive_doubling", shape)
+    path, total = folds("direct", "recursive_doubling", shape)
     levels = pof2.bit_length() - 1
     assert total == (pof2 * levels + peers - pof2) * n >= every
     assert path == (levels + (peers != pof2)) * n
     for alg in ("root", "split"):
-        assert _folds("mediated", alg, shape)[1] == every
-    assert _folds("direct", "binomial", _Shape("bcast", n, peers, 0, None, True, 1000)) == (0, 0)
+        assert folds("mediated", alg, shape)[1] == every
+    assert folds("direct", "binomial", Shape("bcast", n, peers, 0, None, True, 1000)) == (0, 0)
 
 
 def test_one_event_loop_two_peers_allreduce_folds_once() -> None:

@@ -36,19 +36,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
 from .errors import (
     BackendError,
-    BrokenChannelError,
-    CommTimeout,
     FMIError,
     JobConflictError,
-    JobConflictTimeout,
     JobMismatchError,
-    LeaseLostError,
 )
 
 __all__ = [
@@ -60,7 +56,6 @@ __all__ = [
     "refresh",
     "release",
     "poison_error",
-    "lease_error",
     "busy_message",
     "busy_timeout_message",
     "mismatch_message",
@@ -419,15 +414,3 @@ def lost_forming_message(comm: str, run_id: str) -> str:
         f"the lease record of {_where(comm, run_id)} vanished while the job formed: another "
         f"job opened the same name at the same time, or the record was deleted; {_DISTINCT}"
     )
-
-
-def lease_error(code: str, message: str) -> FMIError:
-    """The error for a lease outcome named by ``code`` (the rendezvous protocol's error codes)."""
-    kinds: dict[str, Callable[[str], FMIError]] = {
-        "conflict": JobConflictError,
-        "mismatch": JobMismatchError,
-        "busy": JobConflictTimeout,
-        "timeout": CommTimeout,
-        "expired": LeaseLostError,
-    }
-    return kinds.get(code, BrokenChannelError)(message)

@@ -17,7 +17,8 @@ from fmi_async.errors import (
 )
 from fmi_async.holepunch import protocol as p
 from fmi_async.holepunch.client import RendezvousClient
-from fmi_async.holepunch.server import Registry, RendezvousServer, serve_forever
+from fmi_async.holepunch.registry import Registry
+from fmi_async.holepunch.server import RendezvousServer, serve_forever
 
 LOOPBACK = "127.0.0.1"
 SECRET = b"rendezvous-test-secret"
@@ -93,7 +94,7 @@ async def test_lookup_waits_for_late_registration(server: RendezvousServer) -> N
     await task
     assert addr == (LOOPBACK, 4002)
     assert 0.15 < time.monotonic() - start < 3.0
-    assert server._pending == 0 and not server._waiters
+    assert server.core.pending == 0 and len(server.core.waits) == 0
 
 
 async def test_lookup_of_absent_peer_times_out(server: RendezvousServer) -> None:
@@ -102,7 +103,7 @@ async def test_lookup_of_absent_peer_times_out(server: RendezvousServer) -> None
     with pytest.raises(CommTimeout, match="peer 7 of communicator 'W'"):
         await client.lookup("W", "run", 7, timeout=0.3)
     assert time.monotonic() - start < 2.0
-    assert server._pending == 0
+    assert server.core.pending == 0
 
 
 async def test_runs_and_comms_are_separate(server: RendezvousServer) -> None:
@@ -163,10 +164,10 @@ async def test_bounded_pending_lookups_and_entries() -> None:
         client = client_for(srv, None)
         waiting = asyncio.create_task(client.lookup("W", "r", 5, timeout=5.0))
         for _ in range(100):  # until the first lookup waits at the server
-            if srv._pending:
+            if srv.core.pending:
                 break
             await asyncio.sleep(0.01)
-        assert srv._pending == 1
+        assert srv.core.pending == 1
         with pytest.raises(BrokenChannelError, match="lookups waiting"):
             await client.lookup("W", "r", 6, timeout=5.0)
         await client.register("W", "r", 5, (LOOPBACK, 55))
@@ -216,7 +217,7 @@ async def test_close_ends_waiting_lookups() -> None:
     client = client_for(srv, None)
     task = asyncio.create_task(client.lookup("W", "r", 3, timeout=30.0))
     for _ in range(100):
-        if srv._pending:
+        if srv.core.pending:
             break
         await asyncio.sleep(0.01)
     start = time.monotonic()
@@ -267,10 +268,10 @@ async def test_many_concurrent_clients(server: RendezvousServer) -> None:
 async def test_internal_failure_answers_and_server_survives(
     server: RendezvousServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken(msg: p.Lookup) -> p.Message:
+    def broken(msg: p.Lookup, *args: object) -> list[object]:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(server, "_lookup", broken)
+    monkeypatch.setattr(server.core, "_lookup", broken)
     client = client_for(server)
     with pytest.raises(BrokenChannelError, match="rendezvous server failed"):
         await client.lookup("W", "r", 0, 0.1)

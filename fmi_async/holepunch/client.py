@@ -12,12 +12,13 @@ Every connection is opened through a :class:`~fmi_async.holepunch.net.Network`,
 so behind a simulated NAT the server observes the NAT's mapping.
 
 Every step has a deadline, and failures are mapped onto the library's errors
-with messages that say what to check: :class:`~fmi_async.errors.CommTimeout`
-when the peer never registers, :class:`~fmi_async.errors.AuthenticationError`
-when the secrets differ (or, on a server without a secret, when another
-registrant holds this peer's registration), and
-:class:`~fmi_async.errors.BrokenChannelError` when the server cannot be
-reached.
+with messages that say what to check: the server's error answers through the
+one table of :mod:`~fmi_async.holepunch.error_codes` (for example
+:class:`~fmi_async.errors.CommTimeout` when the peer never registers,
+:class:`~fmi_async.errors.AuthenticationError` when the secrets differ, or,
+on a server without a secret, when another registrant holds this peer's
+registration), and :class:`~fmi_async.errors.BrokenChannelError` when the
+server cannot be reached.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from ..errors import (
     AuthenticationError,
     BrokenChannelError,
     CommTimeout,
+    FMIError,
     ProtocolError,
 )
-from ..lease_record import lease_error
 from . import protocol as p
-from .net import Network
+from .error_codes import server_error
+from .net import Address, Network
 
 __all__ = ["RendezvousClient", "ControlConnection"]
 
@@ -87,17 +89,21 @@ class RendezvousClient:
         comm: str,
         run_id: str,
         peer: int,
-        addr: p.Address,
-        local: p.Address | None = None,
+        addr: Address,
+        local: Address | None = None,
     ) -> p.Ok:
-        """Announce that ``peer`` listens at ``addr``; returns the server's acknowledgement."""
+        """Announce that ``peer`` listens at ``addr``; returns the server's acknowledgement.
+
+        Raises what :mod:`~fmi_async.holepunch.error_codes` maps the server's
+        refusal to, and the connection's errors.
+        """
         request = p.Register(
             comm, run_id, peer, (addr[0], int(addr[1])), id=next(self._ids), local=local
         )
         answer = await self._request(request, self.timeout)
         if isinstance(answer, p.Ok):
             return answer
-        raise self._error(answer, request, f"registering peer {peer}")
+        raise self._error(answer, f"registering peer {peer}")
 
     async def lookup(
         self,
@@ -105,8 +111,13 @@ class RendezvousClient:
         run_id: str,
         peer: int,
         timeout: float | None = None,
-    ) -> p.Address:
-        """The address of ``peer``, waiting up to ``timeout`` seconds for it to register."""
+    ) -> Address:
+        """The address of ``peer``, waiting up to ``timeout`` seconds for it to register.
+
+        Raises :class:`~fmi_async.errors.CommTimeout` when it does not, what
+        :mod:`~fmi_async.holepunch.error_codes` maps other refusals to, and
+        the connection's errors.
+        """
         return (await self.lookup_info(comm, run_id, peer, timeout)).addr
 
     async def lookup_info(
@@ -116,13 +127,13 @@ class RendezvousClient:
         peer: int,
         timeout: float | None = None,
     ) -> p.PeerInfo:
-        """Like :meth:`lookup`, with whether the peer is behind NAT."""
+        """Like :meth:`lookup`, with whether the peer is behind NAT; raises the same."""
         wait = self.timeout if timeout is None else timeout
         request = p.Lookup(comm, run_id, peer, wait, id=next(self._ids))
         answer = await self._request(request, wait + self.timeout)
         if isinstance(answer, p.PeerInfo) and answer.peer == peer:
             return answer
-        raise self._error(answer, request, f"looking up peer {peer}")
+        raise self._error(answer, f"looking up peer {peer}")
 
     async def claim(
         self,
@@ -152,7 +163,7 @@ class RendezvousClient:
         answer = await self._request(request, timeout + self.timeout)
         if isinstance(answer, p.LeaseGrant):
             return answer
-        raise self._lease_error(answer, request, f"the job lease claim of peer {peer}")
+        raise self._error(answer, f"claiming the job lease of peer {peer}")
 
     async def refresh_lease(
         self,
@@ -174,7 +185,7 @@ class RendezvousClient:
         request = p.Refresh(comm, run_id, peer, num_peers, epoch, nonce, ttl, id=next(self._ids))
         answer = await self._request(request, self.timeout)
         if not isinstance(answer, p.Ok):
-            raise self._lease_error(answer, request, f"renewing the job lease of peer {peer}")
+            raise self._error(answer, f"renewing the job lease of peer {peer}")
 
     async def release_lease(
         self, comm: str, run_id: str, peer: int, epoch: str, nonce: bytes
@@ -183,20 +194,9 @@ class RendezvousClient:
         request = p.Release(comm, run_id, peer, epoch, nonce, id=next(self._ids))
         answer = await self._request(request, self.timeout)
         if not isinstance(answer, p.Ok):
-            raise self._lease_error(answer, request, f"releasing the job lease of peer {peer}")
+            raise self._error(answer, f"releasing the job lease of peer {peer}")
 
-    def _lease_error(self, answer: p.Message, request: _Request, what: str) -> Exception:
-        if isinstance(answer, p.Error) and answer.code in (
-            "conflict",
-            "mismatch",
-            "busy",
-            "timeout",
-            "expired",
-        ):
-            return lease_error(answer.code, answer.message)
-        return self._error(answer, request, what)
-
-    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, p.Address]:
+    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Address]:
         """A connection to the server (through :attr:`net`) and its local endpoint."""
         try:
             async with asyncio.timeout(self.timeout):
@@ -269,22 +269,9 @@ class RendezvousClient:
             )
         return CommTimeout(f"{self._where} did not answer a {request.TYPE} within the deadline")
 
-    def _error(self, answer: p.Message, request: _Request, what: str) -> Exception:
-        if not isinstance(answer, p.Error):
-            return ProtocolError(f"unexpected {answer.TYPE!r} answer from {self._where} to {what}")
-        if answer.code == "auth":
-            # The server says why: a proof that does not match its secret, or a
-            # registration that someone else holds (on a server without a secret).
-            return AuthenticationError(f"{self._where} rejected {what}: {answer.message}")
-        if answer.code == "timeout":
-            return CommTimeout(
-                f"peer {request.peer} of communicator {request.comm!r} (run {request.run_id}) "
-                f"never registered at {self._where} ({answer.message}); did it start, with "
-                "the same comm name and run id?"
-            )
-        if answer.code == "bad_request":
-            return ProtocolError(f"{self._where} rejected {what}: {answer.message}")
-        return BrokenChannelError(f"{self._where} failed {what}: {answer.message}")
+    def _error(self, answer: p.Message, what: str) -> FMIError:
+        """The error for a refusal (or an unexpected answer) of the server to ``what``."""
+        return server_error(answer, self._where, what)
 
 
 class ControlConnection:
@@ -304,7 +291,7 @@ class ControlConnection:
         comm: str,
         run_id: str,
         peer: int,
-        addr: p.Address,
+        addr: Address,
         on_invite: Callable[[p.Invite], None],
         *,
         renew: float = 15.0,
@@ -318,8 +305,8 @@ class ControlConnection:
         self.on_invite = on_invite
         self.renew = renew
         self.max_backoff = max_backoff
-        self.observed: p.Address | None = None
-        self.local: p.Address | None = None
+        self.observed: Address | None = None
+        self.local: Address | None = None
         self.reconnects = 0
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -365,7 +352,7 @@ class ControlConnection:
                         else:
                             pending.append(message)  # an invite right behind the answer
             if not isinstance(answer, p.Ok):
-                raise self.client._error(answer, request, f"registering peer {self.peer}")
+                raise self.client._error(answer, f"registering peer {self.peer}")
         except TimeoutError:
             writer.close()
             raise CommTimeout(
@@ -441,12 +428,3 @@ class ControlConnection:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def __getattr__(name: str) -> object:
-    # The UDP channel's contract, importable from here too (lazily: udp imports this module).
-    if name == "UDPHolePuncher":
-        from .udp import UDPHolePuncher
-
-        return UDPHolePuncher
-    raise AttributeError(name)

@@ -1,22 +1,22 @@
-"""The rendezvous server's job leases: a table of lease records, and who waits on them.
+"""The rendezvous server's job leases, sans-IO: a table of lease records, and claims in progress.
 
 :class:`LeaseTable` is pure bookkeeping with time passed in: it applies the
 transitions of :mod:`fmi_async.lease_record` to one record per
 ``(comm, run_id)``, atomically (the server is one event loop), and holds at
-most ``max_records`` of them.  :class:`LeaseService` is the thin async part
-the server hands ``claim``, ``refresh`` and ``release`` requests to: a claim
-waits, without polling, until its group formed (or failed), or, when it
-asked to wait for another job, until that job's record is gone; every wait
-is bounded by the request's timeout, capped by the server's.
+most ``max_records`` of them.  :class:`LeaseDesk` answers ``claim``,
+``refresh`` and ``release`` requests over it.  A claim is answered once its
+group formed (or failed), or, when it asked to wait for another job, once
+that job's record is gone: :meth:`LeaseDesk.step` moves a claim on and says
+when to step it again, and the server core (:mod:`~fmi_async.holepunch.server_core`)
+steps every waiting claim of a record that changed, so nobody polls.  Every
+wait is bounded by the request's timeout, capped by the server's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from ..lease_record import (
@@ -35,9 +35,9 @@ from ..lease_record import (
     refresh,
     release,
 )
-from . import protocol as p
+from .messages import Claim, Error, ErrorCode, LeaseGrant, Message, Ok, Refresh, Release
 
-__all__ = ["LeaseTable", "LeaseService", "LeaseKey"]
+__all__ = ["LeaseTable", "LeaseDesk", "ClaimInProgress", "LeaseKey"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ MIN_TTL: Final = 0.05
 MAX_TTL: Final = 3600.0
 DEFAULT_TTL: Final = 30.0
 MAX_SETTLE: Final = 60.0
-_AUTH_HINT: Final = (
-    "invalid or missing proof: this peer's security.secret does not match the "
-    "rendezvous server's secret"
-)
 
 
 class LeaseTable:
@@ -158,140 +154,113 @@ def _clamp(value: float | None, default: float, low: float, high: float) -> floa
     return min(max(default if value is None else value, low), high)
 
 
-class LeaseService:
-    """Serves lease requests on the rendezvous server (one per server, on its loop)."""
+@dataclass(slots=True)
+class ClaimInProgress:
+    """A claim the desk has not answered yet, and when to step it again."""
+
+    msg: Claim
+    start: float
+    deadline: float
+    wake: float
+    epoch: str = ""  # of the slot this claim holds, once it holds one
+
+    @property
+    def key(self) -> LeaseKey:
+        return (self.msg.comm, self.msg.run_id)
+
+
+class LeaseDesk:
+    """Answers lease requests on the rendezvous server; sans-IO, time passed in.
+
+    Proofs are checked by the caller.  :attr:`changed` collects the keys
+    whose record was written since the caller last cleared it: the claims
+    waiting on those must be stepped again.
+    """
 
     def __init__(
-        self,
-        secret: bytes | None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        default_wait: float = 30.0,
-        max_wait: float = 600.0,
-        max_records: int = 10_000,
+        self, *, default_wait: float = 30.0, max_wait: float = 600.0, max_records: int = 10_000
     ) -> None:
-        self.secret = secret
         self.table = LeaseTable(max_records)
         self.default_wait = default_wait
         self.max_wait = max_wait
-        self._clock = clock
-        self._changed: dict[LeaseKey, asyncio.Event] = {}
-        self._waiting: dict[LeaseKey, int] = {}
+        self.changed: set[LeaseKey] = set()
 
     def __repr__(self) -> str:
-        return f"<LeaseService {self.table!r} waiting={sum(self._waiting.values())}>"
+        return f"<LeaseDesk {self.table!r}>"
 
-    async def handle(self, msg: p.Claim | p.Refresh | p.Release) -> p.Message:
-        """The answer to one lease request (``error`` code ``auth`` without a valid proof)."""
-        if not p.verify(msg, self.secret):
-            logger.warning("rendezvous: rejected %s of peer %d", msg.TYPE, msg.peer)
-            return p.Error("auth", _AUTH_HINT, msg.id)
-        if isinstance(msg, p.Claim):
-            return await self._claim(msg)
-        if isinstance(msg, p.Refresh):
-            return self._refresh(msg)
-        return self._release(msg)
+    def claim(self, msg: Claim, now: float) -> ClaimInProgress:
+        """Start a claim; :meth:`step` it at once."""
+        wait = _clamp(msg.timeout, self.default_wait, 0.0, self.max_wait)
+        return ClaimInProgress(msg, now, now + wait, now)
 
-    # ---------------------------------------------------------------- waiting
-
-    def _notify(self, key: LeaseKey) -> None:
-        event = self._changed.pop(key, None)
-        if event is not None:
-            event.set()
-
-    async def _wait_change(self, key: LeaseKey, seconds: float) -> None:
-        """Until the record of ``key`` changes, or ``seconds`` pass."""
-        event = self._changed.setdefault(key, asyncio.Event())
-        self._waiting[key] = self._waiting.get(key, 0) + 1
-        try:
-            async with asyncio.timeout(max(seconds, 0.0)):
-                await event.wait()
-        except TimeoutError:
-            pass
-        finally:
-            left = self._waiting[key] - 1
-            if left:
-                self._waiting[key] = left
-            else:
-                del self._waiting[key]
-                if self._changed.get(key) is event:
-                    del self._changed[key]
-
-    # ---------------------------------------------------------------- requests
-
-    async def _claim(self, msg: p.Claim) -> p.Message:
-        key = (msg.comm, msg.run_id)
+    def step(self, claim: ClaimInProgress, now: float) -> Message | None:
+        """Move ``claim`` on: its answer, or None to be stepped again at ``claim.wake``
+        (or sooner, when its record changes)."""
+        msg, key = claim.msg, claim.key
         nonce = msg.nonce.hex()
         ttl = _clamp(msg.ttl, DEFAULT_TTL, MIN_TTL, MAX_TTL)
-        settle = _clamp(msg.settle, 0.0, 0.0, MAX_SETTLE)
-        wait = _clamp(msg.timeout, self.default_wait, 0.0, self.max_wait)
-        start = self._clock()
-        deadline = start + wait
-        epoch = ""  # of the slot this claim holds, once it holds one
-        while True:
-            now = self._clock()
-            step: Step | None
-            if not epoch:
-                step = self.table.claim(
-                    key,
-                    peer=msg.peer,
-                    nonce=nonce,
-                    num_peers=msg.num_peers,
-                    now=now,
-                    hold_until=deadline + FORM_GRACE,
-                    ttl=ttl,
-                    settle=settle,
+        step: Step | None
+        if not claim.epoch:
+            step = self.table.claim(
+                key,
+                peer=msg.peer,
+                nonce=nonce,
+                num_peers=msg.num_peers,
+                now=now,
+                hold_until=claim.deadline + FORM_GRACE,
+                ttl=ttl,
+                settle=_clamp(msg.settle, 0.0, 0.0, MAX_SETTLE),
+            )
+            if step is None:
+                return Error(
+                    "overloaded",
+                    f"the rendezvous server holds {self.table.max_records} job leases "
+                    "already; retry later",
+                    msg.id,
                 )
-                if step is None:
-                    return p.Error(
-                        "overloaded",
-                        f"the rendezvous server holds {self.table.max_records} job leases "
-                        "already; retry later",
-                        msg.id,
-                    )
-            else:
-                step = self.table.observe(key, peer=msg.peer, nonce=nonce, epoch=epoch, now=now)
-            if step.write:
-                self._notify(key)
-            rec = step.record
-            if step.outcome == "granted":
-                assert rec is not None
-                return p.LeaseGrant(rec.epoch, ttl, msg.id)
-            if step.outcome in ("joined", "settling"):
-                assert rec is not None
-                epoch = rec.epoch
+        else:
+            step = self.table.observe(key, peer=msg.peer, nonce=nonce, epoch=claim.epoch, now=now)
+        if step.write:
+            self.changed.add(key)
+        rec = step.record
+        if step.outcome == "granted":
+            assert rec is not None
+            return LeaseGrant(rec.epoch, ttl, msg.id)
+        if step.outcome in ("joined", "settling"):
+            assert rec is not None
+            claim.epoch = rec.epoch
+        elif step.outcome == "busy":
+            assert rec is not None
+            if not msg.wait:
+                return Error("conflict", busy_message(rec, msg.comm, msg.run_id, now), msg.id)
+        elif step.outcome == "mismatch":
+            assert rec is not None
+            text = mismatch_message(rec, msg.comm, msg.run_id, msg.num_peers)
+            return Error("mismatch", text, msg.id)
+        elif step.outcome == "poisoned":
+            assert rec is not None
+            return _poisoned(rec, msg)
+        else:
+            return Error("conflict", lost_forming_message(msg.comm, msg.run_id), msg.id)
+        if now >= claim.deadline:
+            waited = now - claim.start
+            if claim.epoch:
+                self.table.release(key, peer=msg.peer, nonce=nonce, epoch=claim.epoch, now=now)
+                self.changed.add(key)
+                text = formation_timeout_message(rec, msg.comm, msg.run_id, waited)
+                return Error("timeout", text, msg.id)
+            text = busy_timeout_message(rec, msg.comm, msg.run_id, waited)
+            return Error("busy", text, msg.id)
+        claim.wake = claim.deadline
+        if rec is not None:
+            if step.outcome == "settling" and rec.completed is not None:
+                claim.wake = min(claim.wake, rec.completed + rec.settle)
             elif step.outcome == "busy":
-                assert rec is not None
-                if not msg.wait:
-                    text = busy_message(rec, msg.comm, msg.run_id, now)
-                    return p.Error("conflict", text, msg.id)
-            elif step.outcome == "mismatch":
-                assert rec is not None
-                text = mismatch_message(rec, msg.comm, msg.run_id, msg.num_peers)
-                return p.Error("mismatch", text, msg.id)
-            elif step.outcome == "poisoned":
-                assert rec is not None
-                return _poisoned(rec, msg)
-            else:
-                return p.Error("conflict", lost_forming_message(msg.comm, msg.run_id), msg.id)
-            if now >= deadline:
-                waited = now - start
-                if epoch:
-                    self.table.release(key, peer=msg.peer, nonce=nonce, epoch=epoch, now=now)
-                    self._notify(key)
-                    text = formation_timeout_message(rec, msg.comm, msg.run_id, waited)
-                    return p.Error("timeout", text, msg.id)
-                text = busy_timeout_message(rec, msg.comm, msg.run_id, waited)
-                return p.Error("busy", text, msg.id)
-            wake = deadline
-            if rec is not None:
-                if step.outcome == "settling" and rec.completed is not None:
-                    wake = min(wake, rec.completed + rec.settle)
-                elif step.outcome == "busy":
-                    wake = min(wake, rec.expires)
-            await self._wait_change(key, wake - now)
+                claim.wake = min(claim.wake, rec.expires)
+        return None
 
-    def _refresh(self, msg: p.Refresh) -> p.Message:
+    def refresh(self, msg: Refresh, now: float) -> Message:
+        """The answer to a refresh: ``ok``, or ``error`` (``expired``, ``conflict``, ...)."""
         key = (msg.comm, msg.run_id)
         ttl = _clamp(msg.ttl, DEFAULT_TTL, MIN_TTL, MAX_TTL)
         step = self.table.refresh(
@@ -300,37 +269,38 @@ class LeaseService:
             nonce=msg.nonce.hex(),
             epoch=msg.epoch,
             num_peers=msg.num_peers,
-            now=self._clock(),
+            now=now,
             ttl=ttl,
         )
         if step is None:
-            return p.Error("overloaded", "the rendezvous server's lease table is full", msg.id)
+            return Error("overloaded", "the rendezvous server's lease table is full", msg.id)
         if step.write:
-            self._notify(key)
+            self.changed.add(key)
         if step.outcome == "granted":
-            return p.Ok(ttl=ttl, id=msg.id)
+            return Ok(ttl=ttl, id=msg.id)
         rec = step.record
         if step.outcome == "poisoned" and rec is not None:
             return _poisoned(rec, msg)
         other = rec.epoch if rec is not None else "?"
-        return p.Error(
+        return Error(
             "expired",
             f"another job (epoch {other}) took communicator {msg.comm!r} run {msg.run_id!r} "
             f"after this job's lease (epoch {msg.epoch}) lapsed",
             msg.id,
         )
 
-    def _release(self, msg: p.Release) -> p.Message:
+    def release(self, msg: Release, now: float) -> Message:
+        """The answer to a release: always ``ok`` (a slot already gone is released too)."""
         key = (msg.comm, msg.run_id)
         step = self.table.release(
-            key, peer=msg.peer, nonce=msg.nonce.hex(), epoch=msg.epoch, now=self._clock()
+            key, peer=msg.peer, nonce=msg.nonce.hex(), epoch=msg.epoch, now=now
         )
         if step.write:
-            self._notify(key)
-        return p.Ok(id=msg.id)
+            self.changed.add(key)
+        return Ok(id=msg.id)
 
 
-def _poisoned(rec: LeaseRecord, msg: p.Claim | p.Refresh) -> p.Message:
+def _poisoned(rec: LeaseRecord, msg: Claim | Refresh) -> Message:
     error = poison_error(rec, msg.comm, msg.run_id)
-    code: p.ErrorCode = "mismatch" if rec.poison == "mismatch" else "conflict"
-    return p.Error(code, str(error), msg.id)
+    code: ErrorCode = "mismatch" if rec.poison == "mismatch" else "conflict"
+    return Error(code, str(error), msg.id)

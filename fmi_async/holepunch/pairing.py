@@ -18,10 +18,17 @@ learn it together, before anyone punches.  ``direct`` verdicts are not
 reused (each direction punches its own connection), nor are UDP ones (a UDP
 pair is paired once anyway).
 
+A UDP pair decided ``relay`` talks through the server: the table keeps the
+two endpoints the pairing observed, by the pairing's nonce, and
+:meth:`PairingTable.relay_target` tells where a relayed datagram goes (only
+from one of the two, to the other), so the server relays for nobody else.
+
 Everything is bounded: the number of open pairings, how long a pairing waits
 for its second side (``join_timeout``), how long a decided one is remembered
-(``keep``), how long a ``relay`` verdict allows opening a relay, and how many
-remembered relay verdicts are kept (``max_pairings``, oldest dropped first).
+(``keep``), how long a ``relay`` verdict allows opening a relay, how many
+remembered relay verdicts are kept (``max_pairings``, oldest dropped first),
+and how many UDP relays (``max_relays``, the one idle longest dropped
+first, and any idle for ``relay_idle_timeout``).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol as p
+from .messages import NONCE_LEN, Outcome
+from .net import Address
 
 __all__ = ["PairKey", "Side", "Pairing", "PairingTable"]
 
@@ -46,22 +54,22 @@ PeerPair = tuple[str, str, int, int]  # comm, run_id, lower peer, higher peer
 class Side:
     """One side's view: where the server saw it and what it said about itself."""
 
-    observed: p.Address
-    local: p.Address
+    observed: Address
+    local: Address
     request_id: int | None = None
     result: bool | None = None
+    link: Any = None  # where the server answers this side; opaque here
 
 
 @dataclass(eq=False)
 class Pairing:
     key: PairKey
     expires: float
-    nonce: bytes = field(default_factory=lambda: secrets.token_bytes(p.NONCE_LEN))
+    nonce: bytes = field(default_factory=lambda: secrets.token_bytes(NONCE_LEN))
     sides: dict[int, Side] = field(default_factory=dict)
-    outcome: p.Outcome | None = None
+    outcome: Outcome | None = None
     reported_at: float | None = None
     reused: bool = False  # decided from a remembered relay verdict, nobody punched
-    extra: Any = None  # the server's wake-up events; opaque here
 
     def __repr__(self) -> str:
         return f"<Pairing {self.key} sides={sorted(self.sides)} outcome={self.outcome}>"
@@ -86,18 +94,24 @@ class PairingTable:
         keep: float = 60.0,
         relay_memory: float = 600.0,
         max_pairings: int = 10_000,
+        max_relays: int = 1024,
+        relay_idle_timeout: float = 3600.0,
     ) -> None:
         self.join_timeout = join_timeout
         self.result_timeout = result_timeout
         self.keep = keep
         self.relay_memory = relay_memory
         self.max_pairings = max_pairings
+        self.max_relays = max_relays
+        self.relay_idle_timeout = relay_idle_timeout
         self._pairings: OrderedDict[PairKey, Pairing] = OrderedDict()
         self._relays: OrderedDict[tuple[str, str, int, int], float] = OrderedDict()
         # TCP relay verdicts per unordered pair, until when; oldest first
         self._remembered: OrderedDict[PeerPair, float] = OrderedDict()
         self.decided: Counter[str] = Counter()  # outcomes so far, for summaries
         self.reused = 0  # pairings decided from a remembered relay verdict
+        # UDP relays by pairing nonce, the one idle longest first: both endpoints, last use
+        self._udp_relays: OrderedDict[bytes, tuple[Address, Address, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._pairings)
@@ -138,10 +152,11 @@ class PairingTable:
         self,
         key: PairKey,
         peer: int,
-        observed: p.Address,
-        local: p.Address,
+        observed: Address,
+        local: Address,
         now: float,
         request_id: int | None = None,
+        link: Any = None,
     ) -> Pairing | None:
         """Add ``peer``'s side; None when the table is full.
 
@@ -171,8 +186,8 @@ class PairingTable:
         ):
             # The same peer from elsewhere after it reported: a fresh attempt.
             del self._pairings[key]
-            return self.join(key, peer, observed, local, now, request_id)
-        pairing.sides[peer] = Side(observed, local, request_id)
+            return self.join(key, peer, observed, local, now, request_id, link)
+        pairing.sides[peer] = Side(observed, local, request_id, link=link)
         if pairing.complete:
             pairing.expires = max(pairing.expires, now + self.result_timeout + self.keep)
             comm, run_id, transport, initiator, responder = key
@@ -187,7 +202,7 @@ class PairingTable:
                 self.decide(key, "relay", now)
         return pairing
 
-    def report(self, key: PairKey, peer: int, ok: bool, now: float) -> p.Outcome | None:
+    def report(self, key: PairKey, peer: int, ok: bool, now: float) -> Outcome | None:
         """Record ``peer``'s punch result; the outcome once both reported (or decided)."""
         pairing = self._pairings.get(key)
         if pairing is None or peer not in pairing.sides:
@@ -202,7 +217,7 @@ class PairingTable:
             return self.decide(key, "direct" if all(results) else "relay", now)
         return None
 
-    def decide(self, key: PairKey, outcome: p.Outcome, now: float) -> p.Outcome:
+    def decide(self, key: PairKey, outcome: Outcome, now: float) -> Outcome:
         """Fix the outcome (a missing report counts as failure); it never changes after."""
         pairing = self._pairings[key]
         if pairing.outcome is None:
@@ -215,6 +230,8 @@ class PairingTable:
                 self._relays.move_to_end((comm, run_id, initiator, responder))
                 while len(self._relays) > self.max_pairings:
                     self._relays.popitem(last=False)
+                if key[2] == "udp" and pairing.complete:
+                    self._open_udp_relay(pairing, now)
                 if key[2] == "tcp" and not pairing.reused:
                     # Only a verdict from real punching starts (or restarts) the memory.
                     pair = _peer_pair(comm, run_id, initiator, responder)
@@ -241,6 +258,28 @@ class PairingTable:
     ) -> bool:
         until = self._relays.get((comm, run_id, initiator, responder))
         return until is not None and until > now
+
+    def _open_udp_relay(self, pairing: Pairing, now: float) -> None:
+        (a, side_a), (b, side_b) = pairing.sides.items()
+        self._udp_relays[pairing.nonce] = (side_a.observed, side_b.observed, now)
+        while len(self._udp_relays) > self.max_relays:
+            self._udp_relays.popitem(last=False)
+        logger.debug("pairing %s: relaying udp %d<->%d", pairing.key, a, b)
+
+    def relay_target(self, nonce: bytes, source: Address, now: float) -> Address | None:
+        """Where a datagram of the UDP relay ``nonce`` from ``source`` goes, or None."""
+        relay = self._udp_relays.get(nonce)
+        if relay is None:
+            return None
+        a, b, used = relay
+        if now - used > self.relay_idle_timeout:
+            del self._udp_relays[nonce]
+            return None
+        if source not in (a, b):
+            return None
+        self._udp_relays[nonce] = (a, b, now)
+        self._udp_relays.move_to_end(nonce)
+        return b if source == a else a
 
 
 def _peer_pair(comm: str, run_id: str, a: int, b: int) -> PeerPair:

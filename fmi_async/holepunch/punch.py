@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import secrets
 import socket
@@ -51,9 +52,10 @@ from ..errors import (
     ProtocolError,
 )
 from . import protocol as p
+from .error_codes import server_error
 from .net import Address, Listener, Network, close_socket, read_message, send_message
 
-__all__ = ["Membership", "PairResult", "authenticate", "pair_tcp", "server_error"]
+__all__ = ["Membership", "PairResult", "authenticate", "pair_tcp"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,38 +193,12 @@ def _check_challenge(
 
 
 def _check_response(message: p.Message, other: int, expected: bytes) -> None:
-    import hmac
-
     if not isinstance(message, p.Response):
         raise ProtocolError(f"expected a response, got {message.TYPE!r}")
     if message.peer != other or not hmac.compare_digest(message.proof, expected):
         raise AuthenticationError(
             f"peer {other} failed the membership proof; does it use the same security.secret?"
         )
-
-
-# ---------------------------------------------------------------- server answers
-
-
-def server_error(
-    answer: p.Message, where: str, what: str, peer: int, comm: str, run: str
-) -> Exception:
-    """The library error for an unexpected or ``error`` answer of the rendezvous server."""
-    if not isinstance(answer, p.Error):
-        return ProtocolError(f"unexpected {answer.TYPE!r} answer from {where} to {what}")
-    if answer.code == "auth":
-        return AuthenticationError(
-            f"{where} rejected {what}: {answer.message}; use the same security.secret on every "
-            "peer and on the server"
-        )
-    if answer.code in ("timeout", "expired"):
-        return CommTimeout(
-            f"peer {peer} of communicator {comm!r} (run {run}) did not show up at {where} "
-            f"({answer.message}); did it start, with the same comm name and run id?"
-        )
-    if answer.code == "bad_request":
-        return ProtocolError(f"{where} rejected {what}: {answer.message}")
-    return BrokenChannelError(f"{where} failed {what}: {answer.message}")
 
 
 # ---------------------------------------------------------------- pairing
@@ -244,7 +220,11 @@ async def pair_tcp(
 
     ``join_timeout`` bounds the wait for the other side to join,
     ``punch_timeout`` the punching itself, ``step_timeout`` each round trip
-    with the server and each handshake.
+    with the server and each handshake.  Raises
+    :class:`~fmi_async.errors.BrokenChannelError` when the server cannot be
+    reached, what :mod:`~fmi_async.holepunch.error_codes` maps a refusal to
+    (:class:`~fmi_async.errors.CommTimeout` when the other side never
+    joins), and the membership handshake's errors.
     """
     other = responder if me == initiator else initiator
     committer = me == initiator
@@ -272,10 +252,10 @@ async def pair_tcp(
         await send_message(sock, join, deadline, where)
         report = await read_message(sock, deadline, where)
         if not isinstance(report, p.EndpointReport):
-            raise server_error(report, where, "a join", other, member.comm, member.run_id)
+            raise server_error(report, where, f"joining the pairing {initiator}->{responder}")
         answer = await read_message(sock, loop.time() + join_timeout + step_timeout, where)
         if not isinstance(answer, p.PeerEndpoint) or answer.peer != other:
-            raise server_error(answer, where, "a join", other, member.comm, member.run_id)
+            raise server_error(answer, where, f"joining the pairing {initiator}->{responder}")
         candidates = [answer.public]
         if answer.local != answer.public:
             candidates.append(answer.local)  # same private network: no NAT in between
@@ -312,9 +292,7 @@ async def pair_tcp(
                 await send_message(sock, result, deadline, where)
                 verdict = await read_message(sock, deadline, where)
                 if not isinstance(verdict, p.Verdict):
-                    raise server_error(
-                        verdict, where, "a punch result", other, member.comm, member.run_id
-                    )
+                    raise server_error(verdict, where, f"reporting the punch with peer {other}")
             except BaseException:
                 if winner is not None:
                     close_socket(winner, reset=True)
@@ -473,7 +451,7 @@ async def _relay(
         await send_message(sock, request, deadline, where)
         answer = await read_message(sock, deadline, where)
         if not isinstance(answer, p.Ok):
-            raise server_error(answer, where, "a relay", other, member.comm, member.run_id)
+            raise server_error(answer, where, f"opening the relay to peer {other}")
         await authenticate(
             sock,
             member,

@@ -82,7 +82,10 @@ class MessageTooLarge(ArgumentError):
 
 class ProtocolError(FMIError):
     """A peer or server sent bytes this side cannot accept: a malformed, truncated or
-    oversized frame or message, or one of the wrong kind at this point of a protocol."""
+    oversized frame or message, or one of the wrong kind at this point of a protocol
+    (also raised when a rendezvous server answers ``bad_request``: the two sides do
+    not speak the same protocol).  A message this side is about to send that is over
+    its own limits is a :class:`MessageTooLarge` instead."""
 
 
 class CommTimeout(FMIError, TimeoutError):

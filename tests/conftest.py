@@ -135,7 +135,13 @@ async def _loop_errors_fail(modules: tuple[str, ...]) -> AsyncIterator[None]:
     assert not errors, f"exceptions in udp loop callbacks: {errors!r}"
 
 
-_UDP_MODULES = ("channels/udp/channel.py", "channels/udp/reliable.py", "channels/udp/datagram.py")
+_UDP_MODULES = (
+    "channels/udp/channel.py",
+    "channels/udp/reliable.py",
+    "channels/udp/sender.py",
+    "channels/udp/receiver.py",
+    "channels/udp/datagram.py",
+)
 
 
 GROUPS: dict[str, GroupFactory] = {

@@ -545,6 +545,6 @@ def _with_id(message: p.Message, rid: int) -> p.Message:
 
 
 def _error(answer: p.Error, server: Address, what: str) -> Exception:
-    from .punch import server_error
+    from .error_codes import server_error
 
     return server_error(answer, f"the rendezvous server at {server[0]}:{server[1]}", what)

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .channels import channel_class
-from .channels.base import Channel, Mailbox, ReceiveGuard, abort_payload
+from .channels import registry
+from .channels.base import Channel, ChannelContext
+from .channels.mailbox import Mailbox, ReceiveGuard, abort_payload
 from .channels.memory import MemoryHub
 from .collectives import registry as algorithms
 from .collectives.base import CollectiveContext
@@ -37,15 +38,12 @@ from .ops import Op, as_op
 from .selection.cost import channel_cost
 from .selection.model import load_cost_model
 from .selection.plan import Hint, Plan, plan
-from .wire import dumps, loads
+from .wire.serialize import dumps, loads
 
-__all__ = ["Communicator", "P2P_PREFERENCE"]
+__all__ = ["Communicator"]
 
 logger = logging.getLogger(__name__)
 
-# Which enabled channel carries point-to-point traffic when the config does
-# not name one: fastest kinds first.
-P2P_PREFERENCE = ("memory", "mpi", "tcp", "udp", "redis", "dynamodb", "s3")
 ANNOUNCE_TIMEOUT = 10.0
 """Longest time spent telling the other peers that a collective was abandoned."""
 OpLike = Op | str | Callable[[Any, Any], Any]
@@ -141,20 +139,24 @@ class Communicator:
                 "no channel is enabled: enable a backend in the config (Direct/TCP, Redis, S3, "
                 "DynamoDB) or create in-process peers with fmi.local_peers(n)"
             )
+        # Every enabled channel's options are checked before anything is claimed
+        # or connected: a typo fails here, on every peer alike.
+        classes = {name: registry.channel_class(name) for name in names}
+        for cls in classes.values():
+            cls.parse_options(self.config)
         try:
             run = await self._acquire_lease()
-            for name in names:
-                cls = channel_class(name)
-                extra: dict[str, Any] = {"hub": self._hub} if name == "memory" else {}
-                chan = cls(
+            for name, cls in classes.items():
+                ctx = ChannelContext(
                     self.peer_id,
                     self.num_peers,
                     self.comm_name,
                     run,
                     self.config,
                     self._mailbox,
-                    **extra,
+                    hub=self._hub,
                 )
+                chan = cls(ctx)
                 self._channels[name] = chan
                 await chan.open()
         except BaseException:
@@ -168,7 +170,7 @@ class Communicator:
                 raise ConfigError(f"config names channel {preferred!r} but it is not enabled")
             self._p2p = self._channels[preferred]
         else:
-            self._p2p = next(self._channels[n] for n in P2P_PREFERENCE if n in self._channels)
+            self._p2p = next(self._channels[n] for n in registry.names() if n in self._channels)
         self._state = "open"
         self._opened_at = time.perf_counter()
         logger.debug("%r opened", self)
@@ -227,8 +229,7 @@ class Communicator:
                 # close before every peer had read it.
                 await self.barrier(channel=storage, algorithm="direct:dissemination")
                 for chan in self._channels.values():
-                    if hasattr(chan, "keep_sent_messages"):
-                        chan.keep_sent_messages = True
+                    chan.all_delivered()
             except FMIError as exc:
                 logger.warning(
                     "peer %d: closing without the final barrier (%s); objects this peer "

@@ -9,7 +9,13 @@ import random
 import pytest
 
 from fmi_async.channels.backoff import Backoff, poll_until
+from fmi_async.channels.options import StorageOptions, parse_options
 from fmi_async.errors import ConfigError
+
+
+def _s3(raw: dict[str, object]) -> StorageOptions:
+    """A storage backend's section as its typed options (what the channel reads)."""
+    return parse_options(StorageOptions, raw, "S3")
 
 
 def take(backoff: Backoff, n: int, seed: int = 0) -> list[float]:
@@ -30,10 +36,10 @@ def test_jitter_stays_within_the_random_fraction() -> None:
 
 
 def test_options_honour_fmi_milliseconds_and_our_keys() -> None:
-    assert Backoff.from_options({"timeout": 20}, "S3").initial == pytest.approx(0.02)
-    mixed = Backoff.from_options({"timeout": 20, "backoff_initial": 0.001}, "S3")
+    assert Backoff.from_options(_s3({"timeout": 20})).initial == pytest.approx(0.02)
+    mixed = Backoff.from_options(_s3({"timeout": 20, "backoff_initial": 0.001}))
     assert mixed.initial == pytest.approx(0.001)
-    big = Backoff.from_options({"timeout": 2000}, "S3")
+    big = Backoff.from_options(_s3({"timeout": 2000}))
     assert big.maximum >= big.initial == pytest.approx(2.0)
 
 
@@ -50,7 +56,7 @@ def test_options_honour_fmi_milliseconds_and_our_keys() -> None:
 )
 def test_bad_options_are_config_errors_naming_the_key(options: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=r"backoff|backends\.S3"):
-        Backoff.from_options(options, "S3")
+        Backoff.from_options(_s3(options))
 
 
 async def test_poll_until_returns_the_first_result() -> None:

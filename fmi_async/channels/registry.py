@@ -140,7 +140,7 @@ _CHANNELS: dict[str, ChannelSpec] = {
         ),
         ChannelSpec(
             "udp",
-            "fmi_async.channels.udp",
+            "fmi_async.channels.udp.channel",
             "UDPChannel",
             "direct",
             "UDP",

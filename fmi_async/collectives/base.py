@@ -31,8 +31,8 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ..channels.base import (
-    Channel,
+from ..channels.base import Channel
+from ..channels.mailbox import (
     Mailbox,
     ReceiveGuard,
     abort_error,
@@ -41,7 +41,7 @@ from ..channels.base import (
     plan_tag,
 )
 from ..errors import ArgumentError, BackendUnavailable, CommTimeout, ProtocolError
-from ..wire import Payload, dumps, loads
+from ..wire.serialize import Payload, dumps, loads
 
 __all__ = ["CollectiveContext", "StorageOps", "Step", "ABORT_PROBE_FIRST", "ABORT_PROBE_MAX"]
 

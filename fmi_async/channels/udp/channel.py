@@ -56,9 +56,9 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
-from ...config import Config
 from ...errors import (
     ArgumentError,
     BrokenChannelError,
@@ -72,7 +72,8 @@ from ...holepunch.net import Address, simulated_network
 from ...holepunch.udp import UDPHolePuncher
 from ...wire import Key, Payload, encode_frame
 from ..backoff import Backoff
-from ..base import Channel, Mailbox
+from ..base import ChannelContext, DirectChannel
+from ..options import RendezvousOptions, option
 from .datagram import session_tag
 from .discovery import (
     DatagramSender,
@@ -84,12 +85,18 @@ from .discovery import (
 from .kinds import RESERVED_MIN
 from .reliable import Endpoint, Link, LinkParams
 
-__all__ = ["UDPChannel", "Discovery", "DatagramSender", "RendezvousDiscovery", "PunchDiscovery"]
+__all__ = [
+    "UDPChannel",
+    "UDPOptions",
+    "Discovery",
+    "DatagramSender",
+    "RendezvousDiscovery",
+    "PunchDiscovery",
+]
 
 logger = logging.getLogger(__name__)
 
 _COPY_MAX = 256 * 1024  # messages up to this size are copied and send returns at once
-_TRAVERSAL: tuple[Traversal, ...] = ("auto", "punch", "off")
 
 
 class _Peer:
@@ -154,62 +161,57 @@ class _Socket(asyncio.DatagramProtocol):
         self.channel._flush_all()
 
 
-def _number(opts: dict[str, Any], name: str, default: float, integer: bool = False) -> Any:
-    value = opts.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"backends.UDP.{name} must be a positive number, got {value!r}")
-    if integer and value != int(value):
-        raise ConfigError(f"backends.UDP.{name} must be a whole number, got {value!r}")
-    return int(value) if integer else float(value)
+@dataclass(frozen=True)
+class UDPOptions(RendezvousOptions):
+    """``backends.UDP``: the rendezvous server, the reliability layer's parameters."""
+
+    mtu: int = option(1200, gt=0, doc="largest datagram payload, bytes")
+    window: int = option(256, gt=0, doc="fragments in flight per link")
+    recv_buffer: int = option(4 * 1024 * 1024, gt=0, doc="bytes a link buffers out of order")
+    send_buffer: int = option(4 * 1024 * 1024, gt=0, doc="bytes queued per link before send waits")
+    socket_buffer: int = option(4 * 1024 * 1024, gt=0, doc="the socket's SO_RCVBUF/SO_SNDBUF")
+    rto_initial: float | None = option(None, gt=0, doc="first retransmission timeout, seconds")
+    rto_max: float = option(2.0, gt=0, doc="longest retransmission timeout, seconds")
+    rto_min: float | None = option(None, gt=0, doc="shortest retransmission timeout, seconds")
+    rto_jitter: float = option(0.1, ge=0, le=1, doc="fraction of each timeout drawn at random")
+    retries: int = option(8, gt=0, doc="retransmissions of a fragment before the link breaks")
+    ack_delay: float = option(0.005, gt=0, doc="seconds an acknowledgement may wait")
+    linger: float | None = option(None, gt=0, doc="seconds close waits for unacknowledged data")
+    punch_timeout: float = option(2.0, gt=0, doc="seconds a hole-punching attempt may take")
+    keepalive: float = option(15.0, gt=0, doc="seconds between keepalives of a punched path")
 
 
-class UDPChannel(Channel):
+class UDPChannel(DirectChannel):
     """Point-to-point messages over UDP with its own reliability."""
 
     name = "udp"
-    kind = "direct"
+    Options = UDPOptions
+    options: UDPOptions
 
-    def __init__(
-        self,
-        peer_id: int,
-        num_peers: int,
-        comm_name: str,
-        run_id: str,
-        config: Config,
-        mailbox: Mailbox,
-    ) -> None:
-        super().__init__(peer_id, num_peers, comm_name, run_id, config, mailbox)
-        opts = self.options
-        host, port = opts.get("host"), opts.get("port")
-        if isinstance(port, str) and port.isdigit():
-            port = int(port)
-        if not isinstance(host, str) or not host or not isinstance(port, int):
-            raise ConfigError(
-                "backends.UDP needs the rendezvous server's host and port, e.g. "
-                '{"UDP": {"enabled": true, "host": "10.0.0.5", "port": 10000}}; start one '
-                "with `fmi rendezvous`, or use `fmi run`, which starts one for you"
-            )
+    def __init__(self, ctx: ChannelContext) -> None:
+        super().__init__(ctx)
+        config, opts = ctx.config, self.options
+        host, port = opts.rendezvous("UDP")
         config.check_security(self.name)
-        self.bind = str(opts.get("bind", "127.0.0.1"))
-        self.advertise = str(opts.get("advertise", self.bind))
-        rto_max = _number(opts, "rto_max", 2.0)
-        rto_initial = _number(opts, "rto_initial", min(0.2, rto_max))
-        jitter = opts.get("rto_jitter", 0.1)
+        self.bind = opts.bind
+        self.advertise = opts.advertise or opts.bind
+        rto_max = opts.rto_max
+        rto_initial = opts.rto_initial or min(0.2, rto_max)
         self.params = LinkParams(
-            mtu=_number(opts, "mtu", 1200, integer=True),
-            window=_number(opts, "window", 256, integer=True),
-            recv_buffer=_number(opts, "recv_buffer", 4 * 1024 * 1024, integer=True),
-            rto=Backoff(rto_initial, rto_max, 2.0, jitter),
-            rto_min=_number(opts, "rto_min", min(0.02, rto_max)),
-            retries=_number(opts, "retries", 8, integer=True),
-            ack_delay=_number(opts, "ack_delay", 0.005),
+            mtu=opts.mtu,
+            window=opts.window,
+            recv_buffer=opts.recv_buffer,
+            rto=Backoff(rto_initial, rto_max, 2.0, opts.rto_jitter),
+            rto_min=opts.rto_min or min(0.02, rto_max),
+            retries=opts.retries,
+            ack_delay=opts.ack_delay,
             limits=config.limits,
         )
-        self.send_buffer: int = _number(opts, "send_buffer", 4 * 1024 * 1024, integer=True)
-        self.socket_buffer: int = _number(opts, "socket_buffer", 4 * 1024 * 1024, integer=True)
-        self.connect_timeout: float = _number(opts, "connect_timeout", 10.0)
-        self.lookup_timeout: float = _number(opts, "lookup_timeout", config.timeout)
-        self.linger: float = _number(opts, "linger", min(5.0, config.timeout))
+        self.send_buffer: int = opts.send_buffer
+        self.socket_buffer: int = opts.socket_buffer
+        self.connect_timeout: float = opts.connect_timeout or 10.0
+        self.lookup_timeout: float = opts.lookup_timeout or config.timeout
+        self.linger: float = opts.linger or min(5.0, config.timeout)
         self.discovery: Discovery = self._discovery(host, port)
         # Test hook: wraps the transport's sendto (loss, duplication, reordering).
         self.wrap_transport: Callable[[DatagramSender], DatagramSender] | None = None
@@ -218,9 +220,9 @@ class UDPChannel(Channel):
         self._out: DatagramSender | None = None
         self._paused = False
         self._endpoint = Endpoint(
-            peer_id,
-            num_peers,
-            session_tag(comm_name, run_id, config.secret),
+            ctx.peer_id,
+            ctx.num_peers,
+            session_tag(ctx.comm_name, ctx.run_id, config.secret),
             self.params,
             epoch=int(time.time() * 1000),
             counters=self.stats.requests,
@@ -231,22 +233,18 @@ class UDPChannel(Channel):
     def _discovery(self, host: str, port: int) -> Discovery:
         """Hole punching and relay (``auto``, ``punch``), or plain registration (``off``)."""
         opts, config = self.options, self.config
-        traversal = opts.get("traversal", "auto")
-        if traversal not in _TRAVERSAL:
-            raise ConfigError(
-                f"backends.UDP.traversal must be one of {', '.join(_TRAVERSAL)}, got {traversal!r}"
-            )
+        traversal = opts.traversal
         if traversal == "off":
             client = RendezvousClient(host, port, config.secret, timeout=self.connect_timeout)
             return RendezvousDiscovery(client, self.comm_name, self.run_id, self.peer_id)
-        simulated = simulated_network(opts.get("nat"))
+        simulated = simulated_network(opts.nat)
         puncher = UDPHolePuncher(
             host,
             port,
             config.secret,
             timeout=self.connect_timeout,
-            punch_timeout=_number(opts, "punch_timeout", 2.0),
-            keepalive=_number(opts, "keepalive", 15.0),
+            punch_timeout=opts.punch_timeout,
+            keepalive=opts.keepalive,
             datagrams=simulated.datagrams() if simulated is not None else None,
         )
         client = RendezvousClient(
@@ -258,7 +256,7 @@ class UDPChannel(Channel):
             self.comm_name,
             self.run_id,
             self.peer_id,
-            traversal,
+            cast(Traversal, traversal),
             self.stats.pairs,
         )
 
@@ -396,7 +394,7 @@ class UDPChannel(Channel):
                 except BaseException:
                     sender.own_buffers()  # the caller may reuse its buffers now
                     raise
-        self._count_send(payload)
+        self.stats.sent(payload)
         self.stats.seconds += time.perf_counter() - start
 
     async def _locate(self, dst: int, deadline: float) -> _Peer:

@@ -27,7 +27,8 @@ from typing import Any, Final
 import msgpack
 
 from ..errors import MessageTooLarge, ProtocolError
-from .messages import MESSAGE_TYPES, Message, kind_of
+from .fields import kind_of
+from .messages import MESSAGE_TYPES, Message
 
 __all__ = [
     "MAGIC",

@@ -2,19 +2,20 @@
 
 A message is a frozen dataclass.  Each field names its *kind* in its
 metadata (``comm: str = field(metadata=NAME)``): how the value travels in
-the msgpack body and what a receiver accepts, so the encoder and the decoder
-(:mod:`~fmi_async.holepunch.codec`) are loops over the fields, and no message
-carries code of its own to convert itself.  The model is aioice's STUN
-attribute table, one ``(type, name, pack, unpack)`` row per attribute.
+the msgpack body and what a receiver accepts (:mod:`~fmi_async.holepunch.fields`),
+so the encoder and the decoder (:mod:`~fmi_async.holepunch.codec`) are loops
+over the fields, and no message carries code of its own to convert itself.
+The model is aioice's STUN attribute table, one ``(type, name, pack,
+unpack)`` row per attribute.
 
-``TYPE`` is the name on the wire; ``SIGNED`` lists the fields a proof covers
+``TYPE`` is the name on the wire; ``SIGNED`` names the fields a proof covers
 (:mod:`~fmi_async.holepunch.proofs`), in order, after the type name; a
 ``*`` before an address field puts its host and its port in as two items.
 Messages without ``SIGNED`` carry no proof.  A field with a default may be
-absent (or nil) on the wire and then takes the default, unless its kind
-is strict (``BOOL``: a flag that must always be sent).  Checks across
-fields (a join's peer must be one of its two sides) live in ``check``,
-which the decoder calls.
+absent (or nil) on the wire and then takes the default, unless its kind is
+strict (``BOOL``: a flag that must always be sent).  Checks across fields (a
+join's peer must be one of its two sides) live in ``check``, which the
+decoder calls.
 
 To add a message: declare its class here and add it to :data:`MESSAGE_TYPES`.
 The protocol's overview (who sends what, and the answers) is in
@@ -24,11 +25,22 @@ The protocol's overview (who sends what, and the answers) is in
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, get_args
 
 from ..errors import ProtocolError
+from .fields import (
+    address,
+    boolean,
+    exact_bytes,
+    kind,
+    one_of,
+    same,
+    seconds,
+    text,
+    uint,
+)
 
 __all__ = [
     "Address",
@@ -38,8 +50,6 @@ __all__ = [
     "Outcome",
     "NONCE_LEN",
     "PROOF_LEN",
-    "Kind",
-    "kind_of",
     "Message",
     "Register",
     "Lookup",
@@ -88,126 +98,28 @@ _MAX_EPOCH = 64
 _UINT_MAX = 2**31 - 1
 
 
-# ---------------------------------------------------------------- field kinds
-
-
-@dataclass(frozen=True, slots=True)
-class Kind:
-    """How one field travels: ``pack`` makes the msgpack value, ``unpack`` checks it back.
-
-    ``unpack(name, value)`` raises :class:`~fmi_async.errors.ProtocolError`
-    naming the field.  A field with a default takes it for nil (or an
-    absent key) unless its kind is ``strict``.
-    """
-
-    pack: Callable[[Any], Any]
-    unpack: Callable[[str, Any], Any]
-    strict: bool = False  # nil is refused even where the field has a default
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _text(limit: int) -> Callable[[str, Any], str]:
-    def unpack(name: str, value: Any) -> str:
-        if not isinstance(value, str):
-            raise ProtocolError(f"field {name!r} must be a string, got {type(value).__name__}")
-        if len(value) > limit:
-            raise ProtocolError(f"field {name!r} is longer than {limit} characters")
-        return value
-
-    return unpack
-
-
-def _uint(limit: int) -> Callable[[str, Any], int]:
-    def unpack(name: str, value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-            raise ProtocolError(f"field {name!r} must be an integer in [0, {limit}], got {value!r}")
-        return value
-
-    return unpack
-
-
-def _bytes(length: int) -> Callable[[str, Any], bytes]:
-    def unpack(name: str, value: Any) -> bytes:
-        if not isinstance(value, bytes) or len(value) != length:
-            raise ProtocolError(f"field {name!r} must be {length} bytes")
-        return value
-
-    return unpack
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ProtocolError(f"field {name!r} must be true or false, got {value!r}")
-    return value
-
-
-def _addr(name: str, value: Any) -> Address:
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or not isinstance(value[0], str)
-        or len(value[0]) > _MAX_NAME
-        or not isinstance(value[1], int)
-        or isinstance(value[1], bool)
-        or not 0 <= value[1] <= 65535
-    ):
-        raise ProtocolError(f"field {name!r} must be [host, port], got {value!r}")
-    return (value[0], value[1])
-
-
-def _seconds(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 86400.0:
-        raise ProtocolError(f"field {name!r} must be seconds in [0, 86400], got {value!r}")
-    return float(value)
-
-
-def _one_of(*choices: str) -> Callable[[str, Any], str]:
-    def unpack(name: str, value: Any) -> str:
-        if value not in choices:
-            allowed = " or ".join(repr(c) for c in choices)
-            raise ProtocolError(f"field {name!r} must be {allowed}, got {value!r}")
-        return str(value)
-
-    return unpack
-
-
 def _code(name: str, value: Any) -> str:
-    code = _text(32)(name, value)
+    code = text(32)(name, value)
     if code not in ERROR_CODES:
         raise ProtocolError(f"unknown error code {code!r}")
     return code
 
 
-def _kind(
-    pack: Callable[[Any], Any], unpack: Callable[[str, Any], Any], *, strict: bool = False
-) -> Mapping[str, Kind]:
-    return {"wire": Kind(pack, unpack, strict)}
-
-
 # The kinds, as dataclass field metadata: ``field(metadata=NAME)``.
-NAME: Final = _kind(_same, _text(_MAX_NAME))  # comm names and run ids
-TEXT: Final = _kind(_same, _text(4096))  # an error's explanation
-EPOCH: Final = _kind(_same, _text(_MAX_EPOCH))
-UINT: Final = _kind(_same, _uint(_UINT_MAX))  # peer ids, counts
-ID: Final = _kind(_same, _uint(2**32 - 1))  # request ids, echoed by answers
-BOOL: Final = _kind(_same, _bool, strict=True)  # always on the wire
-FLAG: Final = _kind(_same, _bool)  # nil or absent: the default
-ADDR: Final = _kind(list, _addr)  # [host, port]
-SECONDS: Final = _kind(_same, _seconds)
-PROOF: Final = _kind(_same, _bytes(PROOF_LEN))
-NONCE: Final = _kind(_same, _bytes(NONCE_LEN))
-TRANSPORT: Final = _kind(_same, _one_of("tcp", "udp"))
-OUTCOME: Final = _kind(_same, _one_of("direct", "relay"))
-CODE: Final = _kind(_same, _code)
-
-
-def kind_of(metadata: Mapping[str, Any]) -> Kind:
-    """The wire kind a field declared (every field of a message declares one)."""
-    kind: Kind = metadata["wire"]
-    return kind
+NAME: Final = kind(same, text(_MAX_NAME))  # comm names and run ids
+TEXT: Final = kind(same, text(4096))  # an error's explanation
+EPOCH: Final = kind(same, text(_MAX_EPOCH))
+UINT: Final = kind(same, uint(_UINT_MAX))  # peer ids, counts
+ID: Final = kind(same, uint(2**32 - 1))  # request ids, echoed by answers
+BOOL: Final = kind(same, boolean, strict=True)  # always on the wire
+FLAG: Final = kind(same, boolean)  # nil or absent: the default
+ADDR: Final = kind(list, address)  # [host, port]
+SECONDS: Final = kind(same, seconds)
+PROOF: Final = kind(same, exact_bytes(PROOF_LEN))
+NONCE: Final = kind(same, exact_bytes(NONCE_LEN))
+TRANSPORT: Final = kind(same, one_of("tcp", "udp"))
+OUTCOME: Final = kind(same, one_of("direct", "relay"))
+CODE: Final = kind(same, _code)
 
 
 # ---------------------------------------------------------------- messages
@@ -218,7 +130,7 @@ class Message:
     """Base of every message; ``id``, where a message has one, matches answers to requests."""
 
     TYPE: ClassVar[str] = ""
-    SIGNED: ClassVar[tuple[str, ...] | None] = None
+    SIGNED: ClassVar[str | None] = None
 
     def check(self) -> None:
         """Cross-field rules the decoder enforces; raises ProtocolError."""
@@ -236,7 +148,7 @@ class Register(Message):
     """
 
     TYPE: ClassVar[str] = "register"
-    SIGNED: ClassVar[tuple[str, ...] | None] = ("comm", "run_id", "peer", "*addr", "local")
+    SIGNED: ClassVar[str | None] = "comm run_id peer *addr local"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)
@@ -252,7 +164,7 @@ class Lookup(Message):
 
     TYPE: ClassVar[str] = "lookup"
     # The timeout is not covered: it only bounds how long this caller waits.
-    SIGNED: ClassVar[tuple[str, ...] | None] = ("comm", "run_id", "peer")
+    SIGNED: ClassVar[str | None] = "comm run_id peer"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)
@@ -266,7 +178,7 @@ class Hello(Message):
     """First message on a direct peer-to-peer connection: who is talking, to whom."""
 
     TYPE: ClassVar[str] = "hello"
-    SIGNED: ClassVar[tuple[str, ...] | None] = ("comm", "run_id", "peer", "dst")
+    SIGNED: ClassVar[str | None] = "comm run_id peer dst"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)
@@ -330,15 +242,7 @@ class Join(Message):
     """
 
     TYPE: ClassVar[str] = "join"
-    SIGNED: ClassVar[tuple[str, ...] | None] = (
-        "comm",
-        "run_id",
-        "peer",
-        "initiator",
-        "responder",
-        "transport",
-        "*local",
-    )
+    SIGNED: ClassVar[str | None] = "comm run_id peer initiator responder transport *local"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)
@@ -401,15 +305,7 @@ class PunchResult(Message):
     """How punching went on this side; the server arbitrates both reports."""
 
     TYPE: ClassVar[str] = "result"
-    SIGNED: ClassVar[tuple[str, ...] | None] = (
-        "comm",
-        "run_id",
-        "peer",
-        "initiator",
-        "responder",
-        "transport",
-        "ok",
-    )
+    SIGNED: ClassVar[str | None] = "comm run_id peer initiator responder transport ok"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)
@@ -435,13 +331,7 @@ class RelayJoin(Message):
     """Open this side of a relayed pairing; answered by ``ok``, then spliced."""
 
     TYPE: ClassVar[str] = "relay"
-    SIGNED: ClassVar[tuple[str, ...] | None] = (
-        "comm",
-        "run_id",
-        "peer",
-        "initiator",
-        "responder",
-    )
+    SIGNED: ClassVar[str | None] = "comm run_id peer initiator responder"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)
@@ -501,16 +391,7 @@ class Claim(Message):
 
     TYPE: ClassVar[str] = "claim"
     # The timeout is not covered: it only bounds how long this caller waits.
-    SIGNED: ClassVar[tuple[str, ...] | None] = (
-        "comm",
-        "run_id",
-        "peer",
-        "num_peers",
-        "nonce",
-        "wait",
-        "ttl",
-        "settle",
-    )
+    SIGNED: ClassVar[str | None] = "comm run_id peer num_peers nonce wait ttl settle"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)
@@ -546,15 +427,7 @@ class Refresh(Message):
     """Keep the lease of ``epoch`` alive; restores it on a server that lost it."""
 
     TYPE: ClassVar[str] = "refresh"
-    SIGNED: ClassVar[tuple[str, ...] | None] = (
-        "comm",
-        "run_id",
-        "peer",
-        "num_peers",
-        "epoch",
-        "nonce",
-        "ttl",
-    )
+    SIGNED: ClassVar[str | None] = "comm run_id peer num_peers epoch nonce ttl"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)
@@ -574,7 +447,7 @@ class Release(Message):
     """Give ``peer``'s slot back; an empty ``epoch`` matches the slot this nonce holds."""
 
     TYPE: ClassVar[str] = "release"
-    SIGNED: ClassVar[tuple[str, ...] | None] = ("comm", "run_id", "peer", "epoch", "nonce")
+    SIGNED: ClassVar[str | None] = "comm run_id peer epoch nonce"
     comm: str = field(metadata=NAME)
     run_id: str = field(metadata=NAME)
     peer: int = field(metadata=UINT)

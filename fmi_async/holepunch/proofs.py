@@ -20,7 +20,8 @@ from typing import Any
 
 import msgpack
 
-from .messages import Message, kind_of
+from .fields import kind_of
+from .messages import Message
 
 __all__ = ["compute_proof", "signed_fields", "sign", "verify", "response_proof"]
 
@@ -39,7 +40,7 @@ def signed_fields(message: Message) -> list[Any] | None:
         return None
     kinds = {spec.name: kind_of(spec.metadata) for spec in dataclasses.fields(message)}
     out: list[Any] = [message.TYPE]
-    for name in message.SIGNED:
+    for name in message.SIGNED.split():
         if name.startswith("*"):  # an address as two items, host and port
             host, port = getattr(message, name[1:])
             out += [host, port]

@@ -248,3 +248,17 @@ async def _gather(*aws: Any) -> list[Any]:
     if len(aws) == 1 and not hasattr(aws[0], "__await__"):
         aws = tuple(aws[0])
     return list(await asyncio.gather(*aws))
+
+
+def test_the_documented_option_tables_match_the_code() -> None:
+    """docs/channels.md's tables are generated from the options classes."""
+    from pathlib import Path
+
+    from fmi_async.tools.options_doc import options_markdown, replace_block
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "channels.md"
+    text = doc.read_text()
+    assert replace_block(text, options_markdown()) == text, (
+        "docs/channels.md is stale: run python -m fmi_async.tools.options_doc --write"
+    )
+    assert "`max_connections`" in text and "`bucket_name`" in text

@@ -4,8 +4,10 @@ the registered ones, and an unknown name's error lists them."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import itertools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -201,3 +203,20 @@ def test_registration_checks_its_declaration() -> None:
         "ring",
         "linear",
     ]
+
+
+def test_the_collectives_import_nothing_above_them() -> None:
+    """collectives/ (the registry included) never imports selection, the
+    communicator or the tools: the planner reads the registry, not the reverse."""
+    package = Path(fmi.__file__).parent / "collectives"
+    above = ("selection", "communicator", "tools", "cli", "runner", "local")
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                assert not any(p in above for p in parts), (path.name, name)

@@ -156,7 +156,10 @@ class Algorithm:
 
     def allows(self, call: CallTraits) -> bool:
         """Whether this algorithm can run ``call`` (every need holds)."""
-        return all(need.holds(call) for need in self.needs)
+        for need in self.needs:  # a loop, not all(): plan() asks this on every call
+            if not need.holds(call):
+                return False
+        return True
 
     def missing(self, call: CallTraits) -> list[Need]:
         """The needs ``call`` does not meet."""
@@ -164,6 +167,7 @@ class Algorithm:
 
 
 _TABLE: dict[tuple[str, str], dict[str, Algorithm]] = {}
+_ORDERED: dict[tuple[str, str], tuple[Algorithm, ...]] = {}  # _TABLE's values, kept as tuples
 
 
 def algorithm(
@@ -196,6 +200,8 @@ def algorithm(
         if name in entries:
             raise ValueError(f"{family}:{name} is registered twice for {collective}")
         entries[name] = Algorithm(family, collective, name, fn, needs, cost or name)
+        _ORDERED[family, collective] = tuple(entries.values())
+        logger.debug("registered %s:%s for %s (%s)", family, name, collective, fn.__qualname__)
         return fn
 
     return register
@@ -203,7 +209,7 @@ def algorithm(
 
 def algorithms(family: str, collective: str) -> tuple[Algorithm, ...]:
     """The algorithms of one family for one collective, in declaration order."""
-    return tuple(_TABLE.get((family, collective), {}).values())
+    return _ORDERED.get((family, collective), ())
 
 
 def known(collective: str) -> list[str]:

@@ -20,9 +20,9 @@ import fmi_async as fmi
 from fmi_async.config import Config
 from fmi_async.errors import ConfigError
 from fmi_async.selection.model import (
-    DEFAULT_MODELS,
     REDUCE_BANDWIDTH,
     CostModel,
+    default_models,
     load_cost_model,
     load_models,
 )
@@ -32,7 +32,7 @@ from fmi_async.selection.rounds import Shape, folds
 from .reference import REDUCTIONS, assert_same, reference_fold, value
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = CostModel(DEFAULT_MODELS)
+MODELS = CostModel(default_models())
 CHANNELS = [
     ("memory", "direct"),
     ("tcp", "direct"),

@@ -34,6 +34,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..channels import registry as channel_registry
 from ..collectives import registry
 from ..errors import ArgumentError
 from ..ops import Op
@@ -51,9 +52,6 @@ __all__ = [
 
 # The size assumed where peers cannot all know it (see the module docstring).
 DEFAULT_NBYTES = 1024
-
-# Fixed order of channels for tie-breaking: fastest kinds first.
-CHANNEL_ORDER = ("memory", "mpi", "tcp", "udp", "redis", "dynamodb", "s3")
 
 
 class Hint(enum.Enum):
@@ -112,7 +110,8 @@ def plans(
         is_array,
         elements,
     )
-    order = {name: i for i, name in enumerate(CHANNEL_ORDER)}
+    # Channels in the registry's fixed order (fastest kinds first) break ties.
+    order = {name: i for i, name in enumerate(channel_registry.names())}
     out: list[Plan] = []
     for name, kind in sorted(channels, key=lambda c: (order.get(c[0], 99), c[0])):
         # Direct algorithms run on every channel, storage-native ones on storage.

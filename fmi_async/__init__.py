@@ -14,6 +14,7 @@ from .errors import (
     ArgumentError,
     AuthenticationError,
     BackendError,
+    BackendUnavailable,
     BrokenChannelError,
     BrokenCommunicatorError,
     ChannelError,
@@ -31,6 +32,7 @@ from .errors import (
     PeerError,
     PlanMismatchError,
     ProtocolError,
+    RendezvousExpired,
     RootError,
     SerializationError,
     ShapeMismatchError,
@@ -80,6 +82,7 @@ __all__ = [
     "BrokenChannelError",
     "EndOfStream",
     "BackendError",
+    "BackendUnavailable",
     "AuthenticationError",
     "AbortedError",
     "BrokenCommunicatorError",
@@ -87,6 +90,7 @@ __all__ = [
     "JobConflictTimeout",
     "JobMismatchError",
     "LeaseLostError",
+    "RendezvousExpired",
     "__version__",
 ]
 

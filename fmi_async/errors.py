@@ -38,6 +38,7 @@ __all__ = [
     "JobMismatchError",
     "LeaseLostError",
     "BackendUnavailable",
+    "RendezvousExpired",
 ]
 
 
@@ -184,3 +185,14 @@ class BackendUnavailable(BrokenChannelError):
     """A storage backend kept failing (connection lost, restarting, HTTP 5xx), or did not
     answer, until the operation's deadline, after retries with backoff.  A receive that
     runs out of time this way raises :class:`CommTimeout` instead, naming this failure."""
+
+
+class RendezvousExpired(LeaseLostError, CommTimeout):
+    """The server no longer holds what a request referred to: it lapsed (code ``expired``).
+
+    A job lease that lapsed and was taken by another job is lost
+    (:class:`~fmi_async.errors.LeaseLostError`); a pairing that lapsed before
+    this side reported is a step that did not complete in time
+    (:class:`~fmi_async.errors.CommTimeout`).  One class is both, so either
+    caller catches it as what it expects.
+    """

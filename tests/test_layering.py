@@ -167,3 +167,56 @@ def test_one_table_of_reserved_first_bytes() -> None:
                 if isinstance(value, int) and (value == kinds.CHANNEL or 0xF0 <= value <= 0xFF):
                     spelled.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not spelled, f"first bytes spelled outside kinds.py: {spelled}"
+
+
+# ---------------------------------------------------------------- the layers
+
+
+def test_no_layer_imports_a_layer_above_it() -> None:
+    """fmi_async.tools.depgraph.LAYERS, bottom to top; an upward import fails here."""
+    from fmi_async.tools.depgraph import upward_imports
+
+    assert upward_imports() == []
+
+
+def test_channels_and_selection_know_nothing_above_them() -> None:
+    """Named checks of the rules the issue states, on the same import graph."""
+    from fmi_async.tools.depgraph import import_graph
+
+    graph = import_graph()
+    above = ("fmi_async.communicator", "fmi_async.tools", "fmi_async.local", "fmi_async.runner")
+    for module, targets in graph.items():
+        if module.startswith(("fmi_async.channels", "fmi_async.selection", "fmi_async.holepunch")):
+            bad = [t for t in targets if t.startswith(above) or t == "fmi_async"]
+            assert not bad, f"{module} imports {bad}"
+        if module.startswith("fmi_async.channels"):
+            assert not any(t.startswith("fmi_async.natsim") for t in targets), module
+        if module.startswith("fmi_async.collectives"):
+            bad = [t for t in targets if t.startswith(("fmi_async.selection", *above))]
+            assert not bad, f"{module} imports {bad}"
+
+
+def test_every_module_is_in_a_layer() -> None:
+    from fmi_async.tools.depgraph import import_graph, layer_of
+
+    for module in import_graph():
+        layer_of(module)  # raises KeyError naming a module no layer holds
+
+
+def test_the_checked_in_dependency_picture_is_current() -> None:
+    from fmi_async.tools.depgraph import dot
+
+    path = PACKAGE.parent / "docs" / "dependencies.dot"
+    assert path.read_text() == dot(), (
+        "docs/dependencies.dot is stale: run python -m fmi_async.tools.depgraph "
+        "--dot docs/dependencies.dot --svg docs/dependencies.svg"
+    )
+
+
+def test_every_error_is_exported_by_the_package() -> None:
+    """The curated API lists every FMIError subclass (anyio checks its __all__ alike)."""
+    import fmi_async
+    from fmi_async import errors
+
+    assert set(errors.__all__) <= set(fmi_async.__all__)
+    assert all(getattr(fmi_async, name) is getattr(errors, name) for name in errors.__all__)

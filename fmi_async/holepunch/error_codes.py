@@ -21,25 +21,14 @@ from ..errors import (
     JobConflictError,
     JobConflictTimeout,
     JobMismatchError,
-    LeaseLostError,
     ProtocolError,
+    RendezvousExpired,
 )
 from .messages import Error, Message
 
-__all__ = ["ERRORS", "RendezvousExpired", "server_error"]
+__all__ = ["ERRORS", "server_error"]
 
 logger = logging.getLogger(__name__)
-
-
-class RendezvousExpired(LeaseLostError, CommTimeout):
-    """The server no longer holds what a request referred to: it lapsed (code ``expired``).
-
-    A job lease that lapsed and was taken by another job is lost
-    (:class:`~fmi_async.errors.LeaseLostError`); a pairing that lapsed before
-    this side reported is a step that did not complete in time
-    (:class:`~fmi_async.errors.CommTimeout`).  One class is both, so either
-    caller catches it as what it expects.
-    """
 
 
 ERRORS: Final[Mapping[str, type[FMIError]]] = {

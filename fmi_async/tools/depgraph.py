@@ -55,6 +55,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "communicator",
         (
             "fmi_async.communicator",
+            "fmi_async.calls",
             "fmi_async.local",
             "fmi_async.runner",
             "fmi_async.clean",

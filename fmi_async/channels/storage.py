@@ -8,12 +8,13 @@ lives here:
   two runs or two communicators on one bucket, table or database never read
   each other's data.  Key parts are percent-quoted and prefixed by type, so
   ``("u", 3)`` and ``("u", "3")`` never share a name, and no part can contain
-  the ``/`` separator.
+  the ``/`` separator (:mod:`fmi_async.channels.storage_names`).
 * **Encoding.**  A stored object is exactly one stream frame of
   :mod:`fmi_async.wire` (prefix, key, header, buffers), so the limits checked
   on the wire are checked on storage too, and the stored key is verified on
-  the way back.  :func:`join_range` cuts it into pieces for backends with an
-  object or item size limit without joining the whole message first.
+  the way back.  :func:`~fmi_async.channels.storage_chunks.join_range` cuts
+  it into pieces for backends with an object or item size limit without
+  joining the whole message first.
 * **Matching.**  ``send``/``recv`` match by ``(source, key)`` like MPI: the
   sender numbers the messages it sends per ``(destination, key)`` and stores
   each under its own name; the receiver asks for the next number it has not
@@ -32,6 +33,7 @@ lives here:
   5xx).  Only idempotent requests are retried: reads, deletes, objects of
   ``put`` (rewritten whole), and messages written so that a second copy is
   a no-op (a conditional write keyed by the message's name and number).
+  The deadlines and retries are :mod:`fmi_async.channels.storage_runtime`'s.
 * **Ghosts.**  A retried message write whose first attempt did land must not
   bring the message back after its reader consumed it.  S3 and DynamoDB
   write messages conditionally (``If-None-Match: *``, ``attribute_not_exists``),
@@ -49,44 +51,27 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
-import contextvars
-import itertools
 import logging
-import math
 import time
-from collections import Counter, deque
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Collection,
-    Coroutine,
-    Iterable,
-    Iterator,
-    Sequence,
-)
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
-from urllib.parse import quote
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import ClassVar
 
-from ..errors import (
-    ArgumentError,
-    BackendUnavailable,
-    ClosedError,
-    CommTimeout,
-    ProtocolError,
-)
+from ..errors import ArgumentError, BackendUnavailable, ClosedError, CommTimeout, ProtocolError
 from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
-from .backoff import Backoff, RetryPolicy, poll_until
-from .base import ChannelContext, MediatedChannel
+from .backoff import poll_until
+from .base import ChannelContext
 from .mailbox import describe_key
-from .options import StorageOptions
+from .storage_chunks import bounded_gather, chunk_bounds, join_range
+from .storage_names import default_ttl, encode_key, key_component, storage_prefix
+from .storage_runtime import LockEntry, StorageRuntime
 
+# The naming and chunking helpers are imported from here by the backends and
+# the cleanup tools; they are defined in storage_names and storage_chunks.
 __all__ = [
     "StorageChannel",
     "bounded_gather",
     "chunk_bounds",
+    "default_ttl",
     "join_range",
     "key_component",
     "storage_prefix",
@@ -94,102 +79,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Stored data outlives the deadline of the operation that wrote it by this
-# factor (a receiver may post its recv later than the send), but no less than
-# TTL_FLOOR seconds; ``ttl`` overrides both.
-TTL_FACTOR = 4
-TTL_FLOOR = 60
-# A request started before its operation's deadline gets at least this long
-# (the last poll of a wait is made at the deadline itself).
-MIN_ATTEMPT = 0.2
 STREAM_NAME_CACHE = 1024  # stream names a channel remembers (see message_name)
 
-T = TypeVar("T")
 
-# The deadline (loop.time() seconds) of the channel operation running in this
-# task: set by the public operations, read by the request helpers of each
-# backend, and inherited by the tasks an operation starts (bounded_gather).
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "fmi_storage_deadline", default=None
-)
-
-
-def default_ttl(timeout: float) -> int:
-    """Seconds stored data lives by default: ``TTL_FACTOR`` times ``timeout``, at least a minute."""
-    return max(TTL_FLOOR, math.ceil(TTL_FACTOR * timeout))
-
-
-def storage_prefix(comm_name: str, run_id: str) -> str:
-    """``fmi/<comm>/<run>``: the namespace of one run of one communicator."""
-    return f"fmi/{quote(comm_name, safe='')}/{quote(run_id, safe='')}"
-
-
-def key_component(part: str | int) -> str:
-    """One key part as a name segment: ints as decimal, strings quoted behind ``~``."""
-    if isinstance(part, bool) or not isinstance(part, (str, int)):
-        raise ArgumentError(f"message key parts must be str or int, got {part!r}")
-    if isinstance(part, int):
-        return str(part)
-    return "~" + quote(part, safe="")
-
-
-def chunk_bounds(nbytes: int, size: int) -> list[tuple[int, int]]:
-    """``(start, end)`` of each ``size``-byte piece of ``nbytes`` bytes (the last shorter)."""
-    if size <= 0:
-        raise ArgumentError(f"chunk size must be positive, got {size}")
-    return [(start, min(start + size, nbytes)) for start in range(0, max(nbytes, 1), size)]
-
-
-def join_range(frames: Sequence[Buffer], start: int, end: int) -> bytes:
-    """Bytes ``start:end`` of the concatenation of ``frames``, without joining all of them.
-
-    Pieces of a large message (S3 parts, DynamoDB items, Redis chunks) are
-    built one at a time from the caller's buffers, so a 64 MiB array never
-    needs a second full copy, and independent pieces can be built by
-    concurrent tasks.
-    """
-    pieces: list[memoryview] = []
-    offset = 0
-    for frame in frames:
-        view = memoryview(frame).cast("B")
-        lo, hi = max(start - offset, 0), min(end - offset, view.nbytes)
-        if lo < hi:
-            pieces.append(view[lo:hi])
-        offset += view.nbytes
-        if offset >= end:
-            break
-    return b"".join(pieces)
-
-
-async def bounded_gather(factories: Sequence[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
-    """Run the coroutines ``factories`` make, at most ``limit`` at once, results in order.
-
-    The first failure cancels the others and is raised as it is (not wrapped
-    in an ExceptionGroup), so the channel's error mapping stays visible.
-    """
-    semaphore = asyncio.Semaphore(max(1, limit))
-
-    async def one(factory: Callable[[], Awaitable[T]]) -> T:
-        async with semaphore:
-            return await factory()
-
-    tasks = [asyncio.ensure_future(one(f)) for f in factories]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-@dataclass
-class _LockEntry:
-    lock: asyncio.Lock
-    users: int = 0
-
-
-class StorageChannel(MediatedChannel):
+class StorageChannel(StorageRuntime):
     """What the storage channels share: a mediated channel over three primitives.
 
     Beyond :class:`~fmi_async.channels.base.Channel`'s point-to-point
@@ -208,45 +101,21 @@ class StorageChannel(MediatedChannel):
     ``timeout``), ``delete_delay`` (seconds a consumed message is kept
     before its reader deletes it, S3 and DynamoDB), the backoff keys of
     :meth:`Backoff.from_options` and the retry keys of
-    :meth:`RetryPolicy.from_options`.
+    :meth:`RetryPolicy.from_options`.  Deadlines, retries, per-stream order
+    and background deletes come from
+    :class:`~fmi_async.channels.storage_runtime.StorageRuntime`.
     """
-
-    # Seconds a consumed message is kept before its reader deletes it; a
-    # backend whose writes cannot come back as ghosts (Redis) sets 0.
-    keep_consumed: ClassVar[bool] = True
-
-    Options: ClassVar[type[StorageOptions]] = StorageOptions
-    options: StorageOptions
 
     def __init__(self, ctx: ChannelContext) -> None:
         super().__init__(ctx)
-        config, opts = ctx.config, self.options
-        self.prefix = storage_prefix(ctx.comm_name, ctx.run_id)
-        self.ttl = int(opts.ttl if opts.ttl is not None else default_ttl(config.timeout))
-        delay = opts.delete_delay if opts.delete_delay is not None else config.timeout
-        self.delete_delay = delay if self.keep_consumed else 0.0
-        if opts.max_timeout is not None:
-            self.max_wait = opts.max_timeout / 1000.0
-        else:
-            self.max_wait = config.timeout
-        self.backoff = Backoff.from_options(opts)
-        self.retry = RetryPolicy.from_options(opts, self._transient, self._count_retry)
-        self.retried: Counter[str] = Counter()  # failures retried, by error type
-        # The latest backend failure and when (loop time): named by the
-        # timeout of any wait it overlapped, even one that only waited for
-        # another operation of this channel.
-        self.last_failure: tuple[float, BaseException] | None = None
-        self._consumed: deque[tuple[float, str]] = deque()  # (delete at, name), in time order
-        self._reaper: asyncio.Task[None] | None = None
         self._owned: set[str] = set()  # objects this peer put
         self._sent: set[str] = set()  # messages this peer sent (their readers delete them)
         # Set by all_delivered(); after an error, close deletes sent messages too.
         self._keep_sent = False
         self._send_seq: dict[tuple[int, Key], int] = {}
         self._recv_seq: dict[tuple[int, Key], int] = {}
-        self._recv_locks: dict[tuple[int, Key], _LockEntry] = {}
-        self._send_locks: dict[tuple[int, Key], _LockEntry] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._recv_locks: dict[tuple[int, Key], LockEntry] = {}
+        self._send_locks: dict[tuple[int, Key], LockEntry] = {}
         self._stream_names: dict[tuple[int, int, Key], str] = {}
         self._closing = False
 
@@ -262,9 +131,6 @@ class StorageChannel(MediatedChannel):
     # ---------------------------------------------------------------- backend hooks
 
     @abc.abstractmethod
-    def location(self) -> str:
-        """Where the data lives, for messages: ``s3://bucket``, ``redis://host:port/0``."""
-
     @abc.abstractmethod
     async def _store(
         self, name: str, frames: Sequence[Buffer], nbytes: int, *, exclusive: bool = False
@@ -285,15 +151,8 @@ class StorageChannel(MediatedChannel):
         """
 
     @abc.abstractmethod
-    async def _remove(self, names: Collection[str]) -> None:
-        """Delete every stored piece of ``names``; missing names are not an error."""
-
     async def _shutdown(self) -> None:
         """Release clients and connections (after the final deletes)."""
-
-    def _transient(self, exc: BaseException) -> bool:
-        """Whether a failed request may succeed if sent again (a reset, a restart, a 503)."""
-        return False
 
     async def list_names(self, prefix: str) -> list[str]:
         """Every stored name that starts with ``prefix`` (any run, any peer).
@@ -341,7 +200,7 @@ class StorageChannel(MediatedChannel):
 
     def object_name(self, key: Key) -> str:
         """Where :meth:`put` stores ``key``."""
-        return self._checked(f"{self.prefix}/obj/{_encode_key(key)}")
+        return self._checked(f"{self.prefix}/obj/{encode_key(key)}")
 
     def message_name(self, src: int, dst: int, key: Key, seq: int | None = None) -> str:
         """Where message number ``seq`` from ``src`` to ``dst`` under ``key`` lives.
@@ -355,7 +214,7 @@ class StorageChannel(MediatedChannel):
             cached = self._stream_names.get((src, dst, key))
             if cached is not None:
                 return cached
-        name = f"{self.prefix}/msg/{src}/{dst}/{_encode_key(key)}"
+        name = f"{self.prefix}/msg/{src}/{dst}/{encode_key(key)}"
         if seq is not None:
             return self._checked(f"{name}/{seq}")
         if len(self._stream_names) >= STREAM_NAME_CACHE:
@@ -393,81 +252,6 @@ class StorageChannel(MediatedChannel):
             )
         return frames[0][1]
 
-    def _deadline(self, timeout: float | None) -> tuple[float, float]:
-        """``(loop deadline, seconds)`` of a wait; ``None`` means the configured maximum."""
-        wait = self.max_wait if timeout is None else max(0.0, float(timeout))
-        return asyncio.get_running_loop().time() + wait, wait
-
-    def _write_deadline(self) -> float:
-        """Writes and deletes get the config's timeout (the caller's wait is not known)."""
-        return asyncio.get_running_loop().time() + self.config.timeout
-
-    @contextlib.contextmanager
-    def _within(self, deadline: float) -> Iterator[None]:
-        """Run the requests of one operation under ``deadline`` (see ``_DEADLINE``)."""
-        token = _DEADLINE.set(deadline)
-        try:
-            yield
-        finally:
-            _DEADLINE.reset(token)
-
-    def op_deadline(self) -> float:
-        """The deadline of the operation running now (``loop.time()`` seconds)."""
-        deadline = _DEADLINE.get()
-        return self._write_deadline() if deadline is None else deadline
-
-    def attempt_limit(self) -> float:
-        """Seconds the next request may take: what is left of the deadline, at least MIN_ATTEMPT."""
-        return max(self.op_deadline() - asyncio.get_running_loop().time(), MIN_ATTEMPT)
-
-    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """``attempt`` under the operation's deadline, retried while it fails transiently."""
-        return await self.retry.run(attempt, self.op_deadline(), f"{what} on {self.location()}")
-
-    def note_failure(self, exc: BaseException) -> None:
-        """Remember ``exc`` as the latest failure of the backend (see ``last_failure``)."""
-        self.last_failure = (asyncio.get_running_loop().time(), exc)
-
-    def _count_retry(self, exc: BaseException, failures: int) -> None:
-        cause = exc.__cause__ if exc.__cause__ is not None else exc
-        self.retried[type(cause).__name__] += 1
-        self.note_failure(exc)
-        log = logger.info if failures == 1 else logger.debug
-        log("%r: retrying after a transient failure (%d so far): %s", self, failures, exc)
-
-    def _timeout(
-        self, what: str, waited: float, hint: str, failures: Sequence[BaseException] = ()
-    ) -> CommTimeout:
-        """The CommTimeout of a wait; ``failures``: what the backend raised meanwhile."""
-        if not failures and self.last_failure is not None:
-            at, exc = self.last_failure
-            if at >= asyncio.get_running_loop().time() - waited:
-                failures = [exc]
-        if failures:
-            hint = f"{self.location()} kept failing during the wait: {failures[-1]}"
-        error = CommTimeout(
-            f"peer {self.peer_id} waited {waited:.3g}s for {what} on channel {self.name} "
-            f"({self.location()}, prefix {self.prefix!r}); {hint}"
-        )
-        if failures:
-            error.__cause__ = failures[-1]
-        return error
-
-    @contextlib.asynccontextmanager
-    async def _open_deadline(self) -> AsyncIterator[None]:
-        """Bound ``open`` by the config's timeout, with a message that says what to check."""
-        try:
-            async with asyncio.timeout(self.config.timeout):
-                yield
-        except CommTimeout:
-            raise
-        except TimeoutError:
-            raise CommTimeout(
-                f"peer {self.peer_id} could not open channel {self.name} ({self.location()}) "
-                f"within {self.config.timeout:g}s; check that the service is reachable "
-                "(host, port, endpoint_url, network) and responding"
-            ) from None
-
     def _check_peer(self, peer: int, role: str) -> None:
         if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < self.num_peers:
             raise ArgumentError(f"{role} {peer!r} is not a peer of a group of {self.num_peers}")
@@ -490,84 +274,6 @@ class StorageChannel(MediatedChannel):
         except BackendUnavailable as exc:
             failures.append(exc)
             return None
-
-    @contextlib.asynccontextmanager
-    async def _exclusive(
-        self, locks: dict[tuple[int, Key], _LockEntry], match: tuple[int, Key], deadline: float
-    ) -> AsyncIterator[None]:
-        """One operation at a time per (peer, key), in call order (asyncio locks are FIFO).
-
-        Receives take sequence numbers in the order they were posted; a
-        backend without sequence numbers (Redis) also orders its sends this way.
-        """
-        entry = locks.get(match)
-        if entry is None:
-            entry = locks[match] = _LockEntry(asyncio.Lock())
-        entry.users += 1
-        try:
-            if entry.users == 1:
-                # Nobody else holds or waits for it: acquire() returns at once,
-                # without the timer a deadline costs on every message.
-                await entry.lock.acquire()
-            else:
-                async with asyncio.timeout_at(deadline):
-                    await entry.lock.acquire()
-            try:
-                yield
-            finally:
-                entry.lock.release()
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del locks[match]
-
-    def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
-        """Run a best-effort cleanup without making the caller wait; close() awaits it."""
-
-        async def guarded() -> None:
-            try:
-                await coro
-            except Exception as exc:
-                logger.warning("%r: %s failed (the objects expire by TTL): %s", self, what, exc)
-
-        # A fresh context: the task must not inherit the deadline of the
-        # operation that started it.
-        task = asyncio.get_running_loop().create_task(guarded(), context=contextvars.Context())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _delete_later(self, names: Iterable[str]) -> None:
-        """Delete consumed ``names`` after ``delete_delay`` seconds, batched; close() flushes.
-
-        The delay is what makes a retried conditional write of a message
-        harmless: it meets the consumed message still in place and is
-        refused, instead of storing a copy nobody will read.
-        """
-        due = asyncio.get_running_loop().time() + self.delete_delay
-        self._consumed.extend((due, name) for name in names)
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.get_running_loop().create_task(
-                self._reap(), context=contextvars.Context()
-            )
-
-    async def _reap(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._consumed and not self._closing:
-            wait = self._consumed[0][0] - loop.time()
-            # Delete at most once per delay (or once per loop turn without
-            # one), so many messages read together cost one request.
-            await asyncio.sleep(max(wait, 0.0))
-            batch = _due(self._consumed, loop.time())
-            if not batch:
-                continue
-            try:
-                await self._remove(batch)
-            except Exception as exc:
-                logger.warning("%r: deleting %d consumed messages: %s", self, len(batch), exc)
-                await asyncio.sleep(max(self.delete_delay, self.retry.backoff.maximum))
-                continue
-            for _ in batch:  # removed from the queue only once deleted
-                self._consumed.popleft()
 
     # ---------------------------------------------------------------- channel API
 
@@ -717,14 +423,3 @@ class StorageChannel(MediatedChannel):
             finally:
                 await super().close()
                 logger.debug("%r closed", self)
-
-
-def _due(queue: deque[tuple[float, str]], now: float) -> list[str]:
-    """The names at the head of ``queue`` (ordered by time) whose time has come."""
-    return [name for _, name in itertools.takewhile(lambda entry: entry[0] <= now, queue)]
-
-
-def _encode_key(key: Key) -> str:
-    if not isinstance(key, tuple) or not key:
-        raise ArgumentError(f"message keys are non-empty tuples of str/int, got {key!r}")
-    return "/".join(key_component(part) for part in key)

@@ -296,7 +296,7 @@ async def test_redis_blocking_waits_never_starve_the_writes(redis_config: Config
 
 async def test_redis_inline_limit_counts_data_not_the_frame_header(redis_config: Config) -> None:
     """An array of exactly inline_max bytes stays inline; one past the header room is chunked."""
-    from fmi_async.channels.redis import HEADER_ROOM
+    from fmi_async.channels.redis.layout import HEADER_ROOM
 
     run = uuid.uuid4().hex[:10]
     config = redis_config.with_backend("redis", inline_max=64 * 1024, chunk_size=256 * 1024)

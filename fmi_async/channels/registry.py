@@ -159,7 +159,7 @@ _CHANNELS: dict[str, ChannelSpec] = {
         # 400 MB/s aggregate; ElastiCache cache.t4g.micro, $0.016 per hour.
         ChannelSpec(
             "redis",
-            "fmi_async.channels.redis",
+            "fmi_async.channels.redis.channel",
             "RedisChannel",
             "mediated",
             "Redis",

@@ -33,15 +33,11 @@ connections it accepted.  Two peers that send to each other at the same
 moment therefore open two connections instead of racing to agree on one,
 and every byte stream has exactly one writer.
 
-Receiving is an :class:`asyncio.BufferedProtocol` over
-:class:`~fmi_async.wire.FrameReader`: the kernel writes large arrays straight
-into the ``bytearray`` that becomes the received array, with no extra copy.
-Sending writes small frames in one ``write`` and large buffers in 1 MiB
-slices with flow control: the write buffer limits are zero, so the transport
-pauses us whenever it holds unsent bytes and ``send`` waits until it is
-empty.  That bounds the memory a send adds to about one slice, and it is also
-what makes "a returned send may reuse its buffers" true on uvloop, whose
-transport keeps references to (rather than copies of) unsent data.
+The byte streams are thin asyncio protocols (:mod:`fmi_async.channels.tcp_streams`):
+receiving writes large arrays straight into the received array, sending
+waits for an empty write buffer (flow control), so a send adds about one
+slice of memory and may return its buffers to the caller.  Dialing a
+listening peer is :mod:`fmi_async.channels.tcp_connect`.
 
 Options (``backends.TCP``): ``host``, ``port`` (rendezvous server, required);
 ``bind`` (listen address, default ``127.0.0.1``; with ``0.0.0.0`` the server
@@ -60,221 +56,38 @@ variable).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from ..errors import (
     ArgumentError,
-    AuthenticationError,
     BrokenChannelError,
     ClosedError,
     CommTimeout,
     ConfigError,
-    EndOfStream,
     FMIError,
-    ProtocolError,
 )
 from ..holepunch import protocol as hp
 from ..holepunch.admission import Admission
 from ..holepunch.client import ControlConnection, RendezvousClient
 from ..holepunch.net import HostNetwork, Network, close_socket, simulated_network, sock_accept
 from ..holepunch.punch import Membership, authenticate, pair_tcp
-from ..wire import Buffer, FrameReader, Key, Payload, encode_frame
+from ..wire import Key, Payload, encode_frame
 from .backoff import Backoff
 from .base import ChannelContext, DirectChannel
 from .options import RendezvousOptions, option
+from .tcp_connect import connect_plain
+from .tcp_streams import SMALL, Receiver, Sender
 
 __all__ = ["TCPChannel", "TCPOptions"]
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1024 * 1024  # bytes per write of a large buffer
-_SMALL = 256 * 1024  # frames up to this size are joined and written at once
-_CONNECT_ATTEMPTS = 4  # handshakes a connecting peer tries when the other side drops them
 _LOOKUP_RETRY = Backoff(initial=0.05, maximum=1.0)  # lookups while the server is unreachable
-
-
-def _set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _Sender(asyncio.Protocol):
-    """Our end of a connection we opened: we only write; flow control only."""
-
-    def __init__(self, channel: TCPChannel, dst: int) -> None:
-        self.channel = channel
-        self.dst = dst
-        self.transport: asyncio.Transport | None = None
-        self.error: Exception | None = None
-        self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def __repr__(self) -> str:
-        state = "broken" if self.error else ("paused" if self._paused else "ready")
-        return f"<_Sender {self.channel.peer_id}->{self.dst} {state}>"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
-        _set_nodelay(transport)
-        # Paused whenever anything is unsent, resumed when all is handed to the kernel.
-        self.transport.set_write_buffer_limits(high=0, low=0)
-
-    def data_received(self, data: bytes) -> None:
-        logger.warning("peer %d talked back on a send-only connection; closing", self.dst)
-        assert self.transport is not None
-        self.transport.abort()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.channel.is_open:
-            reason = f": {exc}" if exc else ""
-            self.error = BrokenChannelError(
-                f"connection from peer {self.channel.peer_id} to peer {self.dst} was lost{reason}"
-            )
-        else:
-            self.error = ClosedError(f"channel tcp of peer {self.channel.peer_id} was closed")
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(self.error)
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    @property
-    def ready(self) -> bool:
-        """Usable, and nothing of an earlier frame is still waiting to be written."""
-        return self.usable and not self._paused
-
-    @property
-    def usable(self) -> bool:
-        return self.error is None and self.transport is not None and not self.transport.is_closing()
-
-    async def writable(self, timeout: float) -> None:
-        """Wait until the transport holds no unsent bytes (or the connection broke)."""
-        if self.error is not None:
-            raise self.error
-        if not self.usable:
-            raise BrokenChannelError(
-                f"connection from peer {self.channel.peer_id} to peer {self.dst} is closing"
-            )
-        if not self._paused:
-            return
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-            # that races with the resume, and a cancelled send must stop.
-            async with asyncio.timeout(timeout):
-                await self._waiter
-        except TimeoutError:
-            raise CommTimeout(
-                f"peer {self.dst} did not read for {timeout:.3g}s while peer "
-                f"{self.channel.peer_id} was sending to it on channel tcp"
-            ) from None
-        finally:
-            self._waiter = None
-
-    async def write_frame(self, buffers: list[Buffer], nbytes: int, timeout: float) -> None:
-        """Write one frame; a frame cut short poisons the stream, so the connection goes."""
-        transport = self.transport
-        assert transport is not None
-        await self.writable(timeout)
-        if nbytes <= _SMALL:
-            transport.write(b"".join(buffers))
-            return
-        try:
-            for buf in buffers:
-                view = memoryview(buf)
-                for off in range(0, view.nbytes, _CHUNK):
-                    await self.writable(timeout)
-                    transport.write(view[off : off + _CHUNK])
-            await self.writable(timeout)  # the caller may reuse its buffers after this
-        except BaseException:
-            transport.abort()
-            raise
-
-
-class _Receiver(asyncio.BufferedProtocol):
-    """A connection another peer writes to us on; it has proved who it is already."""
-
-    def __init__(self, channel: TCPChannel, src: int) -> None:
-        self.channel = channel
-        self.src = src
-        self.transport: asyncio.Transport | None = None
-        self.reader = FrameReader(channel.config.limits)
-        self._failure: str | None = None
-
-    def __repr__(self) -> str:
-        return f"<_Receiver {self.src}->{self.channel.peer_id}>"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
-        _set_nodelay(transport)
-        if not self.channel.is_open:
-            self.transport.abort()
-            return
-        self.channel._incoming.add(self)
-        self.channel.mailbox.clear_source(self.src)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.reader.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            self.reader.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self._fail(f"peer {self.src}: {exc}")
-            return
-        for key, payload in self.reader.pop_frames():
-            self.channel.mailbox.deliver(self.src, key, payload)
-
-    def _fail(self, problem: str) -> None:
-        logger.warning("peer %d: closing a connection: %s", self.channel.peer_id, problem)
-        self._failure = problem
-        if self.transport is not None:
-            self.transport.abort()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.channel._incoming.discard(self)
-        src, chan = self.src, self.channel
-        if not chan.is_open:
-            return
-        error: Exception
-        if self._failure is not None:
-            error = BrokenChannelError(f"connection from peer {src} was dropped: {self._failure}")
-        elif exc is not None or self.reader.mid_frame:
-            reason = f" ({exc})" if exc else ""
-            error = BrokenChannelError(
-                f"connection from peer {src} to peer {chan.peer_id} broke in the middle of a "
-                f"message{reason}; did peer {src} crash?"
-            )
-        else:
-            error = EndOfStream(
-                f"peer {src} closed its connection to peer {chan.peer_id}; "
-                "it will send nothing more"
-            )
-        chan.mailbox.fail_source(src, error)
 
 
 @dataclass(frozen=True)
@@ -315,9 +128,9 @@ class TCPChannel(DirectChannel):
         self._listen_sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._control: ControlConnection | None = None
-        self._senders: dict[int, _Sender] = {}
+        self._senders: dict[int, Sender] = {}
         self._locks: dict[int, asyncio.Lock] = {}
-        self._incoming: set[_Receiver] = set()
+        self._incoming: set[Receiver] = set()
         # accepted, membership not yet proven: the admission policy and each one's handshake
         self._unproven: Admission[socket.socket] = Admission(
             config.max_unproven, config.max_unproven_per_source
@@ -433,7 +246,7 @@ class TCPChannel(DirectChannel):
                 nbytes = sum(memoryview(b).nbytes for b in buffers)
             sender = self._senders.get(dst)
             if (
-                nbytes <= _SMALL
+                nbytes <= SMALL
                 and sender is not None
                 and sender.ready
                 and not ((lock := self._locks.get(dst)) and lock.locked())
@@ -470,7 +283,7 @@ class TCPChannel(DirectChannel):
                 logger.debug("peer %d: rendezvous server unreachable, asking again", self.peer_id)
                 await asyncio.sleep(pause)
 
-    async def _connection(self, dst: int) -> _Sender:
+    async def _connection(self, dst: int) -> Sender:
         sender = self._senders.get(dst)
         if sender is not None and sender.usable:
             return sender
@@ -497,84 +310,20 @@ class TCPChannel(DirectChannel):
                 result.peer_public,
             )  # fmt: skip
         else:
-            sock = await self._connect_plain(dst, info.addr)
+            sock = await connect_plain(
+                self.net, self.member, self.peer_id, dst, info.addr, self.connect_timeout
+            )
             how = "direct"
         try:
             self._check_open()
             loop = asyncio.get_running_loop()
-            _, proto = await loop.create_connection(lambda: _Sender(self, dst), sock=sock)
+            _, proto = await loop.create_connection(lambda: Sender(self, dst), sock=sock)
         except BaseException:
             close_socket(sock)
             raise
         self._senders[dst] = proto
         self.stats.pairs[dst] = how
         return proto
-
-    async def _connect_plain(self, dst: int, addr: hp.Address) -> socket.socket:
-        """Connect to a listening peer (through our NAT, if any) and prove membership.
-
-        A peer under a flood of connections may evict our handshake before
-        it completes (its oldest unproven connection goes first): a
-        handshake cut off like that is tried again, a few times, within
-        ``connect_timeout``.  An endpoint that stays silent through the
-        handshake is not treated as a slow peer: it did not prove
-        membership, so :class:`~fmi_async.errors.AuthenticationError`.
-        """
-        host, port = addr
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
-        for attempt in range(1, _CONNECT_ATTEMPTS + 1):
-            sock = await self._dial(dst, addr, max(0.001, deadline - loop.time()))
-            try:
-                await authenticate(
-                    sock, self.member, self.peer_id, committer=True, other=dst, deadline=deadline
-                )
-            except BrokenChannelError as exc:
-                close_socket(sock)
-                if attempt == _CONNECT_ATTEMPTS or loop.time() >= deadline:
-                    raise BrokenChannelError(
-                        f"peer {dst} at {host}:{port} closed {attempt} membership handshake(s) "
-                        f"of peer {self.peer_id} before they completed ({exc}); has it "
-                        "crashed, or is its port flooded with connections?"
-                    ) from exc
-                logger.info(
-                    "peer %d: handshake with peer %d cut off (%s); trying again",
-                    self.peer_id, dst, exc,
-                )  # fmt: skip
-                await asyncio.sleep(min(0.02 * attempt, max(0.0, deadline - loop.time())))
-                continue
-            except CommTimeout as exc:
-                close_socket(sock)
-                raise AuthenticationError(
-                    f"peer {dst} at {host}:{port} did not prove membership to peer "
-                    f"{self.peer_id} within {self.connect_timeout:.3g}s (it stayed silent): "
-                    f"whoever listens there may not be peer {dst} (a rendezvous server "
-                    "without a secret lets anyone register), or it is too busy to answer"
-                ) from exc
-            except BaseException:
-                close_socket(sock)
-                raise
-            logger.debug("peer %d: connected to peer %d at %s:%d", self.peer_id, dst, host, port)
-            return sock
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    async def _dial(self, dst: int, addr: hp.Address, timeout: float) -> socket.socket:
-        host, port = addr
-        try:
-            sock, _ = await self.net.connect(addr, timeout=timeout)
-        except TimeoutError:
-            raise CommTimeout(
-                f"peer {self.peer_id} could not connect to peer {dst} at {host}:{port} within "
-                f"{self.connect_timeout:.3g}s (backends.TCP.connect_timeout)"
-            ) from None
-        except OSError as exc:
-            raise BrokenChannelError(
-                f"peer {self.peer_id} cannot connect to peer {dst} at {host}:{port}: "
-                f"{exc.strerror or exc}; has peer {dst} closed or crashed?"
-            ) from exc
-        return sock
-
-    # ---------------------------------------------------------------- receive side
 
     def _valid_peer(self, peer: int) -> bool:
         return 0 <= peer < self.num_peers and peer != self.peer_id
@@ -655,7 +404,7 @@ class TCPChannel(DirectChannel):
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(lambda: _Receiver(self, src), sock=conn)
+            await loop.connect_accepted_socket(lambda: Receiver(self, src), sock=conn)
         except OSError as exc:
             close_socket(conn)
             logger.warning("peer %d: connection from peer %d failed: %s", self.peer_id, src, exc)

@@ -60,9 +60,12 @@ from ..wire.buffers import Buffer
 from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
 from .base import ChannelContext
 from .options import AWSOptions, option
-from .storage import StorageChannel, bounded_gather, chunk_bounds, join_range
+from .s3_bucket import check_lifecycle, ensure_bucket, lifecycle_rule
+from .storage import StorageChannel
+from .storage_chunks import bounded_gather, chunk_bounds, join_range
 
-__all__ = ["S3Channel", "S3Options", "lifecycle_rule"]
+# ensure_bucket and lifecycle_rule live in s3_bucket; imported from here too.
+__all__ = ["S3Channel", "S3Options", "ensure_bucket", "lifecycle_rule"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,64 +79,6 @@ _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _CHANGED = frozenset({"PreconditionFailed", "412"})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 WRITER_KEY = "fmi-writer"  # user metadata: the token of the channel that wrote a message
-_LIFECYCLE_CHECKED: set[str] = set()  # buckets whose rules were looked at, once per process
-
-
-async def ensure_bucket(
-    client: Any,
-    bucket: str,
-    lifecycle_days: int,
-    call: Callable[[str], contextlib.AbstractContextManager[None]],
-) -> bool:
-    """Create ``bucket`` with the lifecycle rule of :func:`lifecycle_rule`; False when
-    it existed (its lifecycle is then left as it is).  ``call(operation)`` maps
-    each request's errors (the channel's and the job lease's own helpers).
-
-    Asks first: in us-east-1, CreateBucket of a bucket one owns answers 200,
-    and its lifecycle rules must not be replaced.
-    """
-    with call("HeadBucket"):
-        try:
-            await client.head_bucket(Bucket=bucket)
-            return False
-        except ClientError as exc:
-            if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
-                raise
-    kwargs: dict[str, Any] = {"Bucket": bucket}
-    region = client.meta.region_name
-    if region and region != "us-east-1":
-        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    with call("CreateBucket"):
-        try:
-            await client.create_bucket(**kwargs)
-            logger.info("created S3 bucket %r", bucket)
-        except ClientError as exc:
-            if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise
-            return False
-    with call("PutBucketLifecycleConfiguration"):
-        await client.put_bucket_lifecycle_configuration(
-            Bucket=bucket,
-            LifecycleConfiguration={"Rules": [lifecycle_rule(lifecycle_days)]},
-        )
-    return True
-
-
-def lifecycle_rule(days: int = 1, prefix: str = "fmi/") -> dict[str, Any]:
-    """A bucket lifecycle rule that expires what crashed runs left under ``prefix``.
-
-    Pass it as ``{"Rules": [lifecycle_rule()]}`` to
-    ``put_bucket_lifecycle_configuration``, or the equivalent in the console
-    or infrastructure code.  It also aborts multipart uploads a crashed peer
-    left incomplete.
-    """
-    return {
-        "ID": "fmi-async-expire",
-        "Filter": {"Prefix": prefix},
-        "Status": "Enabled",
-        "Expiration": {"Days": days},
-        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
-    }
 
 
 @dataclass(frozen=True)
@@ -230,26 +175,7 @@ class S3Channel(StorageChannel):
 
     async def _check_lifecycle(self) -> None:
         """Warn (once per bucket) when no enabled rule expires what crashed runs leave."""
-        if self.bucket in _LIFECYCLE_CHECKED:
-            return
-        rules: list[dict[str, Any]] = []
-        with self._call("GetBucketLifecycleConfiguration"):
-            try:
-                reply = await self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
-                rules = reply.get("Rules", [])
-            except ClientError as exc:
-                if error_code(exc) != "NoSuchLifecycleConfiguration":
-                    logger.debug("cannot read the lifecycle of bucket %r: %s", self.bucket, exc)
-                    return
-        _LIFECYCLE_CHECKED.add(self.bucket)
-        if any(_expires(rule, "fmi/") for rule in rules):
-            return
-        logger.warning(
-            "S3 bucket %r has no enabled lifecycle rule expiring the fmi/ prefix: objects of "
-            "peers that die before close() stay until removed (fmi clean); add the rule of "
-            "fmi_async.channels.s3.lifecycle_rule()",
-            self.bucket,
-        )
+        await check_lifecycle(self._client, self.bucket, self._call)
 
     async def _ensure_bucket(self) -> bool:
         """Create the bucket with its lifecycle rule; False when it existed (left as it is)."""
@@ -503,14 +429,3 @@ class S3Channel(StorageChannel):
                     ),
                 )
         return names + [f"{key} (incomplete upload)" for key, _ in uploads]
-
-
-def _expires(rule: dict[str, Any], prefix: str) -> bool:
-    """Whether lifecycle ``rule`` is enabled, expires objects, and covers ``prefix``."""
-    if rule.get("Status") != "Enabled" or not rule.get("Expiration", {}).get("Days"):
-        return False
-    rule_filter = rule.get("Filter", {})
-    covered = rule_filter.get("Prefix", rule.get("Prefix", ""))
-    if "And" in rule_filter or "Tag" in rule_filter:
-        return False  # narrowed by tags: our objects carry none
-    return isinstance(covered, str) and prefix.startswith(covered)

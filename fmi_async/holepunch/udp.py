@@ -53,20 +53,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from ..channels.udp import kinds
 from ..errors import AuthenticationError, CommTimeout, ProtocolError
 from . import protocol as p
 from .net import Address, DatagramPath, DatagramSender
 from .pairing import PairKey
+from .udp_probes import Punch, decode_probe, encode_probe, probe_mac
+from .udp_relay import RELAY_HOST, Router
 
 __all__ = [
     "UDPHolePuncher",
@@ -88,23 +87,8 @@ UDP_PROBE = kinds.PROBE
 UDP_PROBE_ACK = kinds.PROBE_ACK
 UDP_KEEPALIVE = kinds.KEEPALIVE
 UDP_RELAY = kinds.RELAY
-RELAY_HOST = "<relay>"
-"""Host part of a relay address: not a valid host name, so never a real endpoint."""
-_MAC_LEN = 16
 _PROBE_INTERVAL = 0.02
 _FIRST_RETRY = 0.1
-
-
-class _Punch:
-    """One pairing in progress on this side."""
-
-    def __init__(self, key: PairKey, me: int, other: int) -> None:
-        self.key = key
-        self.me = me
-        self.other = other
-        self.nonce: bytes | None = None
-        self.heard: asyncio.Future[Address] = asyncio.get_running_loop().create_future()
-        self.done: asyncio.Future[Address | None] = asyncio.get_running_loop().create_future()
 
 
 class UDPHolePuncher:
@@ -140,7 +124,7 @@ class UDPHolePuncher:
         self.observed: Address | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Queue[p.Message]] = {}
-        self._punches: dict[tuple[str, str, int], _Punch] = {}
+        self._punches: dict[tuple[str, str, int], Punch] = {}
         self._results: dict[tuple[str, str, int], Address | None] = {}
         self._transport: Any = None
         self._deliver: Callable[[bytes, Address], None] | None = None
@@ -169,7 +153,7 @@ class UDPHolePuncher:
         It sends through the simulated NAT when there is one, and datagrams
         to a relay address through the server.
         """
-        return _Router(self, self._base(transport))
+        return Router(self, self._base(transport))
 
     def _base(self, transport: Any) -> DatagramSender:
         if self.datagrams is None:
@@ -338,7 +322,7 @@ class UDPHolePuncher:
         self._deliver(data[1 + p.NONCE_LEN :], (RELAY_HOST, number))
         return True
 
-    def _decided(self, slot: tuple[str, str, int], punch: _Punch, remote: Address | None) -> None:
+    def _decided(self, slot: tuple[str, str, int], punch: Punch, remote: Address | None) -> None:
         self._results[slot] = remote
         if remote is None:
             assert punch.nonce is not None
@@ -382,7 +366,7 @@ class UDPHolePuncher:
         # between must wait for this pairing rather than start a second one.
         self._spawn(self._punch(self._claim(comm, run_id, me, other), self.timeout))
 
-    def _claim(self, comm: str, run_id: str, me: int, other: int) -> _Punch:
+    def _claim(self, comm: str, run_id: str, me: int, other: int) -> Punch:
         """Register the pairing with ``other`` before anything awaits.
 
         One side must run one pairing per peer: the server keeps one side per
@@ -392,11 +376,11 @@ class UDPHolePuncher:
         """
         lo, hi = min(me, other), max(me, other)
         key: PairKey = (comm, run_id, "udp", lo, hi)
-        punch = _Punch(key, me, other)
+        punch = Punch(key, me, other)
         self._punches[(comm, run_id, other)] = punch
         return punch
 
-    async def _punch(self, punch: _Punch, timeout: float) -> Address | None:
+    async def _punch(self, punch: Punch, timeout: float) -> Address | None:
         comm, run_id, _, lo, hi = punch.key
         me, other = punch.me, punch.other
         slot = (comm, run_id, other)
@@ -443,7 +427,7 @@ class UDPHolePuncher:
             self._replies.pop(rid, None)
 
     async def _probe_until_heard(
-        self, punch: _Punch, candidates: list[Address], window: float
+        self, punch: Punch, candidates: list[Address], window: float
     ) -> Address | None:
         probe = self._probe_bytes(UDP_PROBE, punch, punch.me, punch.other)
         loop = asyncio.get_running_loop()
@@ -466,34 +450,17 @@ class UDPHolePuncher:
             self._send(probe, remote)
         return remote
 
-    def _probe_bytes(self, kind: int, punch: _Punch, src: int, dst: int) -> bytes:
-        comm, run_id = punch.key[0], punch.key[1]
+    def _probe_bytes(self, kind: int, punch: Punch, src: int, dst: int) -> bytes:
         assert punch.nonce is not None
-        mac = _mac(self.secret, kind, comm, run_id, src, dst, punch.nonce)
-        body: bytes = msgpack.packb([comm, run_id, src, dst, mac], use_bin_type=True)
-        return bytes([kind]) + body
+        return encode_probe(self.secret, kind, punch.key[0], punch.key[1], src, dst, punch.nonce)
 
     def _probe(self, kind: int, data: bytes, addr: Address) -> bool:
-        try:
-            fields = msgpack.unpackb(data[1:], raw=False)
-        except Exception as exc:
-            raise ProtocolError(f"malformed probe: {type(exc).__name__}") from exc
-        if (
-            not isinstance(fields, list)
-            or len(fields) != 5
-            or not isinstance(fields[0], str)
-            or not isinstance(fields[1], str)
-            or not isinstance(fields[2], int)
-            or not isinstance(fields[3], int)
-            or not isinstance(fields[4], bytes)
-        ):
-            raise ProtocolError("a probe is [comm, run_id, from, to, mac]")
-        comm, run_id, src, dst, mac = fields
+        comm, run_id, src, dst, mac = decode_probe(data)
         punch = self._punches.get((comm, run_id, src))
         if punch is None or punch.nonce is None or dst != punch.me:
             return True  # ours, but late or early: ignored
         if not hmac.compare_digest(
-            mac, _mac(self.secret, kind, comm, run_id, src, dst, punch.nonce)
+            mac, probe_mac(self.secret, kind, comm, run_id, src, dst, punch.nonce)
         ):
             logger.warning("dropped a udp probe with a bad proof from %s", addr)
             raise AuthenticationError("bad probe proof")
@@ -502,35 +469,6 @@ class UDPHolePuncher:
         if not punch.heard.done():
             punch.heard.set_result(addr)
         return True
-
-
-class _Router:
-    """The channel's sender: relay addresses go through the server, the rest straight."""
-
-    __slots__ = ("out", "puncher")
-
-    def __init__(self, puncher: UDPHolePuncher, out: DatagramSender) -> None:
-        self.puncher = puncher
-        self.out = out
-
-    def sendto(self, data: bytes, addr: Address) -> None:
-        if addr[0] == RELAY_HOST:
-            self.puncher.send_relayed(self.out, data, addr[1])
-        else:
-            self.out.sendto(data, addr)
-
-    def is_closing(self) -> bool:
-        """Whether the transport underneath is closing (wrappers that delay
-        datagrams ask before sending late)."""
-        closing = getattr(self.out, "is_closing", None)
-        return bool(closing()) if closing is not None else False
-
-
-def _mac(
-    secret: bytes | None, kind: int, comm: str, run_id: str, src: int, dst: int, nonce: bytes
-) -> bytes:
-    data = msgpack.packb([kind, comm, run_id, src, dst, nonce], use_bin_type=True)
-    return hmac.new(secret or b"", data, hashlib.sha256).digest()[:_MAC_LEN]
 
 
 def _local(transport: Any) -> Address:

@@ -57,7 +57,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from ...errors import (
     ArgumentError,
@@ -83,7 +83,8 @@ from .discovery import (
     Traversal,
 )
 from .kinds import RESERVED_MIN
-from .reliable import Endpoint, Link, LinkParams
+from .peers import Peer, Socket
+from .reliable import Endpoint, LinkParams
 
 __all__ = [
     "UDPChannel",
@@ -97,68 +98,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _COPY_MAX = 256 * 1024  # messages up to this size are copied and send returns at once
-
-
-class _Peer:
-    """I/O state of one link: where to send, its timer, who waits on it."""
-
-    __slots__ = (
-        "addr",
-        "id",
-        "link",
-        "lock",
-        "reply_addr",
-        "reported",
-        "timer",
-        "waiters",
-        "when",
-    )
-
-    def __init__(self, link: Link) -> None:
-        self.id = link.peer
-        self.link = link
-        self.addr: Address | None = None  # where its socket is (discovery)
-        self.reply_addr: Address | None = None  # where its datagrams come from
-        self.timer: asyncio.Handle | None = None
-        self.when = 0.0  # when the timer fires
-        self.waiters: list[asyncio.Future[None]] = []
-        self.lock = asyncio.Lock()
-        self.reported: set[str] = set()  # failures already passed to the mailbox
-
-    def __repr__(self) -> str:
-        return f"<_Peer {self.id} addr={self.addr} {self.link.sender!r}>"
-
-    def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-
-class _Socket(asyncio.DatagramProtocol):
-    """Thin: every datagram goes to the channel; flow control is remembered."""
-
-    def __init__(self, channel: UDPChannel) -> None:
-        self.channel = channel
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.channel._on_datagram(data, (str(addr[0]), int(addr[1])))
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable) on an unconnected socket: the
-        # retransmission timer decides whether the peer is gone.
-        self.channel.stats.requests["socket_error"] += 1
-        logger.debug("peer %d: udp socket error: %s", self.channel.peer_id, exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.channel._socket_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.channel._paused = True
-
-    def resume_writing(self) -> None:
-        self.channel._paused = False
-        self.channel._flush_all()
 
 
 @dataclass(frozen=True)
@@ -228,7 +167,7 @@ class UDPChannel(DirectChannel):
             counters=self.stats.requests,
             rng=random.Random(),
         )
-        self._peers: dict[int, _Peer] = {}
+        self._peers: dict[int, Peer] = {}
 
     def _discovery(self, host: str, port: int) -> Discovery:
         """Hole punching and relay (``auto``, ``punch``), or plain registration (``off``)."""
@@ -275,7 +214,7 @@ class UDPChannel(DirectChannel):
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Socket(self), local_addr=(self.bind, 0)
+                lambda: Socket(self), local_addr=(self.bind, 0)
             )
         except OSError as exc:
             raise ConfigError(
@@ -358,7 +297,7 @@ class UDPChannel(DirectChannel):
             peer.waiters.clear()
 
     @staticmethod
-    def _settled(peer: _Peer) -> bool:
+    def _settled(peer: Peer) -> bool:
         sender = peer.link.sender
         return sender.idle or sender.error is not None or peer.addr is None
 
@@ -397,7 +336,7 @@ class UDPChannel(DirectChannel):
         self.stats.sent(payload)
         self.stats.seconds += time.perf_counter() - start
 
-    async def _locate(self, dst: int, deadline: float) -> _Peer:
+    async def _locate(self, dst: int, deadline: float) -> Peer:
         peer = self._peer(dst)
         if peer.addr is not None:
             return peer
@@ -412,7 +351,7 @@ class UDPChannel(DirectChannel):
                 logger.debug("peer %d: peer %d is at %s:%d", self.peer_id, dst, *peer.addr)
         return peer
 
-    async def _wait(self, peer: _Peer, deadline: float, what: str) -> None:
+    async def _wait(self, peer: Peer, deadline: float, what: str) -> None:
         fut = asyncio.get_running_loop().create_future()
         peer.waiters.append(fut)
         try:
@@ -424,7 +363,7 @@ class UDPChannel(DirectChannel):
                 f"channel udp within {self.config.timeout:.3g}s (config timeout)"
             ) from None
 
-    def _check_sender(self, peer: _Peer) -> None:
+    def _check_sender(self, peer: Peer) -> None:
         self._check_open()
         error = peer.link.sender.error
         if error is not None:
@@ -435,10 +374,10 @@ class UDPChannel(DirectChannel):
 
     # ---------------------------------------------------------------- datagram path
 
-    def _peer(self, pid: int) -> _Peer:
+    def _peer(self, pid: int) -> Peer:
         peer = self._peers.get(pid)
         if peer is None:
-            peer = self._peers[pid] = _Peer(self._endpoint.link(pid))
+            peer = self._peers[pid] = Peer(self._endpoint.link(pid))
         return peer
 
     def _send(self, data: bytes, addr: Address) -> None:
@@ -470,7 +409,7 @@ class UDPChannel(DirectChannel):
         for peer in list(self._peers.values()):
             self._flush(peer)
 
-    def _flush(self, peer: _Peer, now: float | None = None) -> None:
+    def _flush(self, peer: Peer, now: float | None = None) -> None:
         """Send what the link has to say, deliver what it completed, re-arm its timer."""
         if self._transport is None or self._transport.is_closing():
             return
@@ -491,7 +430,7 @@ class UDPChannel(DirectChannel):
             peer.wake()
         self._arm(peer)
 
-    def _deliver(self, peer: _Peer) -> None:
+    def _deliver(self, peer: Peer) -> None:
         receiver, mailbox = peer.link.receiver, self.mailbox
         if receiver.restarted:  # the peer started over: receives from it may wait again
             receiver.restarted = False
@@ -518,7 +457,7 @@ class UDPChannel(DirectChannel):
             peer.reported.add(problem[0])
             mailbox.fail_source(peer.id, problem[1])
 
-    def _closed_error(self, peer: _Peer) -> Exception:
+    def _closed_error(self, peer: Peer) -> Exception:
         if peer.link.receiver.mid_message:
             return BrokenChannelError(
                 f"peer {peer.id} closed its udp channel in the middle of a message to peer "
@@ -528,7 +467,7 @@ class UDPChannel(DirectChannel):
             f"peer {peer.id} closed its udp channel; it will send peer {self.peer_id} nothing more"
         )
 
-    def _arm(self, peer: _Peer) -> None:
+    def _arm(self, peer: Peer) -> None:
         deadline = peer.link.deadline()
         if deadline is None:
             return
@@ -541,6 +480,6 @@ class UDPChannel(DirectChannel):
         peer.when = deadline
         peer.timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, peer, deadline)
 
-    def _on_timer(self, peer: _Peer, when: float) -> None:
+    def _on_timer(self, peer: Peer, when: float) -> None:
         peer.timer = None
         self._flush(peer, max(when, asyncio.get_running_loop().time()))

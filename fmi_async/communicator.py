@@ -29,7 +29,7 @@ from .errors import (
     FMIError,
     PeerError,
 )
-from .lease import JobLease, lease_for
+from .jobs.lease import JobLease, lease_for
 from .selection.cost import channel_cost
 from .selection.model import load_cost_model
 from .selection.plan import Hint, Plan, plan

@@ -158,7 +158,7 @@ class JobConflictError(FMIError):
     """Another job holds, or opened at the same moment, this communicator's name and run id.
 
     Peers of two jobs with the same ``comm_name`` and run id would read each
-    other's messages; the job lease (:mod:`fmi_async.lease`) turns every such
+    other's messages; the job lease (:mod:`fmi_async.jobs.lease`) turns every such
     collision it can see into this error.  Give each job a distinct ``run_id``
     (``fmi run`` makes one per run).
     """

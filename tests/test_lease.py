@@ -45,14 +45,14 @@ from fmi_async.holepunch import protocol as p
 from fmi_async.holepunch.client import RendezvousClient
 from fmi_async.holepunch.leases import LeaseTable
 from fmi_async.holepunch.server import RendezvousServer
-from fmi_async.lease import (
+from fmi_async.jobs.lease import (
     JobLease,
     RendezvousLease,
     StoreLease,
     lease_for,
     settle_for,
 )
-from fmi_async.lease_record import (
+from fmi_async.jobs.record import (
     POISON_LINGER,
     LeaseRecord,
     Step,
@@ -61,7 +61,7 @@ from fmi_async.lease_record import (
     refresh,
     release,
 )
-from fmi_async.lease_stores import DynamoDBStore, RedisStore, S3Store, record_name
+from fmi_async.jobs.stores import DynamoDBStore, RedisStore, S3Store, record_name
 
 SECRET = "lease-secret"
 BACKENDS = ("rendezvous", "redis", "s3", "dynamodb")
@@ -675,7 +675,7 @@ _HOLDER = textwrap.dedent(
     """
     import asyncio, json, sys
     from fmi_async.config import Config
-    from fmi_async.lease import lease_for
+    from fmi_async.jobs.lease import lease_for
 
     async def main() -> None:
         config = Config.from_dict(json.loads(sys.argv[1]))

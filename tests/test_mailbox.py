@@ -8,7 +8,7 @@ import time
 import pytest
 
 import fmi_async as fmi
-from fmi_async.channels.base import Mailbox
+from fmi_async.channels.mailbox import Mailbox
 from fmi_async.wire import Payload
 
 

@@ -151,7 +151,7 @@ class RendezvousClient:
         """Claim ``peer``'s slot in the job lease; returns once all ``num_peers`` peers have.
 
         The server waits up to ``timeout`` seconds.  Raises what
-        :meth:`fmi_async.lease.JobLease.acquire` documents:
+        :meth:`fmi_async.jobs.lease.JobLease.acquire` documents:
         :class:`~fmi_async.errors.JobConflictError`,
         :class:`~fmi_async.errors.JobConflictTimeout`,
         :class:`~fmi_async.errors.JobMismatchError`,

@@ -1,7 +1,7 @@
 """The rendezvous server's job leases, sans-IO: a table of lease records, and claims in progress.
 
 :class:`LeaseTable` is pure bookkeeping with time passed in: it applies the
-transitions of :mod:`fmi_async.lease_record` to one record per
+transitions of :mod:`fmi_async.jobs.record` to one record per
 ``(comm, run_id)``, atomically (the server is one event loop), and holds at
 most ``max_records`` of them.  :class:`LeaseDesk` answers ``claim``,
 ``refresh`` and ``release`` requests over it.  A claim is answered once its
@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Final
 
-from ..lease_record import (
+from ..jobs.record import (
     EPOCH_BYTES,
     FORM_GRACE,
     LeaseRecord,
@@ -101,7 +101,7 @@ class LeaseTable:
         ttl: float,
         settle: float,
     ) -> Step | None:
-        """:func:`~fmi_async.lease_record.claim` on ``key``; None when the table is full."""
+        """:func:`~fmi_async.jobs.record.claim` on ``key``; None when the table is full."""
         rec = self.get(key, now)
         if rec is None and len(self.records) >= self.max_records:
             self.expire(now)
@@ -134,7 +134,7 @@ class LeaseTable:
         now: float,
         ttl: float,
     ) -> Step | None:
-        """:func:`~fmi_async.lease_record.refresh`; None when a restore finds the table full."""
+        """:func:`~fmi_async.jobs.record.refresh`; None when a restore finds the table full."""
         rec = self.get(key, now)
         if rec is None and len(self.records) >= self.max_records:
             self.expire(now)

@@ -43,7 +43,7 @@ NAT traversal (see ``docs/holepunching.md``):
   proof, commit): the membership proof on every direct connection, a
   challenge-response over nonces from both sides.
 
-Job leases (see :mod:`fmi_async.lease_record`):
+Job leases (see :mod:`fmi_async.jobs.record`):
 
 * ``claim``   (comm, run_id, peer, num_peers, nonce, wait, ttl, settle,
   timeout, proof) -> ``lease`` (epoch, ttl) once all ``num_peers`` peers

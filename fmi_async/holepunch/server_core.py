@@ -25,7 +25,7 @@ bytes and run timers, so TCP and UDP go through the same transitions:
   ``relay_wait`` for the second, then both get ``ok`` and are spliced.
 * **claim / refresh / release**: the job lease
   (:class:`~fmi_async.holepunch.leases.LeaseDesk` over
-  :mod:`fmi_async.lease_record`); a claim waits until its group formed, and
+  :mod:`fmi_async.jobs.record`); a claim waits until its group formed, and
   the waiting claims of a record that changed are stepped again.
 * **admission**: a TCP connection is unproven until its first complete
   request; over ``max_unproven`` (in all, or per source) the oldest unproven

@@ -2,11 +2,11 @@
 
 A :class:`JobLease` is acquired when the communicator opens, renewed in the
 background, and released at close; it calls back when it is lost.  The
-backends are :class:`~fmi_async.lease_store.StoreLease` (conditional
+backends are :class:`~fmi_async.jobs.store.StoreLease` (conditional
 writes on Redis, S3 or DynamoDB) and
-:class:`~fmi_async.lease_rendezvous.RendezvousLease` (the rendezvous
-server); :func:`fmi_async.lease.lease_for` picks one.  See
-:mod:`fmi_async.lease` for the whole story.
+:class:`~fmi_async.jobs.rendezvous.RendezvousLease` (the rendezvous
+server); :func:`fmi_async.jobs.lease.lease_for` picks one.  See
+:mod:`fmi_async.jobs.lease` for the whole story.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
 
-from .config import JobConfig
-from .errors import ArgumentError, FMIError, LeaseLostError
-from .lease_record import NONCE_BYTES
+from ..config import JobConfig
+from ..errors import ArgumentError, FMIError, LeaseLostError
+from .record import NONCE_BYTES
 
 __all__ = [
     "DEFAULT_SETTLE",

@@ -9,7 +9,7 @@ below; time is passed in.  The rendezvous server applies them to an
 in-memory table (:mod:`fmi_async.holepunch.leases`); Redis, S3 and DynamoDB
 read the record, apply a transition and write the result back with a
 conditional write, repeating when another peer wrote first
-(:class:`fmi_async.lease.StoreLease`).  This module is the reference both
+(:class:`fmi_async.jobs.lease.StoreLease`).  This module is the reference both
 follow.
 
 * :func:`claim`: no live record -> create it and take the slot.  A record
@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
-from .errors import (
+from ..errors import (
     BackendError,
     FMIError,
     JobConflictError,

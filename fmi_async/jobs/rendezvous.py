@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .config import JobConfig
-from .errors import (
+from ..config import JobConfig
+from ..errors import (
     ClosedError,
     CommTimeout,
     FMIError,
@@ -18,7 +18,7 @@ from .errors import (
     JobMismatchError,
     LeaseLostError,
 )
-from .lease_base import RELEASE_TIMEOUT, JobLease, spawn_detached
+from .base import RELEASE_TIMEOUT, JobLease, spawn_detached
 
 __all__ = ["RendezvousLease"]
 
@@ -48,7 +48,7 @@ class RendezvousLease(JobLease):
         timeout: float = 10.0,
     ) -> None:
         super().__init__(comm_name, run_id, peer_id, num_peers, job)
-        from .holepunch.client import RendezvousClient
+        from ..holepunch.client import RendezvousClient
 
         self.client = RendezvousClient(host, port, secret, timeout=timeout)
 

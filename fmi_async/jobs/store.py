@@ -1,8 +1,8 @@
 """The job lease on a storage backend: the lease protocol over conditional writes.
 
-:class:`StoreLease` drives the transitions of :mod:`fmi_async.lease_record`
+:class:`StoreLease` drives the transitions of :mod:`fmi_async.jobs.record`
 (sans-IO) over a :class:`RecordStore`, one record per ``(comm_name,
-run_id)`` (:mod:`fmi_async.lease_stores`: Redis, S3, DynamoDB).  Storage
+run_id)`` (:mod:`fmi_async.jobs.stores`: Redis, S3, DynamoDB).  Storage
 records carry wall-clock times: peers' clocks are assumed to agree to well
 within ``lease_ttl`` (and within :data:`SETTLE_MARGIN` for the settle
 window).
@@ -18,9 +18,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, Protocol
 
-from .channels.backoff import Backoff
-from .config import JobConfig
-from .errors import (
+from ..channels.backoff import Backoff
+from ..config import JobConfig
+from ..errors import (
     BackendError,
     BrokenChannelError,
     ClosedError,
@@ -31,8 +31,8 @@ from .errors import (
     JobMismatchError,
     LeaseLostError,
 )
-from .lease_base import RELEASE_TIMEOUT, JobLease, spawn_detached
-from .lease_record import (
+from .base import RELEASE_TIMEOUT, JobLease, spawn_detached
+from .record import (
     EPOCH_BYTES,
     FORM_GRACE,
     LeaseRecord,

@@ -1,9 +1,9 @@
 """Where storage-backed job leases live: one record per job, written conditionally.
 
-Each store keeps one :class:`~fmi_async.lease.LeaseRecord` (its JSON bytes)
+Each store keeps one :class:`~fmi_async.jobs.lease.LeaseRecord` (its JSON bytes)
 under ``fmi/<comm>/<run>/lease``, beside (never inside) the epoch-qualified
 prefixes ``fmi/<comm>/<run>.<epoch>/`` the channels write under, and offers
-the :class:`~fmi_async.lease.RecordStore` operations: read with a version
+the :class:`~fmi_async.jobs.lease.RecordStore` operations: read with a version
 token, create only if absent, replace or delete only at a known version.
 
 * **Redis**: GET; ``SET NX PX`` to create; a Lua script compares the stored
@@ -32,15 +32,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from .channels.base import ChannelStats
-from .channels.storage import storage_prefix
-from .errors import BackendError, ConfigError
+from ..channels.base import ChannelStats
+from ..channels.storage import storage_prefix
+from ..errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
-    from .channels.dynamodb import DynamoDBOptions
-    from .channels.options import AWSOptions
-    from .channels.redis import RedisOptions
-    from .channels.s3 import S3Options
+    from ..channels.dynamodb import DynamoDBOptions
+    from ..channels.options import AWSOptions
+    from ..channels.redis import RedisOptions
+    from ..channels.s3 import S3Options
 
 __all__ = ["RedisStore", "S3Store", "DynamoDBStore", "record_name"]
 
@@ -123,7 +123,7 @@ class RedisStore:
         self._cas = self._client.register_script(_CAS_SCRIPT)
 
     async def _run(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        from .channels.redis import redis_errors
+        from ..channels.redis import redis_errors
 
         with redis_errors(self.where, operation):
             return await call()
@@ -178,7 +178,7 @@ class _AWSStore:
         return f"<{type(self).__name__} {self.where} key={self.key!r}>"
 
     async def open(self) -> None:
-        from .channels.aws import aws_client
+        from ..channels.aws import aws_client
 
         if self._client is None:
             self._client = await self._stack.enter_async_context(
@@ -187,7 +187,7 @@ class _AWSStore:
 
     @contextlib.contextmanager
     def _call(self, operation: str) -> Iterator[None]:
-        from .channels.aws import map_aws_errors
+        from ..channels.aws import map_aws_errors
 
         with map_aws_errors(self.stats, operation, self.where):
             yield
@@ -202,7 +202,7 @@ def _refused(codes: frozenset[str], refused: list[bool]) -> Iterator[None]:
     """Swallow a refused condition (a ``ClientError`` with one of ``codes``), noting it."""
     from botocore.exceptions import ClientError
 
-    from .channels.aws import error_code
+    from ..channels.aws import error_code
 
     try:
         yield
@@ -241,7 +241,7 @@ class S3Store(_AWSStore):
         """``call()``; when the bucket is missing and ``create_bucket`` is set, create it once."""
         from botocore.exceptions import ClientError
 
-        from .channels.aws import error_code
+        from ..channels.aws import error_code
 
         try:
             return await call()
@@ -252,7 +252,7 @@ class S3Store(_AWSStore):
         return await call()
 
     async def _ensure_bucket(self) -> None:
-        from .channels.s3 import ensure_bucket
+        from ..channels.s3 import ensure_bucket
 
         await ensure_bucket(self._client, self.bucket, self.lifecycle_days, self._call)
 
@@ -328,7 +328,7 @@ class DynamoDBStore(_AWSStore):
     async def _with_table(self, call: Callable[[], Awaitable[T]]) -> T:
         from botocore.exceptions import ClientError
 
-        from .channels.aws import error_code
+        from ..channels.aws import error_code
 
         try:
             return await call()
@@ -342,8 +342,8 @@ class DynamoDBStore(_AWSStore):
         """Create the channel's table (the channel checks its schema and TTL when it opens)."""
         from botocore.exceptions import ClientError
 
-        from .channels.aws import error_code
-        from .channels.dynamodb import TABLE_SCHEMA
+        from ..channels.aws import error_code
+        from ..channels.dynamodb import TABLE_SCHEMA
 
         with self._call("CreateTable"):
             try:

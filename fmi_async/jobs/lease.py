@@ -7,20 +7,20 @@ peers form one lease record per ``(comm_name, run_id)`` on one backend, and
 the record's random *epoch* becomes part of the run id every channel uses
 (``f"{run_id}.{epoch}"``).  Peers of another job get another epoch, hence
 other keys, or an error; never each other's data.  The protocol is in
-:mod:`fmi_async.lease_record` (sans-IO); ``docs/jobs.md`` tells the story for
+:mod:`fmi_async.jobs.record` (sans-IO); ``docs/jobs.md`` tells the story for
 users.
 
 This module picks the backend: :func:`lease_for` reads the configuration
-and returns a :class:`JobLease` (:mod:`fmi_async.lease_base`), acquired
+and returns a :class:`JobLease` (:mod:`fmi_async.jobs.base`), acquired
 when the communicator opens, renewed in the background, and released at
-close.  :class:`StoreLease` (:mod:`fmi_async.lease_store`) drives the
-protocol over conditional writes (:mod:`fmi_async.lease_stores`: Redis, S3,
-DynamoDB); :class:`RendezvousLease` (:mod:`fmi_async.lease_rendezvous`)
+close.  :class:`StoreLease` (:mod:`fmi_async.jobs.store`) drives the
+protocol over conditional writes (:mod:`fmi_async.jobs.stores`: Redis, S3,
+DynamoDB); :class:`RendezvousLease` (:mod:`fmi_async.jobs.rendezvous`)
 asks the rendezvous server, which runs it on its own table.
 
 Storage records carry wall-clock times: peers' clocks are assumed to agree to
 well within ``lease_ttl`` (and within
-:data:`~fmi_async.lease_store.SETTLE_MARGIN` for the settle window).
+:data:`~fmi_async.jobs.store.SETTLE_MARGIN` for the settle window).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .channels import registry
-from .config import Config
-from .lease_base import DEFAULT_SETTLE, RELEASE_TIMEOUT, JobLease, settle_for
-from .lease_rendezvous import RendezvousLease
-from .lease_store import RecordStore, StoreLease
+from ..channels import registry
+from ..config import Config
+from .base import DEFAULT_SETTLE, RELEASE_TIMEOUT, JobLease, settle_for
+from .rendezvous import RendezvousLease
+from .store import RecordStore, StoreLease
 
 __all__ = [
     "JobLease",
@@ -79,7 +79,7 @@ def lease_for(
                 job,
                 timeout=min(timeout, config.timeout),
             )
-    from . import lease_stores
+    from . import stores as lease_stores
 
     key = lease_stores.record_name(comm_name, run_id)
     store: RecordStore

@@ -7,7 +7,7 @@ Measured in one run, medians over repetitions, with ratios:
   invite, punch, proof, verdict), against the same first message with no NAT
   (lookup, connect, proof);
 * **pair time through real kernel NAT** (root only; network namespaces with
-  nftables masquerade, as in ``tests/test_kernel_nat.py``): the same first
+  nftables masquerade, as in ``tests/holepunch/test_kernel_nat.py``): the same first
   message between peers in two private networks;
 * **throughput direct vs relayed** across real kernel NAT: 64 MiB arrays over a
   punched pair (port-preserving masquerade) and over a relayed pair
@@ -127,7 +127,7 @@ asyncio.run(main())
 
 def kernel(reps: int, mib: int, random_ports: bool) -> dict[str, Any] | None:
     """Two peers behind two kernel NATs; None (with a note) when not possible here."""
-    import tests.test_kernel_nat as k
+    import tests.holepunch.test_kernel_nat as k
 
     reason = k._why_not()
     if reason is not None:

@@ -16,7 +16,7 @@ ROUNDS = {"memory": 300, "tcp": 150, "redis": 60}
 async def test_a_cancelled_receive_never_loses_its_message(
     channel: str, request: pytest.FixtureRequest
 ) -> None:
-    from tests.conftest import GROUPS, storage_group
+    from tests.helpers import GROUPS, storage_group
 
     group = (
         GROUPS[channel]

@@ -197,7 +197,7 @@ async def test_failed_storage_receives_leave_no_unretrieved_task_errors(
 ) -> None:
     import gc
 
-    from tests.conftest import storage_group
+    from tests.helpers import storage_group
 
     loop = asyncio.get_running_loop()
     reported: list[dict[str, Any]] = []

@@ -11,8 +11,7 @@ import numpy as np
 
 import fmi_async as fmi
 from fmi_async.config import Config
-
-from .test_storage_channels import Backend, stored
+from tests.channels.test_storage_channels import Backend, stored
 
 
 async def test_normal_close_leaves_no_key_and_loses_nothing(mediated_backend: Backend) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import logging
 import shutil
 import subprocess
@@ -224,7 +225,7 @@ def dot(graph: dict[str, set[str]] | None = None) -> str:
         lines += [f'    "{m}";' for m in members]
         lines.append("  }")
         lines.append("  { rank=same; " + " ".join(f'"{m}";' for m in members) + " }")
-    for upper, lower in zip(rows, rows[1:]):  # keep the layers stacked in order
+    for upper, lower in itertools.pairwise(rows):  # keep the layers stacked in order
         lines.append(f'  "{upper[0]}" -> "{lower[0]}" [style=invis];')
     lines += [f'  "{a}" -> "{b}";' for a, b in _reduced(edges, boxes)]
     lines.append("}")

@@ -39,10 +39,9 @@ from fmi_async.errors import (
     FMIError,
 )
 from fmi_async.wire import dumps, loads
-
-from .faultproxy import FaultProxy, Rule
-from .storage_servers import LOOPBACK, _free_port, _redis_binary, _redis_ready
-from .test_storage_channels import stored
+from tests.channels.test_storage_channels import stored
+from tests.faultproxy import FaultProxy, Rule
+from tests.storage_servers import LOOPBACK, _free_port, _redis_binary, _redis_ready
 
 Backend = tuple[str, Config]
 

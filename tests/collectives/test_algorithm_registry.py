@@ -21,9 +21,8 @@ from fmi_async.config import Config
 from fmi_async.selection import plan as planmod
 from fmi_async.selection import rounds
 from fmi_async.selection.model import load_cost_model
-
-from .conftest import storage_group
-from .reference import ARR_MINUS, assert_same, reference_fold
+from tests.helpers import storage_group
+from tests.reference import ARR_MINUS, assert_same, reference_fold
 
 MODELS = load_cost_model({})  # the default models
 SIZE = 3  # not a power of two: the folded steps of the tree algorithms run too

@@ -27,8 +27,7 @@ from fmi_async.collectives import mediated, registry
 from fmi_async.collectives.base import CollectiveContext
 from fmi_async.config import Config
 from fmi_async.errors import ArgumentError, CommTimeout
-
-from .reference import REDUCTIONS, assert_same, reference_fold, value
+from tests.reference import REDUCTIONS, assert_same, reference_fold, value
 
 Backend = tuple[str, Config]
 # The moto server answers a few hundred requests a second on a small machine:

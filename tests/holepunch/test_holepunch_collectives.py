@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fmi_async as fmi
-from tests.conftest import nat_tcp_group
+from tests.helpers import nat_tcp_group
 from tests.reference import AFFINE, assert_same, reference_fold, value
 
 SIZES = [2, 3, 5, 8]

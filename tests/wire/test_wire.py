@@ -22,8 +22,7 @@ from fmi_async.wire import (
     encode_frame,
     loads,
 )
-
-from .reference import assert_same
+from tests.reference import assert_same
 
 scalars = (
     st.none()

@@ -256,7 +256,7 @@ def test_the_documented_option_tables_match_the_code() -> None:
 
     from fmi_async.tools.options_doc import options_markdown, replace_block
 
-    doc = Path(__file__).resolve().parents[1] / "docs" / "channels.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "channels.md"
     text = doc.read_text()
     assert replace_block(text, options_markdown()) == text, (
         "docs/channels.md is stale: run python -m fmi_async.tools.options_doc --write"

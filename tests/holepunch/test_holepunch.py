@@ -25,7 +25,7 @@ from fmi_async.holepunch.punch import Membership, _punch, _relay, authenticate, 
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.natsim import NATBox
 from fmi_async.wire import dumps, encode_frame, loads
-from tests.conftest import nat_tcp_group
+from tests.helpers import nat_tcp_group
 
 SECRET = "punch-secret"
 

@@ -37,6 +37,8 @@ from fmi_async.errors import (
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.wire import dumps, loads
 
+pytestmark = pytest.mark.both_loops  # the reliability layer runs in loop callbacks
+
 SECRET = "udp-test-secret"
 MiB = 1024 * 1024
 log = logging.getLogger(__name__)

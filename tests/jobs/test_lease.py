@@ -65,7 +65,7 @@ from fmi_async.jobs.stores import DynamoDBStore, RedisStore, S3Store, record_nam
 
 SECRET = "lease-secret"
 BACKENDS = ("rendezvous", "redis", "s3", "dynamodb")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------- the protocol, sans-IO
 

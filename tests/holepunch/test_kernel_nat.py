@@ -39,7 +39,7 @@ import pytest
 pytestmark = pytest.mark.netns
 
 PREFIX = "fmihp-"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SERVER = "172.16.1.1"
 PORT = 10000
 

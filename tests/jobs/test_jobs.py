@@ -5,7 +5,7 @@ handler pattern) never compute with each other's data: a job that starts
 while another holds the name waits for it (or gets JobConflictError), two
 that start together get the right answer or an error, and a peer that
 disagrees on num_peers is found out on every peer.  The lease protocol itself
-is tested in tests/test_lease.py.
+is tested in tests/jobs/test_lease.py.
 """
 
 from __future__ import annotations

@@ -28,10 +28,9 @@ from fmi_async.selection.model import (
 )
 from fmi_async.selection.plan import OPERATIONS, Hint, plan, plans
 from fmi_async.selection.rounds import Shape, folds
+from tests.reference import REDUCTIONS, assert_same, reference_fold, value
 
-from .reference import REDUCTIONS, assert_same, reference_fold, value
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = CostModel(default_models())
 CHANNELS = [
     ("memory", "direct"),
@@ -116,7 +115,7 @@ def test_plan_is_identical_across_processes() -> None:
     here = [_plan(c) for c in grid]
     script = (
         "import json, sys\n"
-        "from tests.test_plan import _plan, Hint\n"
+        "from tests.selection.test_plan import _plan, Hint\n"
         "grid = json.load(sys.stdin)\n"
         "for c in grid:\n"
         "    c['channels'] = [tuple(x) for x in c['channels']]; c['hint'] = Hint(c['hint'])\n"

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 import fmi_async as fmi
-
-from .reference import REDUCTIONS, assert_same, reference_fold, value
+from tests.reference import REDUCTIONS, assert_same, reference_fold, value
 
 SIZES = [1, 2, 3, 4, 5, 8, 16]
 KINDS = ["scalar", "object", "array"]
@@ -25,7 +24,7 @@ OBJECTS = {
     "array": lambda r: np.linspace(0, 1, 5 + r, dtype=np.float32) + r,
 }
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.both_loops]
 
 
 async def each(comms: list[fmi.Communicator], fn: Any) -> list[Any]:

@@ -22,8 +22,8 @@ from fmi_async.holepunch import UDPHolePuncher
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.holepunch.udp import RELAY_HOST, UDP_RELAY
 from fmi_async.natsim import NATBehavior, NATBox, network_from_options
-from tests.conftest import nat_udp_group
-from tests.test_holepunch_collectives import _all, _suite
+from tests.helpers import nat_udp_group
+from tests.holepunch.test_holepunch_collectives import _all, _suite
 
 EXPECTED = {"port-restricted": "direct", "symmetric": "relayed"}
 CASES = [("port-restricted", n) for n in (2, 3, 5, 8)] + [("symmetric", n) for n in (2, 5)]

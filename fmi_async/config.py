@@ -338,7 +338,7 @@ def _job(section: Any, origin: str) -> JobConfig:
     on_conflict = section.get("on_conflict", "wait")
     if on_conflict not in ON_CONFLICT:
         raise ConfigError(
-            f"{origin}: job.on_conflict must be \"wait\" or \"error\", got {on_conflict!r}"
+            f'{origin}: job.on_conflict must be "wait" or "error", got {on_conflict!r}'
         )
     ttl = section.get("lease_ttl", 30.0)
     # not 0 < ttl <= 86400 also refuses nan, whose comparisons are all false

@@ -157,8 +157,10 @@ class RendezvousOptions(ChannelOptions):
             raise ConfigError(
                 f"backends.{section} needs the rendezvous server's host and port, e.g. "
                 f'{{"{section}": {{"enabled": true, "host": "10.0.0.5", "port": 10000}}}}; '
-                + (what or "start one with `fmi rendezvous`, or use `fmi run`, which starts "
-                   "one for you")
+                + (
+                    what
+                    or "start one with `fmi rendezvous`, or use `fmi run`, which starts one for you"
+                )
             )
         return self.host, port
 

@@ -65,6 +65,7 @@ FAAS_GB_SECOND = 0.0000166667
 # (model.compute.reduce_bandwidth_Bps).
 REDUCE_BANDWIDTH = 4.0e9
 
+
 @dataclass(frozen=True)
 class ChannelModel:
     """What one message or request on a channel costs in seconds and dollars."""

@@ -62,90 +62,9 @@ if the envelope itself changes.
 
 from __future__ import annotations
 
-from .codec import (
-    HEADER_SIZE,
-    MAGIC,
-    MAX_BODY,
-    PROTOCOL_VERSION,
-    Decoder,
-    decode_body,
-    decode_datagram,
-    encode,
-    parse_header,
-)
-from .messages import (
-    ERROR_CODES,
-    MESSAGE_TYPES,
-    NONCE_LEN,
-    Address,
-    Challenge,
-    Claim,
-    EndpointReport,
-    Error,
-    ErrorCode,
-    Hello,
-    Invite,
-    Join,
-    LeaseGrant,
-    Lookup,
-    Message,
-    Ok,
-    Outcome,
-    PeerEndpoint,
-    PeerInfo,
-    PunchResult,
-    Refresh,
-    Register,
-    RelayJoin,
-    Release,
-    Response,
-    Transport,
-    Verdict,
-)
-from .proofs import compute_proof, response_proof, sign, verify
+from . import codec, messages, proofs
+from .codec import *  # noqa: F403 - this module is the protocol's one import
+from .messages import *  # noqa: F403
+from .proofs import *  # noqa: F403
 
-__all__ = [
-    # the envelope
-    "PROTOCOL_VERSION",
-    "MAGIC",
-    "HEADER_SIZE",
-    "MAX_BODY",
-    "Decoder",
-    "encode",
-    "parse_header",
-    "decode_body",
-    "decode_datagram",
-    # the messages
-    "Address",
-    "Transport",
-    "Outcome",
-    "ErrorCode",
-    "ERROR_CODES",
-    "NONCE_LEN",
-    "MESSAGE_TYPES",
-    "Message",
-    "Register",
-    "Lookup",
-    "Hello",
-    "PeerInfo",
-    "Ok",
-    "Error",
-    "Join",
-    "EndpointReport",
-    "PeerEndpoint",
-    "Invite",
-    "PunchResult",
-    "Verdict",
-    "RelayJoin",
-    "Challenge",
-    "Response",
-    "Claim",
-    "LeaseGrant",
-    "Refresh",
-    "Release",
-    # the proofs
-    "compute_proof",
-    "sign",
-    "verify",
-    "response_proof",
-]
+__all__ = [*codec.__all__, *messages.__all__, *proofs.__all__]

@@ -148,7 +148,7 @@ class UDPChannel(DirectChannel):
         )
         self.send_buffer: int = opts.send_buffer
         self.socket_buffer: int = opts.socket_buffer
-        self.connect_timeout: float = opts.connect_timeout or 10.0
+        self.connect_timeout: float = opts.connect_seconds()
         self.lookup_timeout: float = opts.lookup_timeout or config.timeout
         self.linger: float = opts.linger or min(5.0, config.timeout)
         self.discovery: Discovery = self._discovery(host, port)

@@ -18,11 +18,40 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import fmi_async as fmi
+from fmi_async.channels.base import Channel
 from fmi_async.natsim import NATBehavior
+from fmi_async.wire import dumps, loads
 
 REPO = Path(__file__).resolve().parent.parent
 """The repository's root (docs, examples, config live there)."""
+
+
+# ---------------------------------------------------------------- values over one channel
+
+
+async def send(chan: Channel, dst: int, value: Any, tag: int = 0) -> None:
+    """``value`` to ``dst`` as a user message with ``tag``, straight on a channel."""
+    await chan.send(dst, ("u", tag), dumps(value))
+
+
+async def recv(chan: Channel, src: int, tag: int = 0, timeout: float = 5.0) -> Any:
+    """The next value ``src`` sent with ``tag`` on ``chan``."""
+    return loads(await chan.recv(src, ("u", tag), timeout))
+
+
+def same(a: Any, b: Any) -> bool:
+    """Exact structural equality: types, numpy dtypes and values, nested containers."""
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and bool(a == b)
+
 
 GroupFactory = Callable[..., AbstractAsyncContextManager[list[fmi.Communicator]]]
 

@@ -27,6 +27,7 @@ from fmi_async.channels.storage import StorageChannel
 from fmi_async.config import Config
 from fmi_async.errors import ArgumentError, ClosedError, CommTimeout
 from fmi_async.wire import dumps, loads
+from tests.helpers import same
 
 MiB = 1024 * 1024
 Backend = tuple[str, Config]
@@ -58,12 +59,6 @@ async def opened(chans: list[StorageChannel]) -> AsyncIterator[list[StorageChann
 async def group(backend: Backend, n: int, **kw: Any) -> AsyncIterator[list[StorageChannel]]:
     async with opened(make(backend, n, **kw)) as chans:
         yield chans
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
-    return type(a) is type(b) and bool(a == b)
 
 
 # ---------------------------------------------------------------- inspecting the backends

@@ -36,6 +36,7 @@ from fmi_async.holepunch.net import HostNetwork
 from fmi_async.holepunch.punch import Membership, authenticate
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.wire import dumps, encode_frame, loads
+from tests.helpers import recv, same, send
 
 LOOPBACK = "127.0.0.1"
 SECRET = "tcp-test-secret"
@@ -68,24 +69,6 @@ async def tcp_peers(
             yield chans, srv
         finally:
             await asyncio.gather(*(c.close() for c in chans))
-
-
-async def send(chan: TCPChannel, dst: int, value: Any, tag: int = 0) -> None:
-    await chan.send(dst, ("u", tag), dumps(value))
-
-
-async def recv(chan: TCPChannel, src: int, tag: int = 0, timeout: float = 5.0) -> Any:
-    return loads(await chan.recv(src, ("u", tag), timeout))
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and bool(a == b)
 
 
 VALUES: list[Any] = [

@@ -35,7 +35,7 @@ from fmi_async.errors import (
     EndOfStream,
 )
 from fmi_async.holepunch.server import RendezvousServer
-from fmi_async.wire import dumps, loads
+from tests.helpers import recv, same, send
 
 pytestmark = pytest.mark.both_loops  # the reliability layer runs in loop callbacks
 
@@ -122,24 +122,6 @@ async def udp_peers(
             yield chans, srv
         finally:
             await asyncio.gather(*(c.close() for c in chans))
-
-
-async def send(chan: UDPChannel, dst: int, value: Any, tag: int = 0) -> None:
-    await chan.send(dst, ("u", tag), dumps(value))
-
-
-async def recv(chan: UDPChannel, src: int, tag: int = 0, timeout: float = 5.0) -> Any:
-    return loads(await chan.recv(src, ("u", tag), timeout))
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and bool(a == b)
 
 
 VALUES: list[Any] = [

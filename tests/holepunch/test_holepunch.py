@@ -24,8 +24,8 @@ from fmi_async.holepunch.pairing import PairingTable
 from fmi_async.holepunch.punch import Membership, _punch, _relay, authenticate, pair_tcp
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.natsim import NATBox
-from fmi_async.wire import dumps, encode_frame, loads
-from tests.helpers import nat_tcp_group
+from fmi_async.wire import dumps, encode_frame
+from tests.helpers import nat_tcp_group, recv
 
 SECRET = "punch-secret"
 
@@ -59,10 +59,6 @@ async def channels(
 
 async def send(chan: TCPChannel, dst: int, value: Any, tag: int = 0) -> None:
     await asyncio.wait_for(chan.send(dst, ("u", tag), dumps(value)), 10.0)
-
-
-async def recv(chan: TCPChannel, src: int, tag: int = 0, timeout: float = 5.0) -> Any:
-    return loads(await chan.recv(src, ("u", tag), timeout))
 
 
 # ---------------------------------------------------------------- pairing table (no I/O)

@@ -262,8 +262,11 @@ def _typed(where: str, value: Any, kinds: tuple[type, ...]) -> Any:
         raise ConfigError(f"{where} must be a whole number, got {value!r}")
     if int in kinds or float in kinds:
         raise ConfigError(f"{where} must be a number, got {value!r}")
-    names = " or ".join("an object" if k is dict else f"a {k.__name__}" for k in kinds)
-    raise ConfigError(f"{where} must be {names.replace('a str', 'a string')}, got {value!r}")
+    names = " or ".join(_KIND_NAMES.get(k, f"a {k.__name__}") for k in kinds)
+    raise ConfigError(f"{where} must be {names}, got {value!r}")
+
+
+_KIND_NAMES: dict[type, str] = {str: "a string", dict: "an object"}
 
 
 def _bounds(where: str, value: float, meta: Mapping[str, Any]) -> None:

@@ -243,10 +243,7 @@ def spec(name: str) -> ChannelSpec:
 
     Raises :class:`~fmi_async.errors.ConfigError` listing the known channels.
     """
-    found = _CHANNELS.get(resolve(name))
-    if found is None:  # pragma: no cover - resolve() raised already
-        raise ConfigError(f"unknown channel {name!r}")
-    return found
+    return _CHANNELS[resolve(name)]
 
 
 def resolve(name: object, where: str = "config", what: str = "channel") -> str:

@@ -153,18 +153,27 @@ def upward_imports(graph: dict[str, set[str]] | None = None) -> list[str]:
     return out
 
 
+# Modules drawn in a box of their own; every other module is drawn in its
+# top-level package's (or is a top-level module).
+OWN_BOX = frozenset(
+    {
+        "channels.base",
+        "channels.mailbox",
+        "channels.options",
+        "channels.registry",
+        "channels.udp",
+        "holepunch.registry",
+        "holepunch.udp",
+        "jobs.record",
+    }
+)
+
+
 def component(module: str) -> str:
-    """The box a module is drawn in: its subpackage (``channels.udp``) or its module."""
+    """The box a module is drawn in: one of :data:`OWN_BOX`, else its top-level part."""
     parts = module.split(".")[1:] or ["fmi_async"]
-    if parts[:2] == ["jobs", "record"]:
-        return "jobs.record"
-    if parts[0] in ("channels", "holepunch") and len(parts) > 1:
-        if parts[1] in ("registry", "options", "udp", "mailbox", "base"):
-            return ".".join(parts[:2])
-        return parts[0]
-    if parts[0] in ("wire", "natsim", "tools", "collectives", "selection"):
-        return parts[0]
-    return parts[0]
+    two = ".".join(parts[:2])
+    return two if two in OWN_BOX else parts[0]
 
 
 def _reduced(edges: set[tuple[str, str]], rank: dict[str, int]) -> list[tuple[str, str]]:

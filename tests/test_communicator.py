@@ -104,7 +104,8 @@ async def test_peer_that_never_arrives_times_out_with_names(group) -> None:
             else:
                 assert isinstance(e, fmi.CommTimeout), e
         # Every error names the operation and the channel; the peer that waits
-        # on peer 2 directly (which one depends on the plan) names it.
+        # on peer 2 directly (which one depends on the plan) names it, in its
+        # CommTimeout or, when the other's announcement came first, in its AbortedError.
         messages = [str(e) for e in errors]
         assert all("allreduce" in m and "channel" in m for m in messages), messages
         assert any("peer 2" in m for m in messages), messages
@@ -117,6 +118,27 @@ async def test_peer_that_never_arrives_times_out_with_names(group) -> None:
         with pytest.raises(fmi.AbortedError, match=r"aborted by peer [01]: CommTimeout"):
             await comms[2].allreduce(1, timeout=4)
         assert time.monotonic() - start < 2
+        assert await asyncio.gather(*(c.allreduce(1) for c in comms)) == [3, 3, 3]
+
+
+@pytest.mark.parametrize("first", [0, 1])
+async def test_the_missing_peer_is_named_whichever_peer_gives_up_first(group, first) -> None:
+    # Peer ``first`` gives up well before the other, whose wait the announcement
+    # then ends: the missing peer 2 is still named by whichever of them waited on it.
+    async with group(3, timeout=5) as comms:
+        timeouts = [3.0, 3.0]
+        timeouts[first] = 0.3
+        errors = await asyncio.gather(
+            *(c.allreduce(1, timeout=t) for c, t in zip(comms, timeouts, strict=False)),
+            return_exceptions=True,
+        )
+        assert isinstance(errors[first], fmi.CommTimeout), errors
+        assert isinstance(errors[1 - first], fmi.AbortedError), errors
+        assert errors[1 - first].peer == first, errors
+        assert any("from peer 2" in str(e) for e in errors), errors
+        await asyncio.sleep(0.3)  # the announcement travels to peer 2 too
+        with pytest.raises(fmi.AbortedError, match=f"aborted by peer {first}: CommTimeout"):
+            await comms[2].allreduce(1, timeout=2)
         assert await asyncio.gather(*(c.allreduce(1) for c in comms)) == [3, 3, 3]
 
 

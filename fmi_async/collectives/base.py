@@ -40,7 +40,13 @@ from ..channels.mailbox import (
     plan_probe,
     plan_tag,
 )
-from ..errors import ArgumentError, BackendUnavailable, CommTimeout, ProtocolError
+from ..errors import (
+    AbortedError,
+    ArgumentError,
+    BackendUnavailable,
+    CommTimeout,
+    ProtocolError,
+)
 from ..wire.serialize import Payload, dumps, loads
 
 __all__ = ["CollectiveContext", "StorageOps", "Step", "ABORT_PROBE_FIRST", "ABORT_PROBE_MAX"]
@@ -173,6 +179,18 @@ class CollectiveContext:
         await self.send_payload(dst, step, self.pack(value))
 
     async def recv_payload(self, src: int, step: Step) -> Payload:
+        try:
+            return await self._recv_payload(src, step)
+        except AbortedError as exc:
+            # Another peer gave up while this one waited: say on whom this one
+            # waited, which may be the peer that is really missing.
+            raise AbortedError(
+                f"{exc} (peer {self.rank} was waiting for a message from peer {src}, step {step})",
+                peer=exc.peer,
+                cause=exc.cause,
+            ) from None
+
+    async def _recv_payload(self, src: int, step: Step) -> Payload:
         key = self.key(step)
         if self.direct:
             remaining = self.remaining()

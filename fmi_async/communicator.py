@@ -19,6 +19,7 @@ from .channels.mailbox import Mailbox, ReceiveGuard, abort_payload
 from .channels.memory import MemoryHub
 from .collectives import registry as algorithms
 from .collectives.base import CollectiveContext
+from .collectives.native import wait_for_step
 from .config import Config, check_timeout
 from .errors import (
     AbortedError,
@@ -87,6 +88,7 @@ class Communicator(CommunicatorCalls):
         self.timeout = self.config.timeout
         self._hint = hint
         self._hub = hub
+        self._mpi_comm: Any = None
         self._mailbox = Mailbox(peer_id)
         self._guard = ReceiveGuard()
         self._background: set[asyncio.Task[None]] = set()
@@ -94,6 +96,7 @@ class Communicator(CommunicatorCalls):
         self._lease: JobLease | None = None
         self.epoch: str | None = None  # the job lease's epoch, once open
         self._channels: dict[str, Channel] = {}
+        self._gates: dict[int, asyncio.Future[Any]] = {}
         self._p2p: Channel | None = None
         self._seq = 0
         self._state = "new"
@@ -102,6 +105,45 @@ class Communicator(CommunicatorCalls):
         self._predicted_usd = 0.0
         self._models = load_cost_model(self.config.model, faas_memory)
         self._opened_at: float | None = None
+
+    @classmethod
+    def from_mpi(
+        cls,
+        mpi_comm: Any = None,
+        *,
+        config: Config | dict[str, Any] | str | os.PathLike[str] | None = None,
+        comm_name: str = "FMI_WORLD",
+        hint: Hint = Hint.FAST,
+        run_id: str | None = None,
+        timeout: float | None = None,
+        faas_memory: int = 2048,
+    ) -> Communicator:
+        """A communicator on the ranks of an mpi4py communicator (``COMM_WORLD`` when None).
+
+        Peer id and size are the rank and size of ``mpi_comm`` (a
+        sub-communicator works too); the config's ``MPI`` backend is enabled
+        if it is not there.  Opening it is collective over ``mpi_comm``.
+        Raises :class:`~fmi_async.errors.ConfigError` when mpi4py is missing.
+        """
+        from .channels.mpi import import_mpi
+
+        mpi = import_mpi()
+        comm = mpi.COMM_WORLD if mpi_comm is None else mpi_comm
+        loaded = Config.load(config)
+        if "mpi" not in loaded.backends:
+            loaded = loaded.with_backend("mpi")
+        self = cls(
+            comm.Get_rank(),
+            comm.Get_size(),
+            loaded,
+            comm_name,
+            faas_memory,
+            hint,
+            run_id=run_id,
+            timeout=timeout,
+        )
+        self._mpi_comm = comm
+        return self
 
     # ---------------------------------------------------------------- life cycle
 
@@ -148,6 +190,7 @@ class Communicator(CommunicatorCalls):
                     self.config,
                     self._mailbox,
                     hub=self._hub,
+                    mpi_comm=self._mpi_comm,
                 )
                 chan = cls(ctx)
                 self._channels[name] = chan
@@ -393,6 +436,11 @@ class Communicator(CommunicatorCalls):
                 guard=self._guard,
             )
             self._mailbox.begin(seq, ctx.tag, ctx.plan)
+            native = chosen.family == "mpi"
+            for chan in self._channels.values():
+                gate = chan.collective_started(seq, ctx.plan, native=native)
+                if gate is not None and not native:
+                    self._gates[seq] = gate
         except BaseException as exc:
             self._abandon(seq, op, exc)
             raise
@@ -425,6 +473,9 @@ class Communicator(CommunicatorCalls):
         """This peer leaves collective ``seq`` with ``exc``: evict its messages and,
         unless another peer's abort is the cause, tell every other peer why."""
         self._mailbox.finish(seq, failed=True)
+        self._gates.pop(seq, None)
+        for chan in self._channels.values():
+            chan.collective_abandoned(seq)
         if isinstance(exc, AbortedError) or self.num_peers == 1:
             return
         logger.debug(
@@ -470,4 +521,7 @@ class Communicator(CommunicatorCalls):
         :data:`~fmi_async.collectives.registry.COLLECTIVES` declares them.
         """
         entry = algorithms.get(chosen.family, chosen.op, chosen.algorithm)
+        gate = self._gates.pop(ctx.seq, None)
+        if gate is not None:  # a channel that sees every collective says go
+            await wait_for_step(ctx, gate)
         return await entry.fn(ctx, *args)

@@ -35,6 +35,7 @@ Errors every channel operation may raise (all :class:`~fmi_async.errors.FMIError
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -108,6 +109,9 @@ class ChannelContext:
     every name or pairing a channel makes carries it, so two jobs never mix.
     ``hub`` is the in-process meeting point of peers that share one process
     (:func:`fmi_async.local_peers`); only the memory channel uses it.
+    ``mpi_comm`` is the mpi4py communicator of a job launched by MPI
+    (:meth:`fmi_async.Communicator.from_mpi`; ``COMM_WORLD`` when None); only
+    the MPI channel uses it.
     """
 
     peer_id: int
@@ -117,6 +121,7 @@ class ChannelContext:
     config: Config
     mailbox: Mailbox
     hub: MemoryHub | None = None
+    mpi_comm: Any = None
 
 
 class Channel(abc.ABC):
@@ -200,6 +205,21 @@ class Channel(abc.ABC):
         (storage) leaves them alone from now on: their readers deleted them,
         and deleting one a slower reader is about to consume would lose it.
         """
+
+    def collective_started(
+        self, seq: int, plan: str, *, native: bool
+    ) -> asyncio.Future[Any] | None:
+        """Collective ``seq`` of the communicator starts under ``plan`` (on any channel).
+
+        A channel that must see every collective (MPI posts its collectives in
+        one order on every rank) returns what the collective waits for before
+        it runs; ``native``: the plan runs this channel's own collective.
+        Most channels return None.
+        """
+        return None
+
+    def collective_abandoned(self, seq: int) -> None:  # noqa: B027 - a hook most need not override
+        """This peer gave up collective ``seq`` (maybe before :meth:`collective_started`)."""
 
     @abc.abstractmethod
     async def send(self, dst: int, key: Key, payload: Payload) -> None:

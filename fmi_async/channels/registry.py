@@ -76,6 +76,16 @@ class ChannelSpec:
     # Whether it authenticates peers with ``security.secret`` itself (storage
     # channels rely on their backend's credentials, memory peers share a process).
     uses_secret: bool = False
+    # The algorithm families it runs (collectives/registry.py), in tie-break
+    # order; empty: "direct", and "mediated" too on a storage channel.
+    families: tuple[str, ...] = ()
+
+    @property
+    def algorithm_families(self) -> tuple[str, ...]:
+        """The algorithm families the planner offers on this channel."""
+        if self.families:
+            return self.families
+        return ("direct", "mediated") if self.kind == "mediated" else ("direct",)
 
     def load(self) -> type[Channel]:
         """The implementing class, imported now.
@@ -117,6 +127,26 @@ _CHANNELS: dict[str, ChannelSpec] = {
                 "aggregate_bandwidth": 4e9,
                 "concurrency": 1.0,
                 "source": "loopback measurement, 2-core VM",
+            },
+        ),
+        # MPI between the ranks of an mpiexec/srun job: MPICH over shared memory
+        # measured 5 us for an 8-byte allreduce between two processes here; the
+        # Python path adds tens of microseconds per message.  No infrastructure
+        # of its own (the cluster's nodes are paid as compute).
+        ChannelSpec(
+            "mpi",
+            "fmi_async.channels.mpi.channel",
+            "MPIChannel",
+            "direct",
+            "MPI",
+            extra="mpi",
+            deployable=False,  # only under an MPI launcher
+            families=("mpi", "direct"),
+            model={
+                "overhead": 30e-6,
+                "bandwidth": 4e9,
+                "aggregate_bandwidth": 8e9,
+                "source": "mpich wheel, shared memory, 2-core VM (benchmarks/mpi.py)",
             },
         ),
         # FMI's direct channel (TCPunch) measured on AWS Lambda: 0.34 ms per

@@ -61,8 +61,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["direct", "mediated"]
-FAMILIES: Final[tuple[Family, ...]] = ("direct", "mediated")
+Family = Literal["direct", "mediated", "mpi"]
+FAMILIES: Final[tuple[Family, ...]] = ("direct", "mediated", "mpi")
 
 COLLECTIVES: Final[dict[str, tuple[str, ...]]] = {
     "bcast": ("value", "root"),

@@ -114,8 +114,13 @@ def plans(
     order = {name: i for i, name in enumerate(channel_registry.names())}
     out: list[Plan] = []
     for name, kind in sorted(channels, key=lambda c: (order.get(c[0], 99), c[0])):
-        # Direct algorithms run on every channel, storage-native ones on storage.
-        families = registry.FAMILIES if kind == "mediated" else ("direct",)
+        # Direct algorithms run on every channel, storage-native ones on storage,
+        # MPI's own on the MPI channel (the registry says which).
+        known = channel_registry.canonical(name)
+        if known is not None:
+            families = channel_registry.spec(known).algorithm_families
+        else:
+            families = registry.FAMILIES if kind == "mediated" else ("direct",)
         for family in families:
             for entry in registry.algorithms(family, op):
                 if entry.allows(shape):

@@ -38,6 +38,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+from ..collectives import registry as algorithms
 from ..collectives.registry import Algorithm
 from ..errors import ArgumentError
 from ..ops import Op
@@ -185,6 +186,18 @@ def direct_rounds(cost: str, s: Shape, a: float, b: float) -> tuple[float, float
     if s.peers == 1:
         return 0.0, 0.0, 0.0
     return DIRECT_COSTS[cost](s, a, b)
+
+
+def native_rounds(s: Shape, a: float, b: float) -> tuple[float, float, float]:
+    """(seconds, messages, bytes) of an MPI library's own collective.
+
+    MPI chooses its algorithm by size and group itself; it is estimated as
+    the best of the library's round structures for the call (the fastest
+    direct algorithm that could run it).
+    """
+    entries = algorithms.algorithms("direct", s.op)
+    usable = [entry for entry in entries if entry.allows(s)] or list(entries)
+    return min(direct_rounds(entry.cost, s, a, b) for entry in usable)
 
 
 def folds(family: str, cost: str, s: Shape) -> tuple[float, float]:
@@ -365,11 +378,14 @@ def estimate(
     """
     m = models.channel(name)
     family = entry.family
-    if family == "direct":
+    if family in ("direct", "mpi"):
         # Over storage, a point-to-point message is a put and a get.
         scale = 2.0 if kind == "mediated" else 1.0
         a, b = scale * m.overhead, scale / m.bandwidth
-        secs, count, moved = direct_rounds(entry.cost, s, a, b)
+        if family == "mpi":
+            secs, count, moved = native_rounds(s, a, b)
+        else:
+            secs, count, moved = direct_rounds(entry.cost, s, a, b)
         work = count * a + moved * b
         req: dict[str, float] = {}
         if kind == "mediated":
@@ -382,7 +398,8 @@ def estimate(
         calls = sum(v for k, v in req.items() if not k.endswith("_units"))
         work = calls * m.overhead + moved / m.bandwidth
     gamma = 1.0 / models.reduce_bandwidth
-    path_folds, all_folds = folds(family, entry.cost, s)
+    # MPI folds built-in operators in C, at memory speed: not charged.
+    path_folds, all_folds = (0.0, 0.0) if family == "mpi" else folds(family, entry.cost, s)
     secs += path_folds * gamma
     work += all_folds * gamma
     # However short the critical path, the group cannot do more than

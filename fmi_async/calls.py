@@ -129,6 +129,8 @@ class CommunicatorCalls:
 
     def _serializable(self, value: Any) -> None:
         """Raise SerializationError now, before any message of the collective is sent."""
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            return  # its raw buffer always travels
         dumps(value, self.config.serializer)
 
     def _reduction(

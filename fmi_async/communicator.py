@@ -39,6 +39,9 @@ __all__ = ["Communicator"]
 
 logger = logging.getLogger(__name__)
 
+PLAN_CACHE = 512
+"""Plans a communicator remembers (the oldest is forgotten first)."""
+
 ANNOUNCE_TIMEOUT = 10.0
 """Longest time spent telling the other peers that a collective was abandoned."""
 
@@ -97,6 +100,7 @@ class Communicator(CommunicatorCalls):
         self.epoch: str | None = None  # the job lease's epoch, once open
         self._channels: dict[str, Channel] = {}
         self._gates: dict[int, asyncio.Future[Any]] = {}
+        self._plans: dict[tuple[Any, ...], Plan] = {}
         self._p2p: Channel | None = None
         self._seq = 0
         self._state = "new"
@@ -408,21 +412,7 @@ class Communicator(CommunicatorCalls):
         try:
             deadline = self._deadline(timeout)
             call = prepare()
-            chosen = plan(
-                op,
-                nbytes=call.nbytes,
-                num_peers=self.num_peers,
-                channels=[(name, chan.kind) for name, chan in self._channels.items()],
-                models=self._models,
-                operator=call.operator,
-                is_array=call.is_array,
-                elements=call.elements,
-                root=call.root,
-                signature=call.signature,
-                hint=self._hint,
-                channel=call.channel,
-                algorithm=call.algorithm,
-            )
+            chosen = self._plan(op, call)
             ctx = CollectiveContext(
                 rank=self.peer_id,
                 size=self.num_peers,
@@ -457,6 +447,47 @@ class Communicator(CommunicatorCalls):
             chosen.usd,
         )
         return ctx, chosen, call.args
+
+    def _plan(self, op: str, call: Call) -> Plan:
+        """plan() for this call, remembered: it is a pure function of the call's
+        traits, and a loop of small collectives would otherwise pay it every time."""
+        key = (
+            op,
+            call.nbytes,
+            call.operator,
+            call.is_array,
+            call.elements,
+            call.root,
+            call.signature,
+            self._hint,
+            call.channel,
+            call.algorithm,
+        )
+        try:
+            chosen = self._plans.get(key)
+        except TypeError:  # an operator whose function cannot be hashed
+            key, chosen = (), None
+        if chosen is None:
+            chosen = plan(
+                op,
+                nbytes=call.nbytes,
+                num_peers=self.num_peers,
+                channels=[(name, chan.kind) for name, chan in self._channels.items()],
+                models=self._models,
+                operator=call.operator,
+                is_array=call.is_array,
+                elements=call.elements,
+                root=call.root,
+                signature=call.signature,
+                hint=self._hint,
+                channel=call.channel,
+                algorithm=call.algorithm,
+            )
+            if key:
+                if len(self._plans) >= PLAN_CACHE:
+                    del self._plans[next(iter(self._plans))]
+                self._plans[key] = chosen
+        return chosen
 
     async def _collective(self, op: str, timeout: float | None, prepare: Callable[[], Call]) -> Any:
         """Check, plan, run and settle one collective (see :meth:`_start`)."""

@@ -129,7 +129,7 @@ def test_plan_offers_exactly_the_registered_algorithms() -> None:
                 op,
                 nbytes=1 << 20,
                 num_peers=4,
-                channels=[("memory", "direct"), ("redis", "mediated")],
+                channels=[("memory", "direct"), ("mpi", "direct"), ("redis", "mediated")],
                 models=MODELS,
                 operator=operator,
                 is_array=is_array,
@@ -142,6 +142,8 @@ def test_plan_offers_exactly_the_registered_algorithms() -> None:
 
 def test_every_cost_tag_has_a_formula() -> None:
     for entry in ENTRIES:
+        if entry.family == "mpi":  # estimated as the best direct shape: rounds.native_rounds
+            continue
         assert entry.cost in rounds.DIRECT_COSTS or entry.family == "mediated", entry
         if entry.family == "mediated":
             assert entry.cost in rounds.MEDIATED_COSTS, entry
@@ -219,3 +221,35 @@ def test_the_collectives_import_nothing_above_them() -> None:
             for name in names:
                 parts = name.split(".")
                 assert not any(p in above for p in parts), (path.name, name)
+
+
+def test_the_mpi_channel_runs_mpis_own_collectives_where_they_apply() -> None:
+    """On the mpi channel the planner picks the mpi family for arrays with built-in
+    operators and for moving values, and the library's own algorithms for user
+    operators; other channels are never offered the mpi family."""
+    channels = [("mpi", "direct"), ("tcp", "direct")]
+    for op in registry.COLLECTIVES:
+        native = {a.name for a in registry.algorithms("mpi", op)}
+        for operator, is_array in itertools.product([None, fmi.SUM, ARR_MINUS], (False, True)):
+            chosen = planmod.plan(
+                op,
+                nbytes=1 << 10,
+                num_peers=4,
+                channels=channels,
+                models=MODELS,
+                operator=operator,
+                is_array=is_array,
+                elements=1 << 7,
+            )
+            assert chosen.channel == "mpi", (op, chosen)
+            entry = registry.get("mpi", op, "native") if native else None
+            if entry is not None and entry.allows(
+                planmod.Shape(op, 1024.0, 4, 0, operator, is_array, 1 << 7)
+            ):
+                assert chosen.family == "mpi", (op, operator, is_array, chosen)
+            else:
+                assert chosen.family == "direct", (op, operator, is_array, chosen)
+        for p in planmod.plans(
+            op, nbytes=8, num_peers=4, channels=[("tcp", "direct")], models=MODELS
+        ):
+            assert p.family != "mpi"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -153,6 +154,10 @@ class LoopProgress(Progress):
             else:
                 delay = self._backoff(idle_since, delay)
             if delay == 0.0:
+                if not busy:
+                    # Nothing moved: let the other processes of the node run
+                    # (ranks often outnumber cores), then the loop's other tasks.
+                    os.sched_yield()
                 await asyncio.sleep(0)
                 continue
             self._wake = self.loop.create_future()
@@ -229,7 +234,7 @@ class ThreadProgress(Progress):
                     self._event.clear()
                     idle_since, delay = time.perf_counter(), 0.0
             else:
-                time.sleep(0)  # let the loop thread take the GIL
+                os.sched_yield()  # other ranks of the node, and the loop thread's GIL
 
     async def close(self) -> None:
         await super().close()

@@ -451,7 +451,7 @@ class Communicator(CommunicatorCalls):
     def _plan(self, op: str, call: Call) -> Plan:
         """plan() for this call, remembered: it is a pure function of the call's
         traits, and a loop of small collectives would otherwise pay it every time."""
-        key = (
+        key: tuple[Any, ...] = (
             op,
             call.nbytes,
             call.operator,

@@ -240,7 +240,7 @@ def _split(data: np.ndarray, counts: list[int]) -> list[Any]:
     return out
 
 
-def _BYTE(ctx: CollectiveContext) -> Any:  # noqa: N802 - MPI's own spelling
+def _BYTE(ctx: CollectiveContext) -> Any:
     return ctx.channel.MPI.BYTE  # type: ignore[attr-defined]
 
 

@@ -298,6 +298,18 @@ async def calibrate_channel(
     kind = registry.spec(name).kind
     sizes = sorted(sizes or _default_sizes(name))
     bar = progress or progress_bar(len(sizes) + 1, f"calibrate {name}", enabled=False)
+    if name == "mpi":  # ranks are processes of their own: every rank runs this
+        from .calibrate_mpi import calibrate_mpi
+
+        try:
+            async with asyncio.timeout(60.0 + 20.0 * budget):
+                mine = await calibrate_mpi(config, sizes, reps=reps, budget=budget, bar=bar)
+        except TimeoutError:
+            raise CommTimeout(f"calibrating mpi took more than {60 + 20 * budget:.0f}s") from None
+        finally:
+            if progress is None:
+                bar.close()
+        return mine if mine is not None else ChannelCalibration(name, kind, peers)
     result = ChannelCalibration(name, kind, peers)
     began = time.perf_counter()
     # Every wait inside is bounded by the communicators' timeout; this bounds the whole.
@@ -366,7 +378,12 @@ async def calibrate(
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fmi calibrate``."""
-    parser.add_argument("--config", type=Path, help="JSON config (backends to measure)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="JSON config (backends to measure); the mpi channel is measured between the "
+        "ranks of `mpiexec -n P fmi calibrate --channels mpi`",
+    )
     parser.add_argument(
         "--channels",
         help="comma-separated channels (default: the config's enabled backends that can be "
@@ -397,6 +414,12 @@ def _chosen_channels(config: Config, text: str | None) -> list[str]:
     if bad:
         raise ArgumentError(f"cannot calibrate {bad} here; measurable: {', '.join(measurable())}")
     return list(dict.fromkeys(names))
+
+
+def _mpi_rank_zero() -> bool:
+    from mpi4py import MPI
+
+    return bool(MPI.COMM_WORLD.Get_rank() == 0)
 
 
 def describe(results: Sequence[ChannelCalibration]) -> str:
@@ -459,8 +482,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
         )
     )
+    if "mpi" in channels and not _mpi_rank_zero():
+        return 0  # rank 0 of the mpiexec job reports and writes
     reduce_bandwidth = measure_reduce_bandwidth()
-    print(f"fitted t(n) = overhead + n / bandwidth, {args.peers} peers in one process:")
+    where = "the ranks of the mpiexec job" if "mpi" in channels else "in one process"
+    print(f"fitted t(n) = overhead + n / bandwidth, {args.peers} peers {where}:")
     print(describe(results))
     print(f"\nfolding (numpy SUM, float64, 8 MiB, new result): {fmt_rate(reduce_bandwidth)}")
     if args.write:

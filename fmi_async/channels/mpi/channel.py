@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from ...errors import ArgumentError, BrokenChannelError, ConfigError, ProtocolError
 from ...wire import Key, Payload
@@ -239,10 +240,11 @@ class MPIChannel(DirectChannel):
             payload = Payload(header, tuple(parts), serializer)
             progress.on_loop(self._arrived, src, key, payload)
             return
-        buffers = [bytearray(n) for n in parts]
+        # np.empty: no zero-filling of memory MPI overwrites at once.
+        buffers = [np.empty(n, dtype=np.uint8) for n in parts]
         requests = []
         for buf in buffers:
-            view = memoryview(buf)
+            view = buf.data
             for at in range(0, len(buf), PIECE):
                 requests.append(self.comm.Irecv(view[at : at + PIECE], src, BODY))
         if not requests:

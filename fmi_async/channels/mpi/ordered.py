@@ -111,10 +111,20 @@ class Ordered:
         return step.future
 
     def skip(self, seq: int, rank: int) -> None:
-        """This peer gave up collective ``seq`` before it was queued: post its part of
-        the check all the same, saying so, so that the other peers learn it at once."""
-        if self.check and seq > self._last:
+        """This peer gave up collective ``seq`` before running it: post its part of the
+        check all the same, saying so, so that the other peers learn it at once.
+
+        Nothing to do once the step started (its check is posted already).
+        """
+        if not self.check:
+            return
+        if seq > self._last:
             self._enqueue(Step(seq, "", native=False, failed=True))
+            return
+        step = self._steps.get(seq)
+        if step is not None and not step.started and step.gen is None:
+            step.failed = True  # a native collective that failed before it was attached
+            self._advance()
 
     def attach(self, seq: int, gen: Native) -> asyncio.Future[Any]:
         """The native collective of step ``seq`` (queued by :meth:`gate`); its future.
@@ -152,8 +162,10 @@ class Ordered:
     def _advance(self) -> None:
         while self._running is None and self._queue and not self._closed:
             step = self._queue[0]
-            if step.native and step.gen is None and not self.check:
-                return  # attach() comes before the caller's first await
+            if step.native and step.gen is None and not step.failed:
+                # attach() comes before the caller's first await, or skip() when
+                # the native collective failed on this peer before it could
+                return
             self._queue.popleft()
             self._running = step
             try:
@@ -163,6 +175,7 @@ class Ordered:
 
     def _start(self, step: Step) -> None:
         channel = self.channel
+        step.started = True
         if not self.check:
             self._run_native(step)
             return
@@ -230,7 +243,6 @@ class Ordered:
         except Exception as exc:
             self._fail(step, _broken(step, exc))
             return
-        step.started = True
         left = [len(requests)]
         if not requests:
             self._run_native(step)

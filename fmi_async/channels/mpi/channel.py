@@ -255,7 +255,7 @@ class MPIChannel(DirectChannel):
         def one() -> None:
             left[0] -= 1
             if left[0] == 0:
-                self._arrived(src, key, Payload(header, tuple(buffers), serializer))
+                self._arrived(src, key, Payload(header, tuple(b.data for b in buffers), serializer))
 
         for request in requests:
             progress.watch(request, one, buffers)

@@ -33,7 +33,8 @@ import asyncio
 import collections
 import hashlib
 import logging
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,11 @@ logger = logging.getLogger(__name__)
 
 Native = Generator[list[Any], None, Any]
 """A native collective: yields lists of MPI requests to wait for, returns the result."""
+
+POST_SPIN = 30e-6
+"""Seconds of busy testing right after posting, before handing requests to progress."""
+
+_VOTES = 256  # check vectors kept, by plan
 
 _NONE = np.iinfo(np.int64).min + 1  # neutral for MAX, and its negation fits
 _NOBODY = -(1 << 40)  # "no peer gave up", below every -rank
@@ -91,6 +97,7 @@ class Ordered:
         self._queue: collections.deque[Step] = collections.deque()
         self._steps: dict[int, Step] = {}
         self._running: Step | None = None
+        self._votes: dict[str, np.ndarray] = {}
         self._last = 0  # the highest seq queued (seqs are queued in increasing order)
         self._closed = False
 
@@ -179,22 +186,50 @@ class Ordered:
         if not self.check:
             self._run_native(step)
             return
-        mine = np.empty(3, dtype=np.int64)
+        mine: np.ndarray | None
         if step.failed:
-            mine[:] = (_NONE, _NONE, -channel.peer_id)
+            mine = np.array([_NONE, _NONE, -channel.peer_id], dtype=np.int64)
         else:
-            h = plan_hash(step.plan)
-            mine[:] = (h, -h, _NOBODY)
+            mine = self._votes.get(step.plan)
+            if mine is None:  # plans repeat: their votes are kept (read-only)
+                h = plan_hash(step.plan)
+                mine = np.array([h, -h, _NOBODY], dtype=np.int64)
+                mine.flags.writeable = False
+                if len(self._votes) >= _VOTES:
+                    del self._votes[next(iter(self._votes))]
+                self._votes[step.plan] = mine
         verdict = np.empty(3, dtype=np.int64)
         request = channel.comm.Iallreduce(mine, verdict, channel.MPI.MAX)
-        assert channel.progress is not None
-        channel.progress.watch(request, lambda: self._checked(step, verdict), (mine, verdict))
+        self._after([request], (mine, verdict), lambda: self._checked(step, verdict))
+
+    def _after(self, requests: list[Any], keep: Any, then: Callable[[], None]) -> None:
+        """``then()`` once every request completed: at once when they complete within
+        POST_SPIN seconds of busy testing (a small collective whose peers are there
+        too: no trip through the event loop), else when the progress engine sees it."""
+        test = self.channel.MPI.Request.Testall
+        until = time.perf_counter() + POST_SPIN
+        while not test(requests):
+            if time.perf_counter() >= until:
+                break
+        else:
+            then()
+            return
+        left = [len(requests)]
+
+        def one() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                then()
+
+        assert self.channel.progress is not None
+        for request in requests:
+            self.channel.progress.watch(request, one, keep)
 
     def _checked(self, step: Step, verdict: np.ndarray) -> None:
         if step.failed:
             self._done(step)
             return
-        high, low, quitter = (int(x) for x in verdict)
+        high, low, quitter = verdict.tolist()
         error: BaseException | None = None
         if quitter != _NOBODY:
             error = self._aborted(step, -quitter)
@@ -243,19 +278,10 @@ class Ordered:
         except Exception as exc:
             self._fail(step, _broken(step, exc))
             return
-        left = [len(requests)]
         if not requests:
             self._run_native(step)
             return
-        assert self.channel.progress is not None
-
-        def one() -> None:
-            left[0] -= 1
-            if left[0] == 0:
-                self._run_native(step)
-
-        for request in requests:
-            self.channel.progress.watch(request, one)
+        self._after(requests, None, lambda: self._run_native(step))
 
     def _fail(self, step: Step, error: BaseException) -> None:
         if not step.future.done():

@@ -220,7 +220,14 @@ class MPIChannel(DirectChannel):
             return False
         took = False
         for _ in range(PROBES_PER_POLL):
-            message = comm.Improbe(self.MPI.ANY_SOURCE, HEAD, status)
+            try:
+                message = comm.Improbe(self.MPI.ANY_SOURCE, HEAD, status)
+            except self.MPI.Exception as exc:
+                # MPI itself failed: every receive fails now rather than at its deadline.
+                self.comm = None
+                error = BrokenChannelError(f"MPI failed on peer {self.peer_id}: {exc}")
+                progress.on_loop(self.mailbox.fail, error)
+                return False
             if message is None:
                 break
             took = True

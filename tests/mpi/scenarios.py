@@ -23,7 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fmi_async as fmi
-from tests.mpi.suite import Checks
+from tests.mpi import Checks
 from tests.reference import CONCAT, REDUCTIONS, reference_fold, value
 
 TIMEOUT = 20.0

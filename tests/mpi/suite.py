@@ -28,7 +28,8 @@ import numpy as np
 from mpi4py import MPI
 
 import fmi_async as fmi
-from tests.reference import REDUCTIONS, assert_same, reference_fold, value
+from tests.mpi import Checks
+from tests.reference import REDUCTIONS, reference_fold, value
 
 TIMEOUT = 20.0
 """Every collective's deadline (the communicator's timeout)."""
@@ -85,42 +86,6 @@ DTYPES: list[tuple[str, fmi.Op, Callable[[int, int], np.ndarray]]] = [
     # float16: MPI has no such type, so the library's own algorithms run it.
     ("float16-sum", fmi.SUM, lambda r, n: (np.arange(n) + r).astype(np.float16)),
 ]
-
-
-class Checks:
-    """One rank's tally: results checked, failures (strings naming the rank)."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-        self.checked = 0
-        self.failures: list[str] = []
-        self.seconds: dict[str, float] = {}
-
-    def fail(self, what: str) -> None:
-        self.failures.append(f"rank {self.rank}: {what}")
-
-    def same(self, got: Any, want: Any, where: str) -> None:
-        try:
-            assert_same(got, want, where)
-        except AssertionError as exc:
-            self.fail(str(exc)[:500])
-        else:
-            self.checked += 1
-
-    def true(self, ok: bool, where: str) -> None:
-        if ok:
-            self.checked += 1
-        else:
-            self.fail(where)
-
-    async def expect(self, call: Awaitable[Any], want: Any, where: str) -> None:
-        """Await one collective and check its result; an error is a failure too."""
-        try:
-            got = await call
-        except Exception as exc:
-            self.fail(f"{where}: {type(exc).__name__}: {exc}"[:500])
-        else:
-            self.same(got, want, where)
 
 
 # ---------------------------------------------------------------- the sections

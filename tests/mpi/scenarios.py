@@ -168,6 +168,44 @@ async def late_peer(ck: Checks, seen: Seen, progress: str) -> None:
             await after(c, ck, f"after a late peer ({where})")
 
 
+async def cancelled(ck: Checks, seen: Seen, progress: str) -> None:
+    """Peer 0 cancels its collective as soon as it started: it sees CancelledError, the
+    others the result (a native collective runs to its end) or AbortedError naming
+    peer 0; the next collective is right on every peer."""
+    async with communicator(progress) as c:
+        ordered = fmi.Op(lambda a, b: a + b, commutative=False, name="concat")
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "array": lambda: c.allreduce(np.arange(4) + c.rank),
+            "object": lambda: c.allreduce([c.rank], op=ordered),
+            "bcast": lambda: c.bcast("x" if c.rank == 0 else None, root=0),
+        }
+        wants = {
+            "array": reference_fold(fmi.SUM, [np.arange(4) + r for r in range(c.size)]),
+            "object": list(range(c.size)),
+            "bcast": "x",
+        }
+        for what, call in calls.items():
+            task = asyncio.ensure_future(call())
+            if c.rank == 0:
+                await asyncio.sleep(0)
+                task.cancel()
+            await asyncio.wait([task])
+            got: Any = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            if got is None:
+                got = task.result()
+            seen[what] = describe(got) if isinstance(got, BaseException) else "result"
+            if c.rank == 0:
+                ck.true(task.cancelled(), f"{what}: peer 0 got {got!r}")
+            elif isinstance(got, BaseException):
+                ck.true(
+                    isinstance(got, fmi.AbortedError) and got.peer == 0,
+                    f"{what}: expected the result or AbortedError naming peer 0, got {got!r}",
+                )
+            else:
+                ck.same(got, wants[what], f"{what}: the result")
+            await after(c, ck, f"after a cancelled {what}")
+
+
 async def point_to_point(ck: Checks, seen: Seen, progress: str) -> None:
     """Tag matching, send to self, large arrays and objects, receive timeouts and
     cancelled receives, in a ring (each rank sends to the next)."""
@@ -313,6 +351,7 @@ CASES: dict[str, Callable[[Checks, Seen, str], Awaitable[None]]] = {
     "root_mismatch": root_mismatch,
     "shape_mismatch": shape_mismatch,
     "late_peer": late_peer,
+    "cancelled": cancelled,
     "point_to_point": point_to_point,
     "split": split,
 }

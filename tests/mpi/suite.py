@@ -1,6 +1,7 @@
 """The collective suite on the MPI channel, run by ``mpiexec`` from the repository's root:
 
     mpiexec -n P python -m tests.mpi.suite [--progress poll|thread] [--check on|off]
+                                           [--loop asyncio|uvloop] [--only SECTION,...]
 
 Every rank runs every collective (bcast, gather, scatter, allgather, alltoall,
 reduce, allreduce, reduce_scatter, scan, exscan, barrier), every root of the
@@ -455,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--progress", choices=("poll", "thread"), default="poll")
     parser.add_argument("--check", choices=("on", "off"), default="on")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds per section")
     known = {s.__name__: s for s in [*SECTIONS, *MORE]}
     parser.add_argument(
@@ -467,9 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     if not set(names) <= set(known):
         parser.error(f"unknown sections {sorted(set(names) - set(known))}")
     start = time.perf_counter()
-    ck = asyncio.run(
-        suite(args.progress, args.check == "on", args.deadline, [known[n] for n in names])
-    )
+    run = suite(args.progress, args.check == "on", args.deadline, [known[n] for n in names])
+    if args.loop == "uvloop":
+        import uvloop
+
+        ck = uvloop.run(run)
+    else:
+        ck = asyncio.run(run)
     seconds = round(time.perf_counter() - start, 2)
     ok = report(
         MPI.COMM_WORLD,
@@ -477,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         ck.failures,
         progress=args.progress,
         check=args.check,
+        loop=args.loop,
         seconds=seconds,
         sections=ck.seconds,
     )

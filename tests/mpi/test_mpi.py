@@ -106,6 +106,12 @@ def test_collective_suite_without_check() -> None:
     assert (result["progress"], result["check"]) == ("poll", "off")
 
 
+def test_collective_suite_on_uvloop() -> None:
+    pytest.importorskip("uvloop")
+    result = run_suite(3, "--loop", "uvloop", "--progress", "thread")
+    assert (result["loop"], result["progress"]) == ("uvloop", "thread")
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="fmi_async/collectives/native.py _contiguous() (np.ascontiguousarray) turns a "
@@ -193,6 +199,17 @@ def expect_late_peer(verdicts: list[Verdict]) -> None:
         ), (where, seen)
 
 
+def expect_cancelled(verdicts: list[Verdict]) -> None:
+    """Peer 0 cancelled; the others got the result or AbortedError naming peer 0."""
+    for v in verdicts:
+        assert sorted(v["seen"]) == ["array", "bcast", "object"], v
+        for seen in v["seen"].values():
+            if v["rank"] == 0:
+                assert seen["type"] == "CancelledError", v
+            else:
+                assert seen == "result" or (seen["type"], seen["peer"]) == ("AbortedError", 0), v
+
+
 def expect_point_to_point(verdicts: list[Verdict]) -> None:
     """Tags, self, 20 MiB, objects, cancellation (in the script); timeouts name the peer."""
     for v in verdicts:
@@ -215,6 +232,7 @@ EXPECT: dict[str, Callable[[list[Verdict]], None]] = {
     "root_mismatch": expect_root_mismatch,
     "shape_mismatch": expect_shape_mismatch,
     "late_peer": expect_late_peer,
+    "cancelled": expect_cancelled,
     "point_to_point": expect_point_to_point,
     "split": expect_split,
 }

@@ -169,15 +169,17 @@ async def late_peer(ck: Checks, seen: Seen, progress: str) -> None:
 
 
 async def cancelled(ck: Checks, seen: Seen, progress: str) -> None:
-    """Peer 0 cancels its collective as soon as it started: it sees CancelledError, the
-    others the result (a native collective runs to its end) or AbortedError naming
-    peer 0; the next collective is right on every peer."""
+    """Peer 0 cancels its collective as soon as it started: it sees CancelledError
+    (or, if the collective was over already, its result), the others the result (a
+    native collective runs to its end) or AbortedError naming peer 0; the next
+    collective is right on every peer."""
     async with communicator(progress) as c:
         ordered = fmi.Op(lambda a, b: a + b, commutative=False, name="concat")
+        last = c.size - 1
         calls: dict[str, Callable[[], Awaitable[Any]]] = {
             "array": lambda: c.allreduce(np.arange(4) + c.rank),
             "object": lambda: c.allreduce([c.rank], op=ordered),
-            "bcast": lambda: c.bcast("x" if c.rank == 0 else None, root=0),
+            "bcast": lambda: c.bcast("x" if c.rank == last else None, root=last),
         }
         wants = {
             "array": reference_fold(fmi.SUM, [np.arange(4) + r for r in range(c.size)]),
@@ -186,15 +188,16 @@ async def cancelled(ck: Checks, seen: Seen, progress: str) -> None:
         }
         for what, call in calls.items():
             task = asyncio.ensure_future(call())
+            in_time = False
             if c.rank == 0:
                 await asyncio.sleep(0)
-                task.cancel()
+                in_time = task.cancel()  # False: it was over already
             await asyncio.wait([task])
             got: Any = task.exception() if not task.cancelled() else asyncio.CancelledError()
             if got is None:
                 got = task.result()
             seen[what] = describe(got) if isinstance(got, BaseException) else "result"
-            if c.rank == 0:
+            if in_time:
                 ck.true(task.cancelled(), f"{what}: peer 0 got {got!r}")
             elif isinstance(got, BaseException):
                 ck.true(

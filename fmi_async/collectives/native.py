@@ -60,6 +60,8 @@ def _mpi_op(ctx: CollectiveContext, op: Op, array: Any) -> Any:
     kinds = _KINDS.get(op.name)
     if kinds is None or op.ufunc is None or not isinstance(array, np.ndarray):
         return None
+    if array.ndim == 0:  # numpy folds these into scalars: the direct algorithms do it alike
+        return None
     if array.dtype.kind not in kinds or array.dtype.itemsize > 16 or array.dtype == np.float16:
         return None
     return getattr(ctx.channel.MPI, op.name)  # type: ignore[attr-defined]
@@ -79,8 +81,8 @@ async def wait_for_step(ctx: CollectiveContext, future: asyncio.Future[Any]) -> 
     except TimeoutError:
         raise CommTimeout(
             f"{ctx.op} (collective #{ctx.seq}): peer {ctx.rank} waited for every peer to "
-            f"reach it on channel {ctx.channel.name} until its deadline; MPI keeps it posted, "
-            "so a late peer still completes it"
+            f"reach it on channel {ctx.channel.name} until its deadline; MPI cannot withdraw "
+            "what it posted, so a late peer either completes it or is told of this timeout"
         ) from None
 
 

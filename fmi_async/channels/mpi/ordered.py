@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 Native = Generator[list[Any], None, Any]
 """A native collective: yields lists of MPI requests to wait for, returns the result."""
 
+CAUSE_WAIT = 1.0
+"""Seconds a peer told of an abort by the check waits for the announcement saying why."""
+CAUSE_POLL = 2e-3
+
 POST_SPIN = 30e-6
 """Seconds of busy testing right after posting, before handing requests to progress."""
 
@@ -232,8 +236,12 @@ class Ordered:
         high, low, quitter = verdict.tolist()
         error: BaseException | None = None
         if quitter != _NOBODY:
-            error = self._aborted(step, -quitter)
-        elif high != -low:
+            if step.gen is not None:
+                step.gen.close()
+            self._done(step)
+            self._tell_abort(step, -quitter, time.monotonic() + CAUSE_WAIT)
+            return
+        if high != -low:
             error = PlanMismatchError(
                 f"collective #{step.seq}: peer {self.channel.peer_id} runs plan {step.plan!r} "
                 "but another peer runs a different one; every peer must call the same "
@@ -252,15 +260,26 @@ class Ordered:
             step.future.set_result(None)
         self._done(step)
 
-    def _aborted(self, step: Step, peer: int) -> AbortedError:
+    def _tell_abort(self, step: Step, peer: int, until: float) -> None:
+        """Fail the step with the abort peer ``peer`` announced, which follows its check
+        by a moment (a message on the channel); without it by ``until``, say who."""
+        if step.future.done():
+            return
         verdict = self.channel.mailbox.aborted(step.seq)
         if isinstance(verdict, AbortedError):
-            return verdict
-        return AbortedError(
-            f"collective #{step.seq} on peer {self.channel.peer_id} was aborted by peer {peer}, "
-            "which gave up before running it (its own error says why)",
-            peer=peer,
-        )
+            step.future.set_exception(verdict)
+        elif time.monotonic() < until and not self._closed:
+            loop = step.future.get_loop()
+            loop.call_later(CAUSE_POLL, self._tell_abort, step, peer, until)
+        else:
+            step.future.set_exception(
+                AbortedError(
+                    f"collective #{step.seq} on peer {self.channel.peer_id} was aborted by peer "
+                    f"{peer}, which gave up before running it (its announcement of why did not "
+                    f"arrive within {CAUSE_WAIT}s)",
+                    peer=peer,
+                )
+            )
 
     def _run_native(self, step: Step, _: object = None) -> None:
         gen = step.gen

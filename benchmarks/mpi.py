@@ -183,6 +183,8 @@ def fmi_communicator(args: argparse.Namespace) -> fmi.Communicator:
             "security": {"secret": SECRET},
             "timeout": 120,
         }
+        # Started by mpiexec like the others, but never initializes MPI: the
+        # rank and size come from the launcher's environment (MPICH's Hydra).
         rank, size = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])
         return fmi.Communicator(rank, size, config, run_id=args.run_id, timeout=120)
     options: dict[str, Any] = {"enabled": True}
@@ -286,6 +288,7 @@ def launch(
 ) -> tuple[list[dict[str, Any]], str]:
     """Run one ``mpiexec`` of workers; (records rank 0 printed, error text or "")."""
     cmd = [mpiexec(), "-n", str(procs), sys.executable, __file__, "--worker", *argv]
+    logger.debug("launching %s with %s", cmd, env)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import numpy as np
@@ -123,34 +123,36 @@ def _fallback() -> Native:
     yield []  # a generator that posts nothing
 
 
-@algorithm("mpi", "allreduce", "native", needs=(Need.ARRAY, Need.ELEMENTWISE))
-async def allreduce_native(ctx: CollectiveContext, value: Any, op: Op) -> Any:
-    """``MPI_Iallreduce`` (dtypes MPI folds as numpy does; others recursive doubling)."""
+async def _native_or(
+    ctx: CollectiveContext, value: Any, op: Op, otherwise: Callable[[], Awaitable[Any]]
+) -> Any:
+    """MPI's reduction of ``value`` where it folds as numpy does, else ``otherwise()``
+    (a direct algorithm, after this step's empty native part keeps the ranks in step)."""
     gen = _reduction(ctx, op, value)
     if gen is None:
         await _run(ctx, _fallback())
-        return await direct.allreduce_recursive_doubling(ctx, value, op)
+        return await otherwise()
     return await _run(ctx, gen)
+
+
+@algorithm("mpi", "allreduce", "native", needs=(Need.ARRAY, Need.ELEMENTWISE))
+async def allreduce_native(ctx: CollectiveContext, value: Any, op: Op) -> Any:
+    """``MPI_Iallreduce`` (dtypes MPI folds as numpy does; others recursive doubling)."""
+    return await _native_or(
+        ctx, value, op, lambda: direct.allreduce_recursive_doubling(ctx, value, op)
+    )
 
 
 @algorithm("mpi", "scan", "native", needs=(Need.ARRAY, Need.ELEMENTWISE))
 async def scan_native(ctx: CollectiveContext, value: Any, op: Op) -> Any:
     """``MPI_Iscan`` (dtypes MPI cannot fold as numpy does: recursive doubling)."""
-    gen = _reduction(ctx, op, value)
-    if gen is None:
-        await _run(ctx, _fallback())
-        return await direct.scan(ctx, value, op)
-    return await _run(ctx, gen)
+    return await _native_or(ctx, value, op, lambda: direct.scan(ctx, value, op))
 
 
 @algorithm("mpi", "exscan", "native", needs=(Need.ARRAY, Need.ELEMENTWISE))
 async def exscan_native(ctx: CollectiveContext, value: Any, op: Op) -> Any:
     """``MPI_Iexscan``; peer 0 gets None (dtypes MPI cannot fold: recursive doubling)."""
-    gen = _reduction(ctx, op, value)
-    if gen is None:
-        await _run(ctx, _fallback())
-        return await direct.exscan(ctx, value, op)
-    return await _run(ctx, gen)
+    return await _native_or(ctx, value, op, lambda: direct.exscan(ctx, value, op))
 
 
 @algorithm("mpi", "reduce", "native", needs=(Need.ARRAY, Need.ELEMENTWISE))

@@ -64,7 +64,11 @@ class Progress:
         self._requests: list[Any] = []  # MPI.Request, parallel to _callbacks
         self._callbacks: list[tuple[Done, Any]] = []
         self._closed = False
-        self._error: BaseException | None = None
+        self._begin()
+
+    def _begin(self) -> None:
+        """Start polling (each strategy its own way)."""
+        raise NotImplementedError
 
     def watch(self, request: Any, done: Done, keep: Any = None) -> None:
         """Run ``done()`` on the loop once ``request`` completes; ``keep`` (its
@@ -111,17 +115,9 @@ class Progress:
 class LoopProgress(Progress):
     """Polls from a task of the event loop (``progress: "poll"``)."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        probe: Callable[[], bool],
-        *,
-        spin: float,
-        poll_max: float,
-    ) -> None:
-        super().__init__(loop, probe, spin=spin, poll_max=poll_max)
+    def _begin(self) -> None:
         self._wake: asyncio.Future[None] | None = None
-        self._task = loop.create_task(self._run(), name="fmi-mpi-progress")
+        self._task = self.loop.create_task(self._run(), name="fmi-mpi-progress")
 
     def watch(self, request: Any, done: Done, keep: Any = None) -> None:
         self._requests.append(request)
@@ -182,15 +178,7 @@ class LoopProgress(Progress):
 class ThreadProgress(Progress):
     """Polls from a daemon thread that wakes the loop (``progress: "thread"``)."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        probe: Callable[[], bool],
-        *,
-        spin: float,
-        poll_max: float,
-    ) -> None:
-        super().__init__(loop, probe, spin=spin, poll_max=poll_max)
+    def _begin(self) -> None:
         self._incoming: collections.deque[tuple[Any, Done, Any]] = collections.deque()
         self._event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fmi-mpi-progress", daemon=True)

@@ -23,6 +23,7 @@ import struct
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from ..errors import CommTimeout
@@ -36,6 +37,8 @@ __all__ = ["wait_for_step"]
 
 Native = Generator[list[Any], None, Any]
 
+_INLINE = 512
+"""Buffers up to this many bytes in all travel inside bcast's first block."""
 _BLOCK = 1024
 """Bytes of the first broadcast of ``bcast``: the sizes, and the whole value when it fits."""
 _SIZES = struct.Struct("<II")
@@ -91,6 +94,12 @@ async def _run(ctx: CollectiveContext, gen: Native) -> Any:
     return await wait_for_step(ctx, future)
 
 
+def _like(ctx: CollectiveContext, array: np.ndarray) -> np.ndarray:
+    """An uninitialized array like ``array``, in memory reused once the user drops it."""
+    memory = _memory(ctx, array.nbytes)
+    return np.frombuffer(memory, dtype=array.dtype).reshape(array.shape)
+
+
 def _contiguous(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
@@ -105,7 +114,7 @@ def _reduction(ctx: CollectiveContext, op: Op, value: Any) -> Native | None:
     send = _contiguous(value)
 
     def run() -> Native:
-        out = np.empty_like(send)
+        out = _like(ctx, send)
         if ctx.op == "allreduce":
             yield [comm.Iallreduce(send, out, mpi_op)]
             return out
@@ -165,7 +174,7 @@ async def reduce_native(ctx: CollectiveContext, value: Any, op: Op, root: int) -
     send = _contiguous(value)
 
     def run() -> Native:
-        out = np.empty_like(send) if ctx.rank == root else None
+        out = _like(ctx, send) if ctx.rank == root else None
         yield [comm.Ireduce(send, out, mpi_op, root)]
         return out
 
@@ -270,30 +279,61 @@ async def barrier_native(ctx: CollectiveContext) -> None:
 
 @algorithm("mpi", "bcast", "native")
 async def bcast_native(ctx: CollectiveContext, value: Any, root: int) -> Any:
-    """``MPI_Ibcast`` of a 1 KiB block holding the size (and a small value whole), then
-    of the rest."""
+    """``MPI_Ibcast`` of a 1 KiB block describing the value (holding it whole when small),
+    then of each of its buffers straight from the root's memory (numpy arrays are not
+    copied), received into memory that is reused once the user drops it."""
     comm = ctx.channel.comm  # type: ignore[attr-defined]
-    blob = _blob(ctx, value) if ctx.rank == root else None
+    meta = b""
+    buffers: list[memoryview] = []
+    if ctx.rank == root:
+        payload = dumps(value, ctx.serializer)
+        # MPI's bcast buffer is read and written: a read-only one (bytes, a frozen
+        # array) is copied at the root.
+        buffers = [_writable(memoryview(b).cast("B")) for b in payload.buffers]
+        if sum(len(b) for b in buffers) <= _INLINE:
+            meta = msgpack.packb([payload.serializer, payload.header, [bytes(b) for b in buffers]])
+            buffers = []
+        else:
+            sizes = [len(b) for b in buffers]
+            meta = msgpack.packb([payload.serializer, payload.header, sizes])
 
     def run() -> Native:
         block = np.zeros(_BLOCK, dtype=np.uint8)
-        if blob is not None:
-            block[:8] = np.frombuffer(struct.pack("<Q", blob.size), dtype=np.uint8)
-            if blob.size <= _BLOCK - 8:
-                block[8 : 8 + blob.size] = blob
+        if ctx.rank == root:
+            block[:8] = np.frombuffer(struct.pack("<Q", len(meta)), dtype=np.uint8)
+            if len(meta) <= _BLOCK - 8:
+                block[8 : 8 + len(meta)] = np.frombuffer(meta, dtype=np.uint8)
         yield [comm.Ibcast(block, root)]
         if ctx.rank == root:
-            if blob.size > _BLOCK - 8:  # type: ignore[union-attr]
-                yield [comm.Ibcast(blob, root)]
+            if len(meta) > _BLOCK - 8:
+                yield [comm.Ibcast(bytearray(meta), root)]
+            if buffers:
+                yield [comm.Ibcast(b, root) for b in buffers]
             return value
         (size,) = struct.unpack_from("<Q", block.data)
         if size <= _BLOCK - 8:
-            return _unblob(block.data[8 : 8 + size])
-        data = np.empty(size, dtype=np.uint8)
-        yield [comm.Ibcast(data, root)]
-        return _unblob(data.data.cast("B"))
+            raw = bytes(block.data[8 : 8 + size])
+        else:
+            data = np.empty(size, dtype=np.uint8)
+            yield [comm.Ibcast(data, root)]
+            raw = data.tobytes()
+        serializer, header, parts = msgpack.unpackb(raw)
+        if parts and isinstance(parts[0], int):  # sizes: the buffers follow
+            views = [_memory(ctx, n) for n in parts]
+            yield [comm.Ibcast(v, root) for v in views]
+            parts = views
+        return loads(Payload(header, tuple(parts), serializer))
 
     return await _run(ctx, run())
+
+
+def _writable(view: memoryview) -> memoryview:
+    return memoryview(bytearray(view)) if view.readonly else view
+
+
+def _memory(ctx: CollectiveContext, nbytes: int) -> memoryview:
+    """Memory for received bytes: reused from the channel's pool when large."""
+    return ctx.channel.recycler.allocate(nbytes)  # type: ignore[attr-defined, no-any-return]
 
 
 @algorithm("mpi", "gather", "native")

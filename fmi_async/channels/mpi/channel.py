@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import numpy as np
 
 from ...errors import ArgumentError, BrokenChannelError, ConfigError, ProtocolError
-from ...wire import Key, Payload
+from ...wire import BufferRecycler, Key, Payload
 from ...wire.framing import decode_key, encode_key
 from ..base import ChannelContext, DirectChannel
 from ..options import ChannelOptions, option
@@ -115,6 +114,9 @@ class MPIChannel(DirectChannel):
         self.progress: Progress | None = None
         self.ordered: Ordered | None = None
         self._status = self.MPI.Status()
+        self._recyclers: dict[int, BufferRecycler] = {}
+        # Results of native collectives (mpi algorithm family), reused likewise.
+        self.recycler = BufferRecycler(slots=4)
 
     async def open(self) -> None:
         # A private context: the application's own MPI messages never match ours.
@@ -247,12 +249,16 @@ class MPIChannel(DirectChannel):
             payload = Payload(header, tuple(parts), serializer)
             progress.on_loop(self._arrived, src, key, payload)
             return
-        # np.empty: no zero-filling of memory MPI overwrites at once.
-        buffers = [np.empty(n, dtype=np.uint8) for n in parts]
+        # Large buffers come from a pool per source, reused once the user dropped
+        # them: new memory costs a page fault per page, and MPICH's large-message
+        # path is several times slower into memory at an address it has not seen.
+        recycler = self._recyclers.get(src)
+        if recycler is None:
+            recycler = self._recyclers[src] = BufferRecycler()
+        buffers = [recycler.allocate(n) for n in parts]
         requests = []
-        for buf in buffers:
-            view = buf.data
-            for at in range(0, len(buf), PIECE):
+        for view in buffers:
+            for at in range(0, len(view), PIECE):
                 requests.append(self.comm.Irecv(view[at : at + PIECE], src, BODY))
         if not requests:
             progress.on_loop(self._arrived, src, key, Payload(header, (), serializer))
@@ -262,7 +268,7 @@ class MPIChannel(DirectChannel):
         def one() -> None:
             left[0] -= 1
             if left[0] == 0:
-                self._arrived(src, key, Payload(header, tuple(b.data for b in buffers), serializer))
+                self._arrived(src, key, Payload(header, tuple(buffers), serializer))
 
         for request in requests:
             progress.watch(request, one, buffers)

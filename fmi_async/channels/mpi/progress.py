@@ -161,9 +161,12 @@ class LoopProgress(Progress):
             busy = False
             try:
                 busy = self.probe()
-                for done, _keep in self._test():
-                    busy = True
-                    done()
+                finished = self._test()
+                busy = busy or bool(finished)
+                _run_all(finished)
+                # No name may keep the buffers of the last completion alive: a
+                # received buffer is reused only once nothing refers to it.
+                del finished
             except Exception:  # MPI or a callback failed: keep polling the others
                 logger.exception("MPI progress failed")
             if busy:
@@ -234,6 +237,7 @@ class ThreadProgress(Progress):
             if finished:
                 busy = True
                 self.loop.call_soon_threadsafe(_run_all, finished)
+                finished = []  # hold no buffers of completed requests here
             if busy:
                 idle_since, delay = time.perf_counter(), 0.0
                 continue
@@ -252,9 +256,9 @@ class ThreadProgress(Progress):
 
 
 def _run_all(finished: list[tuple[Done, Any]]) -> None:
-    for done, _keep in finished:
+    for item in finished:
         try:
-            done()
+            item[0]()
         except Exception:
             logger.exception("MPI completion callback failed")
 

@@ -59,7 +59,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark storage cases above the group sizes their server serves quickly as slow.
+    """Mark storage cases above the group sizes their server serves quickly as slow
+    (and the 16-peer UDP cases on uvloop; asyncio runs them).
 
     They are left out of the default run (the count shows as "deselected") and
     run with ``--slow``: S3 and DynamoDB through the moto server answer a few
@@ -72,6 +73,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if allowed is not None and "size" in params and params["size"] not in allowed:
             item.add_marker(pytest.mark.slow)
         elif moto and "[uvloop-" in item.nodeid:  # one loop is enough against moto
+            item.add_marker(pytest.mark.slow)
+        elif (params.get("group"), params.get("size")) == ("udp", 16) and "[uvloop-" in item.nodeid:
+            # 16 UDP peers stress the transport, not the loop: asyncio runs them
             item.add_marker(pytest.mark.slow)
     if config.getoption("--slow"):
         return

@@ -168,11 +168,14 @@ GROUPS: dict[str, GroupFactory] = {
 # Storage groups run the same suites through Communicators whose only channel
 # is the storage backend, so plan() chooses between the direct family over
 # storage and the storage-native family.  The moto server answers a few hundred
-# requests a second, so S3 and DynamoDB run the small group sizes only.
+# requests a second, so S3 and DynamoDB run the small group sizes only: one
+# peer, and three (a group that is not a power of two, which folds); the
+# power-of-two shapes run on redis and the direct channels (P = 2 on moto
+# with --slow).
 STORAGE_SIZES: dict[str, set[int]] = {
     "redis": {1, 2, 3, 4, 5, 8},
-    "s3": {1, 2, 3},
-    "dynamodb": {1, 2, 3},
+    "s3": {1, 3},
+    "dynamodb": {1, 3},
 }
 
 

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import secrets
-import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -57,7 +56,6 @@ from .calibration import (
     ChannelCalibration,
     measure_reduce_bandwidth,
     model_section,
-    quartiles,
     write_models,
 )
 from .progress import ProgressBar, progress_bar
@@ -332,11 +330,7 @@ async def calibrate_channel(
     finally:
         if progress is None:
             bar.close()
-    result.aggregate_bandwidth = statistics.median(agg)
-    result.aggregate_iqr = quartiles(agg)
-    result.fit()
-    result.seconds = time.perf_counter() - began
-    logger.info("calibrated %r in %.1fs", result, result.seconds)
+    result.finish(agg, began)
     return result
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -22,7 +21,7 @@ import numpy as np
 from ..communicator import Communicator
 from ..config import Config
 from ..errors import ArgumentError
-from .calibration import ChannelCalibration, quartiles
+from .calibration import ChannelCalibration
 from .progress import ProgressBar
 from .units import fmt_bytes
 
@@ -130,9 +129,5 @@ async def calibrate_mpi(
     result = ChannelCalibration("mpi", "direct", comm.size)
     result.samples = samples
     result.aggregate_size = sizes[-1]
-    result.aggregate_bandwidth = statistics.median(agg)
-    result.aggregate_iqr = quartiles(agg)
-    result.fit()
-    result.seconds = time.perf_counter() - began
-    logger.info("calibrated %r in %.1fs", result, result.seconds)
+    result.finish(agg, began)
     return result

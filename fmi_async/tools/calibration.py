@@ -123,6 +123,15 @@ class ChannelCalibration:
         """The median time of each size, by size."""
         return {n: statistics.median(ts) for n, ts in sorted(self.samples.items())}
 
+    def finish(self, aggregates: Sequence[float], began: float) -> None:
+        """Take the aggregate bandwidth samples, fit, and note the time since ``began``
+        (``perf_counter``).  Raises what :meth:`fit` raises."""
+        self.aggregate_bandwidth = statistics.median(aggregates)
+        self.aggregate_iqr = quartiles(aggregates)
+        self.fit()
+        self.seconds = time.perf_counter() - began
+        logger.info("calibrated %r in %.1fs", self, self.seconds)
+
     def fit(self, seed: int = 0) -> None:
         """Fit the medians, and bootstrap the repetitions for the spread.
 

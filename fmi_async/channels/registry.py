@@ -33,6 +33,8 @@ __all__ = [
     "canonical",
     "channel_class",
     "channels",
+    "default_families",
+    "families",
     "names",
     "register",
     "resolve",
@@ -83,9 +85,7 @@ class ChannelSpec:
     @property
     def algorithm_families(self) -> tuple[str, ...]:
         """The algorithm families the planner offers on this channel."""
-        if self.families:
-            return self.families
-        return ("direct", "mediated") if self.kind == "mediated" else ("direct",)
+        return self.families or default_families(self.kind)
 
     def load(self) -> type[Channel]:
         """The implementing class, imported now.
@@ -256,6 +256,19 @@ _CHANNELS: dict[str, ChannelSpec] = {
         ),
     )
 }
+
+
+def default_families(kind: str) -> tuple[str, ...]:
+    """The algorithm families of a channel of ``kind`` that names none: "direct"
+    everywhere, and "mediated" too on storage."""
+    return ("direct", "mediated") if kind == "mediated" else ("direct",)
+
+
+def families(name: str, kind: str) -> tuple[str, ...]:
+    """The algorithm families the planner offers on channel ``name`` (of ``kind``);
+    a name not in the table gets its kind's defaults."""
+    known = canonical(name)
+    return spec(known).algorithm_families if known is not None else default_families(kind)
 
 
 def channels() -> tuple[ChannelSpec, ...]:

@@ -115,13 +115,8 @@ def plans(
     out: list[Plan] = []
     for name, kind in sorted(channels, key=lambda c: (order.get(c[0], 99), c[0])):
         # Direct algorithms run on every channel, storage-native ones on storage,
-        # MPI's own on the MPI channel (the registry says which).
-        known = channel_registry.canonical(name)
-        if known is not None:
-            families = channel_registry.spec(known).algorithm_families
-        else:
-            families = registry.FAMILIES if kind == "mediated" else ("direct",)
-        for family in families:
+        # MPI's own on the MPI channel (the channel registry says which).
+        for family in channel_registry.families(name, kind):
             for entry in registry.algorithms(family, op):
                 if entry.allows(shape):
                     secs, usd, req = estimate(name, kind, entry, shape, models)

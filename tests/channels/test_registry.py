@@ -265,3 +265,13 @@ def test_the_documented_option_tables_match_the_code() -> None:
         "docs/channels.md is stale: run python -m fmi_async.tools.options_doc --write"
     )
     assert "`max_connections`" in text and "`bucket_name`" in text
+
+
+def test_algorithm_families_per_channel() -> None:
+    """MPI's own collectives are offered on the mpi channel only; a channel the table
+    does not know (a plugin not registered) gets its kind's families, never mpi's."""
+    assert registry.families("mpi", "direct") == ("mpi", "direct")
+    assert registry.families("tcp", "direct") == ("direct",)
+    assert registry.families("redis", "mediated") == ("direct", "mediated")
+    assert registry.families("unregistered", "mediated") == ("direct", "mediated")
+    assert registry.families("unregistered", "direct") == ("direct",)

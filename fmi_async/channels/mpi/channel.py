@@ -145,9 +145,6 @@ class MPIChannel(DirectChannel):
             # Requests still pending (an abandoned collective) keep it alive.
             comm.Free()
 
-    def send_waits(self, dst: int) -> bool:
-        return True
-
     def collective_started(
         self, seq: int, plan: str, *, native: bool
     ) -> asyncio.Future[Any] | None:
@@ -202,15 +199,12 @@ class MPIChannel(DirectChannel):
         assert self.progress is not None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        left = [len(requests)]
 
-        def one() -> None:
-            left[0] -= 1
-            if left[0] == 0 and not fut.done():
+        def done() -> None:
+            if not fut.done():
                 fut.set_result(None)
 
-        for request in requests:
-            self.progress.watch(request, one, keep)
+        self.progress.watch_all(requests, done, keep)
         await fut
 
     # ---------------------------------------------------------------- receiving
@@ -263,15 +257,8 @@ class MPIChannel(DirectChannel):
         if not requests:
             progress.on_loop(self._arrived, src, key, Payload(header, (), serializer))
             return
-        left = [len(requests)]
-
-        def one() -> None:
-            left[0] -= 1
-            if left[0] == 0:
-                self._arrived(src, key, Payload(header, tuple(buffers), serializer))
-
-        for request in requests:
-            progress.watch(request, one, buffers)
+        payload = Payload(header, tuple(buffers), serializer)
+        progress.watch_all(requests, lambda: self._arrived(src, key, payload), buffers)
 
     def _arrived(self, src: int, key: Key, payload: Payload) -> None:
         if self._state == "open":

@@ -218,16 +218,8 @@ class Ordered:
         else:
             then()
             return
-        left = [len(requests)]
-
-        def one() -> None:
-            left[0] -= 1
-            if left[0] == 0:
-                then()
-
         assert self.channel.progress is not None
-        for request in requests:
-            self.channel.progress.watch(request, one, keep)
+        self.channel.progress.watch_all(requests, then, keep)
 
     def _checked(self, step: Step, verdict: np.ndarray) -> None:
         if step.failed:

@@ -85,6 +85,19 @@ class Progress:
         """Run ``fn(*args)`` on the loop (soon, in order)."""
         raise NotImplementedError
 
+    def watch_all(self, requests: list[Any], done: Done, keep: Any = None) -> None:
+        """Run ``done()`` on the loop once every one of ``requests`` completed (at least one)."""
+        left = len(requests)
+
+        def one() -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                done()
+
+        for request in requests:
+            self.watch(request, one, keep)
+
     def kick(self) -> None:
         """Something was posted: poll busily again."""
 

@@ -20,6 +20,7 @@ from .channels.memory import MemoryHub
 from .collectives import registry as algorithms
 from .collectives.base import CollectiveContext
 from .collectives.native import wait_for_step
+from .collectives.registry import AlgorithmFn
 from .config import Config, check_timeout
 from .errors import (
     AbortedError,
@@ -30,6 +31,7 @@ from .errors import (
     FMIError,
     PeerError,
 )
+from .groups import CommunicatorGroups
 from .jobs.lease import JobLease, lease_for
 from .selection.cost import channel_cost
 from .selection.model import load_cost_model
@@ -46,7 +48,7 @@ ANNOUNCE_TIMEOUT = 10.0
 """Longest time spent telling the other peers that a collective was abandoned."""
 
 
-class Communicator(CommunicatorCalls):
+class Communicator(CommunicatorCalls, CommunicatorGroups):
     """A peer's view of a group of ``num_peers`` peers named ``comm_name``.
 
     Use it as an async context manager; it opens the configured channels on
@@ -109,6 +111,13 @@ class Communicator(CommunicatorCalls):
         self._predicted_usd = 0.0
         self._models = load_cost_model(self.config.model, faas_memory)
         self._opened_at: float | None = None
+        # sub-communicators (fmi_async.groups)
+        self._parent: Communicator | None = None
+        self._scope: str | None = None
+        self._children: list[Communicator] = []
+        self._group_calls: Counter[tuple[int, ...]] = Counter()
+        self._group_lock = asyncio.Lock()
+        self._own_mpi_comm: Any = None
 
     @classmethod
     def from_mpi(
@@ -252,6 +261,15 @@ class Communicator(CommunicatorCalls):
         """
         if self._state == "closed":
             return
+        if self._parent is not None:
+            # A sub-communicator stores nothing of its own (its parent's channels
+            # do, and delete it at the parent's close): no final barrier.
+            self._state = "closed"
+            await self._settle_background()
+            self._guard.cancel()
+            await self._close_as_child()
+            logger.debug("%r closed", self)
+            return
         if synchronize is None:
             synchronize = True
         failure: FMIError | None = None
@@ -281,6 +299,8 @@ class Communicator(CommunicatorCalls):
         self._state = "closed"
         await self._settle_background()
         self._guard.cancel()
+        for child in list(self._children):
+            await child.close()
         await self._close_channels()
         await self._release_lease()
         logger.debug("%r closed", self)
@@ -389,11 +409,17 @@ class Communicator(CommunicatorCalls):
             self._mailbox.fail(
                 BrokenCommunicatorError(f"{self!r} is broken and cannot be used: {exc}")
             )
+            for child in self._children:
+                child._break(exc)
 
     # ---------------------------------------------------------------- collectives
 
     def _start(
-        self, op: str, timeout: float | None, prepare: Callable[[], Call]
+        self,
+        op: str,
+        timeout: float | None,
+        prepare: Callable[[], Call],
+        fixed: Plan | None = None,
     ) -> tuple[CollectiveContext, Plan, tuple[Any, ...]]:
         """Everything synchronous before the first await.
 
@@ -412,7 +438,7 @@ class Communicator(CommunicatorCalls):
         try:
             deadline = self._deadline(timeout)
             call = prepare()
-            chosen = self._plan(op, call)
+            chosen = self._plan(op, call) if fixed is None else fixed
             ctx = CollectiveContext(
                 rank=self.peer_id,
                 size=self.num_peers,
@@ -489,11 +515,22 @@ class Communicator(CommunicatorCalls):
                 self._plans[key] = chosen
         return chosen
 
-    async def _collective(self, op: str, timeout: float | None, prepare: Callable[[], Call]) -> Any:
-        """Check, plan, run and settle one collective (see :meth:`_start`)."""
-        ctx, chosen, args = self._start(op, timeout, prepare)
+    async def _collective(
+        self,
+        op: str,
+        timeout: float | None,
+        prepare: Callable[[], Call],
+        *,
+        fixed: tuple[Plan, AlgorithmFn] | None = None,
+    ) -> Any:
+        """Check, plan, run and settle one collective (see :meth:`_start`).
+
+        ``fixed``: the plan and the algorithm, not planned nor looked up (the
+        agreement of :mod:`fmi_async.groups`, which is not a user collective).
+        """
+        ctx, chosen, args = self._start(op, timeout, prepare, None if fixed is None else fixed[0])
         try:
-            result = await self._run(ctx, chosen, *args)
+            result = await self._run(ctx, chosen, *args, fn=None if fixed is None else fixed[1])
         except BaseException as exc:
             self._abandon(ctx.seq, op, exc)
             raise
@@ -545,14 +582,17 @@ class Communicator(CommunicatorCalls):
         if not task.cancelled() and task.exception() is not None:
             logger.debug("peer %d: background task failed: %r", self.peer_id, task.exception())
 
-    async def _run(self, ctx: CollectiveContext, chosen: Plan, *args: Any) -> Any:
+    async def _run(
+        self, ctx: CollectiveContext, chosen: Plan, *args: Any, fn: AlgorithmFn | None = None
+    ) -> Any:
         """Run the chosen algorithm: one registry lookup, one uniform call.
 
         ``args`` are the collective's arguments in the order
         :data:`~fmi_async.collectives.registry.COLLECTIVES` declares them.
         """
-        entry = algorithms.get(chosen.family, chosen.op, chosen.algorithm)
+        if fn is None:
+            fn = algorithms.get(chosen.family, chosen.op, chosen.algorithm).fn
         gate = self._gates.pop(ctx.seq, None)
         if gate is not None:  # a channel that sees every collective says go
             await wait_for_step(ctx, gate)
-        return await entry.fn(ctx, *args)
+        return await fn(ctx, *args)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .base import Channel
 
 __all__ = [
+    "SCOPE",
     "Mailbox",
     "ReceiveGuard",
     "abort_error",
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 def describe_key(key: Key) -> str:
     """Human-readable key for error messages: ``tag 3`` or ``bcast #5 step 2``."""
+    if len(key) >= 2 and key[0] == SCOPE:
+        return f"{describe_key(key[2:])} of sub-communicator {key[1]}"
     if len(key) >= 2 and key[0] == "u":
         return f"tag {key[1]}"
     if len(key) >= 3 and key[0] == "c":
@@ -48,6 +51,9 @@ def describe_key(key: Key) -> str:
         return f"collective #{key[1]} step {'/'.join(str(k) for k in steps)}"
     return repr(key)
 
+
+SCOPE = "g"
+"""First part of the keys of a sub-communicator's messages: ``("g", scope, key...)``."""
 
 _SWEEP_SLACK = 1e-3  # a timer may fire a clock tick early; such a wait has expired
 
@@ -102,6 +108,10 @@ class Mailbox:
         self._finished_below = 1  # every collective below this seq has finished here
         self._finished: set[int] = set()  # finished seqs at or above _finished_below
         self.dropped = 0  # stale collective messages dropped or evicted
+        # sub-communicators: scope -> (their mailbox, parent rank -> their rank)
+        self._children: dict[str | int, tuple[Mailbox, dict[int, int]]] = {}
+        self._orphans: dict[str | int, list[tuple[int, Key, Payload]]] = {}
+        self._gone: set[str | int] = set()  # scopes closed (or never formed) here
 
     def __repr__(self) -> str:
         return (
@@ -114,6 +124,9 @@ class Mailbox:
 
     def deliver(self, src: int, key: Key, payload: Payload) -> None:
         kind = key[0] if key else None
+        if kind == SCOPE:
+            self._route(src, key, payload)
+            return
         if kind == "c" or kind == "a" or kind == "q":
             seq = key[1]
             if not isinstance(seq, int) or self._is_finished(seq):
@@ -137,6 +150,51 @@ class Mailbox:
                 self.dropped += 1
                 return
         self._hand_over((src, key), payload)
+
+    def _route(self, src: int, key: Key, payload: Payload) -> None:
+        """A message of a sub-communicator: to its mailbox, under its rank of ``src``.
+
+        One that comes before this peer formed the sub-communicator waits for
+        :meth:`adopt`; one for a sub-communicator closed here is dropped.
+        """
+        scope = key[1] if len(key) >= 2 else None
+        if scope is None or scope in self._gone:
+            self.dropped += 1
+            return
+        child = self._children.get(scope)
+        if child is None:
+            self._orphans.setdefault(scope, []).append((src, key[2:], payload))
+            return
+        box, ranks = child
+        rank = ranks.get(src)
+        if rank is None:  # not a member: nothing of it can be meant for this group
+            self.dropped += 1
+            return
+        box.deliver(rank, key[2:], payload)
+
+    def adopt(self, scope: str | int, box: Mailbox, members: list[int]) -> None:
+        """Route messages of sub-communicator ``scope`` to ``box``; ``members[r]`` is
+        the rank here of its rank ``r``.  Messages that came early are delivered now."""
+        ranks = {parent: rank for rank, parent in enumerate(members)}
+        self._children[scope] = (box, ranks)
+        self._gone.discard(scope)
+        if self._error is not None:
+            box.fail(self._error)
+        for src, exc in self._source_errors.items():
+            if src in ranks:
+                box.fail_source(ranks[src], exc)
+        for src, key, payload in self._orphans.pop(scope, ()):
+            rank = ranks.get(src)
+            if rank is None:
+                self.dropped += 1
+            else:
+                box.deliver(rank, key, payload)
+
+    def disown(self, scope: str | int) -> None:
+        """Sub-communicator ``scope`` is closed here (or was never formed): drop its messages."""
+        self._children.pop(scope, None)
+        self.dropped += len(self._orphans.pop(scope, ()))
+        self._gone.add(scope)
 
     def _plan_agrees(self, seq: int, src: int, tag: str, payload: Payload) -> bool:
         """Compare a plan tag that ``src`` sent for collective ``seq`` with this peer's plan;
@@ -242,6 +300,8 @@ class Mailbox:
                 if not fut.done():
                     fut.set_exception(exc)
         self._waiters.clear()
+        for box, _ in self._children.values():
+            box.fail(exc)
 
     def fail_source(self, src: int, exc: BaseException) -> None:
         """Its connection broke: wake the waiters for ``src`` and fail later receives
@@ -253,13 +313,21 @@ class Mailbox:
                 for fut in waiters:
                     if not fut.done():
                         fut.set_exception(exc)
+        for box, ranks in self._children.values():
+            if src in ranks:
+                box.fail_source(ranks[src], exc)
 
     def clear_source(self, src: int) -> None:
         """``src`` reconnected: receives from it wait normally again."""
         self._source_errors.pop(src, None)
+        for box, ranks in self._children.values():
+            if src in ranks:
+                box.clear_source(ranks[src])
 
     def pending(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return sum(len(q) for q in self._queues.values()) + sum(
+            len(o) for o in self._orphans.values()
+        )
 
     # ---------------------------------------------------------------- collectives
 

@@ -27,6 +27,7 @@ from .errors import (
     ArgumentError,
     BrokenCommunicatorError,
     ClosedError,
+    CommTimeout,
     ConfigError,
     FMIError,
     PeerError,
@@ -590,9 +591,32 @@ class Communicator(CommunicatorCalls, CommunicatorGroups):
         ``args`` are the collective's arguments in the order
         :data:`~fmi_async.collectives.registry.COLLECTIVES` declares them.
         """
+        gate = self._gates.pop(ctx.seq, None)
+        if fn is not None and gate is not None:
+            return await self._overlapped(ctx, gate, fn(ctx, *args))
         if fn is None:
             fn = algorithms.get(chosen.family, chosen.op, chosen.algorithm).fn
-        gate = self._gates.pop(ctx.seq, None)
         if gate is not None:  # a channel that sees every collective says go
             await wait_for_step(ctx, gate)
         return await fn(ctx, *args)
+
+    @staticmethod
+    async def _overlapped(
+        ctx: CollectiveContext, gate: asyncio.Future[Any], work: Coroutine[Any, Any, Any]
+    ) -> Any:
+        """A fixed algorithm (an agreement) runs while the gate is waited for: when a
+        peer never comes, its own timeout names the missing peers, the gate's cannot."""
+        task = asyncio.ensure_future(work)
+        try:
+            await wait_for_step(ctx, gate)
+        except CommTimeout:
+            await asyncio.wait([task])
+            named = None if task.cancelled() else task.exception()
+            if isinstance(named, FMIError):
+                raise named from None
+            raise
+        except BaseException:
+            task.cancel()
+            await asyncio.wait([task])
+            raise
+        return await task

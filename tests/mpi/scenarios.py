@@ -349,6 +349,80 @@ async def split(ck: Checks, seen: Seen, progress: str) -> None:
         half.Free()
 
 
+async def groups(ck: Checks, seen: Seen, progress: str) -> None:
+    """comm.split, dup and create_group on the MPI channel: each child runs MPI's own
+    collectives on a communicator MPI split, duplicated or created for it, and its
+    messages never meet the parent's."""
+    world = MPI.COMM_WORLD
+    async with communicator(progress) as c:
+        color = c.rank % 2
+        members = list(range(color, c.size, 2))[::-1]  # key = -rank reverses the order
+        sub = await c.split(color, key=-c.rank)
+        assert sub is not None
+        seen["split"] = [sub.rank, sub.size]
+        ck.same([sub.rank, sub.size], [members.index(c.rank), len(members)], "split ranks")
+        both = await asyncio.gather(c.allreduce(c.rank), sub.allreduce(np.full(3, c.rank)))
+        ck.same(
+            [both[0], both[1].tolist()],
+            [sum(range(c.size)), [sum(members)] * 3],
+            "allreduce on parent and child",
+        )
+        ck.true(
+            any(k.endswith("/mpi/mpi:native") for k in sub.stats()["collectives"]),
+            f"the child ran MPI's own allreduce: {sub.stats()['collectives']}",
+        )
+        names = [{"names": [f"w{r}"], "n": 1} for r in members]
+        await ck.expect(
+            sub.reduce(names[sub.rank], op=CONCAT, root=0),
+            reference_fold(CONCAT, names) if sub.rank == 0 else None,
+            "non-commutative reduce on the child",
+        )
+        nxt, prv = (sub.rank + 1) % sub.size, (sub.rank - 1) % sub.size
+        await asyncio.gather(sub.send(("s", c.rank), nxt, tag=1), c.send(("c", c.rank), 0, tag=1))
+        await ck.expect(sub.recv(prv, tag=1), ("s", members[prv]), "child point-to-point")
+        if c.rank == 0:
+            got = sorted([tuple(await c.recv(r, tag=1)) for r in range(c.size)])
+            ck.same(got, [("c", r) for r in range(c.size)], "parent point-to-point")
+        dup = await c.dup()
+        await ck.expect(dup.allgather(c.rank), list(range(c.size)), "allgather on a dup")
+        none = await c.split(None if c.rank == 0 else 0)
+        ck.same(none is None, c.rank == 0, "color None gets None")
+        if none is not None:
+            await ck.expect(none.allreduce(1), c.size - 1, "allreduce without rank 0")
+        chosen = [c.size - 1, 0]
+        if c.rank in chosen:
+            group = await c.create_group(chosen)
+            seen["group"] = [group.rank, group.size]
+            await ck.expect(group.allgather(c.rank), chosen, "allgather on create_group")
+            await group.close()
+        inner = await sub.split(0)
+        assert inner is not None
+        await ck.expect(inner.allreduce(1), sub.size, "a child of a child")
+        await sub.close()
+        await after(c, ck, "parent after closing a child")
+        await ck.expect(dup.allreduce(1), c.size, "a dup after its sibling closed")
+    world.Barrier()
+
+
+async def split_missing(ck: Checks, seen: Seen, progress: str) -> None:
+    """The last rank never calls split: every other rank names it; then all realign."""
+    async with communicator(progress) as c:
+        c.timeout = 3.0
+        last = c.size - 1
+        if c.rank != last:
+            _, exc, took = await outcome(c.split(0, timeout=3.0))
+            seen["error"], seen["took"] = describe(exc), took
+            ck.true(isinstance(exc, fmi.CommTimeout), f"split without rank {last}: {exc!r}")
+            ck.true(f"[{last}]" in str(exc), f"the missing rank is named: {exc}")
+        else:
+            await asyncio.sleep(4.0)
+            _, exc, _ = await outcome(c.allreduce(1))
+            seen["error"] = describe(exc)
+            ck.true(isinstance(exc, fmi.AbortedError), f"the late rank is told: {exc!r}")
+        c.timeout = TIMEOUT
+        await after(c, ck, "after the failed split")
+
+
 CASES: dict[str, Callable[[Checks, Seen, str], Awaitable[None]]] = {
     "wrong_root": wrong_root,
     "root_mismatch": root_mismatch,
@@ -357,6 +431,8 @@ CASES: dict[str, Callable[[Checks, Seen, str], Awaitable[None]]] = {
     "cancelled": cancelled,
     "point_to_point": point_to_point,
     "split": split,
+    "groups": groups,
+    "split_missing": split_missing,
 }
 
 

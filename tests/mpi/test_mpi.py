@@ -220,6 +220,27 @@ def expect_split(verdicts: list[Verdict]) -> None:
     ]
 
 
+def expect_groups(verdicts: list[Verdict]) -> None:
+    """Split with key = -rank reverses each half; create_group ranks in the order given."""
+    for v in verdicts:
+        r = v["rank"]
+        half = list(range(r % 2, SCENARIO_SIZE, 2))[::-1]
+        assert v["seen"]["split"] == [half.index(r), len(half)], v
+        if r in (SCENARIO_SIZE - 1, 0):
+            assert v["seen"]["group"] == [[SCENARIO_SIZE - 1, 0].index(r), 2], v
+
+
+def expect_split_missing(verdicts: list[Verdict]) -> None:
+    """Every rank that called split names the missing one; it learns the split failed."""
+    for v in verdicts:
+        error = v["seen"]["error"]
+        if v["rank"] == SCENARIO_SIZE - 1:
+            assert error["type"] == "AbortedError", v
+        else:
+            assert error["type"] == "CommTimeout", v
+            assert f"[{SCENARIO_SIZE - 1}]" in error["text"], v
+
+
 EXPECT: dict[str, Callable[[list[Verdict]], None]] = {
     "wrong_root": expect_wrong_root,
     "root_mismatch": expect_root_mismatch,
@@ -228,6 +249,8 @@ EXPECT: dict[str, Callable[[list[Verdict]], None]] = {
     "cancelled": expect_cancelled,
     "point_to_point": expect_point_to_point,
     "split": expect_split,
+    "groups": expect_groups,
+    "split_missing": expect_split_missing,
 }
 
 

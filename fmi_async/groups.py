@@ -130,7 +130,12 @@ class CommunicatorGroups:
 
         async with self._group_lock:
             seq = self._seq + 1  # the agreement's number, the same on every peer
-            entries = await self._agree("split", [color, key], timeout, check)
+            scope = f"s{seq}.{color}"
+            try:
+                entries = await self._agree("split", [color, key], timeout, check)
+            except BaseException:
+                self._mailbox.disown(scope)  # peers that formed it anyway send in vain
+                raise
             pairs = [_color_key(entry, rank) for rank, entry in enumerate(entries)]
             if color is None:
                 self._mpi_derive(lambda base, mpi: base.Split(mpi.UNDEFINED, key))
@@ -138,15 +143,19 @@ class CommunicatorGroups:
             ranked = sorted((k, rank) for rank, (c, k) in enumerate(pairs) if c == color)
             members = [rank for _, rank in ranked]
             mpi_comm = self._mpi_derive(lambda base, mpi: base.Split(color, key))
-            return await self._derive(f"s{seq}.{color}", members, mpi_comm)
+            return await self._derive(scope, members, mpi_comm)
 
     async def dup(self, *, timeout: float | None = None) -> Communicator:
         """The same group in a message space of its own (a collective, as ``MPI_Comm_dup``)."""
         async with self._group_lock:
-            seq = self._seq + 1
-            await self._agree("dup", [], timeout, None)
+            scope = f"d{self._seq + 1}"
+            try:
+                await self._agree("dup", [], timeout, None)
+            except BaseException:
+                self._mailbox.disown(scope)
+                raise
             mpi_comm = self._mpi_derive(lambda base, mpi: base.Dup())
-            return await self._derive(f"d{seq}", list(range(self.num_peers)), mpi_comm)
+            return await self._derive(scope, list(range(self.num_peers)), mpi_comm)
 
     async def create_group(
         self, ranks: Sequence[int], *, timeout: float | None = None
@@ -234,9 +243,15 @@ class CommunicatorGroups:
             return Call((value, list(names or range(self.num_peers))), None, None, None)
 
         if self.num_peers > EXCHANGE_MAX:
-            if check is not None:
-                check()
-            return await self.allgather(value, timeout=timeout)
+            # P * (P - 1) messages would cost more than knowing every missing
+            # peer is worth: the planned allgather, which names the awaited one.
+            def planned() -> Call:
+                if check is not None:
+                    check()
+                return Call((value,), None, None, None)
+
+            gathered: list[Any] = await self._collective("allgather", timeout, planned)
+            return gathered
         chan = self._channel()
         chosen = Plan(what, chan.name, "direct", "exchange")
         result: list[Any] = await self._collective(what, timeout, prepare, fixed=(chosen, exchange))

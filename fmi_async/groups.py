@@ -85,6 +85,9 @@ class CommunicatorGroups:
     def _channel(self, name: str | None = None) -> Channel:
         raise NotImplementedError  # the communicator's point-to-point channel
 
+    def _usable(self) -> None:
+        raise NotImplementedError  # the communicator's open-and-not-broken check
+
     async def _collective(
         self,
         op: str,
@@ -170,6 +173,7 @@ class CommunicatorGroups:
         member) when members passed different orders, and
         :class:`~fmi_async.errors.CommTimeout` naming members that never called it.
         """
+        self._usable()  # a closed or broken communicator forms no group, not even of itself
         members = self._check_members(ranks)
         async with self._group_lock:
             span = tuple(sorted(members))

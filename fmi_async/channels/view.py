@@ -21,9 +21,10 @@ sub-communicator stored).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from ..errors import ArgumentError, ClosedError
 from ..wire import Key, Payload
@@ -60,6 +61,30 @@ class _View(Channel):
         self.mailbox = mailbox
         self.stats = ChannelStats()
         self._state = "open"
+        self._waits: set[asyncio.Future[Payload]] = set()
+
+    async def close(self) -> None:
+        """Fail this view's waits with ClosedError: those on the sub-communicator's
+        mailbox and those polling the parent's storage (which stays open)."""
+        await super().close()
+        for wait in list(self._waits):
+            wait.cancel()
+
+    async def _until_closed(self, waiting: Awaitable[Payload]) -> Payload:
+        """``waiting`` (a wait on the parent's channel), ended by this view's close."""
+        task = asyncio.ensure_future(waiting)
+        self._waits.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._state != "open" and (current is None or not current.cancelling()):
+                raise ClosedError(
+                    f"sub-communicator {self.scope}: channel view was closed while waiting"
+                ) from None
+            raise
+        finally:
+            self._waits.discard(task)
 
     def _peer(self, rank: int, what: str) -> int:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < len(self.members):
@@ -148,7 +173,7 @@ class StorageView(_View, MediatedChannel):
         peer = self._peer(src, "source")
         self._usable()
         start = time.perf_counter()
-        payload = await self.parent.recv(peer, self._key(key), timeout)
+        payload = await self._until_closed(self.parent.recv(peer, self._key(key), timeout))
         self.stats.received(payload, start)
         return payload
 
@@ -162,7 +187,7 @@ class StorageView(_View, MediatedChannel):
     async def get(self, key: Key, timeout: float | None) -> Payload:
         self._usable()
         start = time.perf_counter()
-        payload = await self.parent.get(self._key(key), timeout)
+        payload = await self._until_closed(self.parent.get(self._key(key), timeout))
         self.stats.received(payload, start)
         return payload
 

@@ -58,6 +58,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "fmi_async.communicator",
             "fmi_async.calls",
             "fmi_async.groups",
+            "fmi_async.dispatch",
             "fmi_async.local",
             "fmi_async.runner",
             "fmi_async.clean",

@@ -437,4 +437,8 @@ async def exchange(ctx: CollectiveContext, value: Any, names: list[int]) -> list
             f"not take part within {waited:.3g}s; every peer of the group must call {ctx.op} "
             "(they never called it, or called another collective first)"
         )
+    if not ctx.direct:
+        # On storage a peer that comes after the others gave up still finds all
+        # their values stored: it must see the abort they left, not form a group.
+        await ctx._look_for_abort(None, 0.0)
     return got

@@ -85,6 +85,11 @@ def split_members(colors: Sequence[int | None], keys: Sequence[int]) -> dict[int
     return {color: [rank for _, rank in sorted(pairs)] for color, pairs in groups.items()}
 
 
+def sorted_members(colors: Sequence[int | None], keys: Sequence[int]) -> list[list[int]]:
+    """The groups of :func:`split_members` in ascending color order (as :func:`split_all`)."""
+    return [members for _, members in sorted(split_members(colors, keys).items())]
+
+
 async def split_all(
     comms: Sequence[fmi.Communicator], colors: Sequence[int | None], keys: Sequence[int]
 ) -> list[list[fmi.Communicator]]:
@@ -93,9 +98,7 @@ async def split_all(
     subs = await each(comms, lambda c: c.split(colors[c.rank], keys[c.rank]))
     for rank, sub in enumerate(subs):
         assert (sub is None) == (colors[rank] is None), f"peer {rank}: {sub!r}"
-    return [
-        children(comms, subs, members) for _, members in sorted(split_members(colors, keys).items())
-    ]
+    return [children(comms, subs, members) for members in sorted_members(colors, keys)]
 
 
 def children(

@@ -22,8 +22,8 @@ from tests.groups import (
     each,
     net_for,
     run_suite,
+    sorted_members,
     split_all,
-    split_members,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -79,10 +79,6 @@ async def test_split_several_colors_and_keys(net: Net) -> None:
         # The parent still runs its own collectives correctly after all that.
         got = await each(comms, lambda c: c.allreduce(c.rank + 1))
         assert got == [n * (n + 1) // 2] * n
-
-
-def sorted_members(colors: list[int | None], keys: list[int]) -> list[list[int]]:
-    return [m for _, m in sorted(split_members(colors, keys).items())]
 
 
 @pytest.mark.parametrize("net", SLOW_ON_S3, indirect=True)

@@ -26,6 +26,7 @@ from tests.groups import (
     net_for,
     outcomes,
     run_suite,
+    sorted_members,
     split_all,
 )
 from tests.reference import assert_same
@@ -57,7 +58,7 @@ def net(request: pytest.FixtureRequest) -> Net:
 
 
 async def family(
-    net: Net, comms: list[fmi.Communicator]
+    comms: list[fmi.Communicator],
 ) -> tuple[list[fmi.Communicator], list[int], list[fmi.Communicator], list[fmi.Communicator]]:
     """On every peer: a child holding parent ranks 0 and 2 (its members are returned)
     and two dups of the parent."""
@@ -70,20 +71,18 @@ async def family(
         members = [2, 0]
     keys = [-r for r in range(n)]
     groups = await split_all(comms, colors, keys)
-    child = [None] * n
-    for g in groups:
-        for s in g:
-            assert s.parent is not None
-            child[comms.index(s.parent)] = s  # type: ignore[call-overload]
+    child: dict[int, fmi.Communicator] = {}
+    for group, ranks in zip(groups, sorted_members(colors, keys), strict=True):
+        child.update(zip(ranks, group, strict=True))
     d1 = await each(comms, lambda c: c.dup())
     d2 = await each(comms, lambda c: c.dup())
-    return child, members, d1, d2  # type: ignore[return-value]
+    return [child[r] for r in range(n)], members, d1, d2
 
 
 async def test_same_tags_and_collectives_in_flight_on_parent_child_and_dups(net: Net) -> None:
     n = 3 if net.slow else 4
     async with net.group(n, timeout=30) as comms:
-        child, _, d1, d2 = await family(net, comms)
+        child, _, d1, d2 = await family(comms)
         labels = {"parent": comms, "child": child, "dup1": d1, "dup2": d2}
 
         async def ring(label: str, x: fmi.Communicator) -> list[Any]:
@@ -132,7 +131,7 @@ async def test_a_message_never_crosses_between_parent_child_and_dups(net: Net) -
     peer 0 on each of the others in vain, then gets it on the right one."""
     n = 3 if net.slow else 4
     async with net.group(n, timeout=30) as comms:
-        child, members, d1, d2 = await family(net, comms)
+        child, members, d1, d2 = await family(comms)
         # (communicators, the ranks there of parent peers 0 and 2)
         comms_of = {
             "parent": (comms, 0, 2),
@@ -302,6 +301,28 @@ async def test_hint_and_stats_are_the_childs_own(net: Net) -> None:
             assert st["predicted"]["seconds"] >= 0 and st["cost"]["total_usd"] >= 0
 
 
+@pytest.mark.parametrize("channel", ["memory", "tcp", "redis"])
+async def test_the_planner_sees_the_childs_size(
+    request: pytest.FixtureRequest, channel: str
+) -> None:
+    """A dup plans exactly as its parent (same size, same calls); a half plans for
+    two peers, so the model predicts it faster."""
+    net = net_for(request, channel)
+    async with net.group(4, timeout=30) as comms:
+        half = await each(comms, lambda c: c.split(c.rank // 2))
+        twin = await each(comms, lambda c: c.dup())
+        for x in (comms, half, twin):
+            await each(x, lambda c: c.barrier())  # type: ignore[union-attr]
+            assert await each(x, lambda c: c.allreduce(1.0)) == [float(x[0].size)] * 4  # type: ignore[union-attr]
+        for c, h, t in zip(comms, half, twin, strict=True):
+            assert h is not None
+            want = c.stats()["predicted"]
+            assert t.stats()["predicted"] == want
+            assert 0 < h.stats()["predicted"]["seconds"] < want["seconds"]
+            mine = [k for k in c.stats()["collectives"] if k.split("/")[0] not in ("split", "dup")]
+            assert sorted(t.stats()["collectives"]) == sorted(mine)
+
+
 @pytest.mark.parametrize("backend", ["redis", pytest.param("s3", marks=pytest.mark.slow)])
 async def test_storage_native_collectives_on_children(
     request: pytest.FixtureRequest, backend: str
@@ -317,7 +338,7 @@ async def test_storage_native_collectives_on_children(
     async with net.group(n, timeout=30) as comms:
         groups = await split_all(comms, colors, keys)
         suite = Suite(roots=LIGHT.roots, algorithms=MEDIATED)
-        members = [[r for r in range(n) if r % 2 == c][::-1] for c in (0, 1)]
+        members = sorted_members(colors, keys)
         await asyncio.gather(
             *(run_suite(g, m, suite) for g, m in zip(groups, members, strict=True))
         )

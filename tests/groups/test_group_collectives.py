@@ -12,7 +12,10 @@ import asyncio
 import pytest
 
 import fmi_async as fmi
+from fmi_async.errors import AbortedError, ArgumentError
+from fmi_async.groups import EXCHANGE_MAX
 from tests.groups import (
+    CASES,
     CHANNELS,
     FULL,
     LIGHT,
@@ -21,6 +24,7 @@ from tests.groups import (
     children,
     each,
     net_for,
+    outcomes,
     run_suite,
     sorted_members,
     split_all,
@@ -145,3 +149,50 @@ async def test_child_of_a_child(net: Net) -> None:
                 jobs.append(run_suite(group, members, Suite(roots=(0,))))
         await asyncio.gather(*jobs)
         assert sorted(map(len, grand_members)) == ([1, 2] if net.slow else [1, 1, 2, 2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channel", ["memory", "tcp", "redis"])
+async def test_rows_and_columns_of_a_4x4_grid_at_once(
+    request: pytest.FixtureRequest, channel: str
+) -> None:
+    """Sixteen peers, each in a row (reversed by key) and a column; every row and
+    every column runs its suite at the same time."""
+    net = net_for(request, channel)
+    n, side = 16, 4
+    async with net.group(n, timeout=60) as comms:
+        row_colors: list[int | None] = [r // side for r in range(n)]
+        row_keys = [-(r % side) for r in range(n)]
+        col_colors: list[int | None] = [r % side for r in range(n)]
+        col_keys = [r // side for r in range(n)]
+        rows = await split_all(comms, row_colors, row_keys)
+        cols = await split_all(comms, col_colors, col_keys)
+        members = sorted_members(row_colors, row_keys) + sorted_members(col_colors, col_keys)
+        assert members[0] == [3, 2, 1, 0] and members[side] == [0, 4, 8, 12]
+        suite = Suite(roots=(0, -1), cases=CASES)
+        await asyncio.gather(
+            *(run_suite(g, m, suite) for g, m in zip(rows + cols, members, strict=True))
+        )
+
+
+@pytest.mark.slow
+async def test_a_group_above_the_exchange_limit_agrees_by_allgather() -> None:
+    """More peers than EXCHANGE_MAX: the agreement is the planned allgather; the
+    children are the same as MPI's, and a bad color still aborts the others."""
+    n = EXCHANGE_MAX + 2
+    async with fmi.local_peers(n, timeout=60) as comms:
+        colors: list[int | None] = [r % 3 if r != 5 else None for r in range(n)]
+        keys = [-r for r in range(n)]
+        groups = await split_all(comms, colors, keys)
+        suite = Suite(roots=(0,), cases=("array-sum",))
+        await asyncio.gather(
+            *(
+                run_suite(g, m, suite)
+                for g, m in zip(groups, sorted_members(colors, keys), strict=True)
+            )
+        )
+        got = await outcomes(comms, lambda c: c.split(-1 if c.rank == 7 else 0))
+        assert isinstance(got[7], ArgumentError), got[7]
+        others = [g for r, g in enumerate(got) if r != 7]
+        assert all(isinstance(g, AbortedError) and g.peer == 7 for g in others), others[:3]
+        assert await each(comms, lambda c: c.allreduce(1)) == [n] * n

@@ -47,7 +47,7 @@ from ..errors import (
     CommTimeout,
     ProtocolError,
 )
-from ..wire.serialize import Payload, dumps, loads
+from ..wire.serialize import Payload, dumps, loads, pair_prefix
 
 __all__ = ["CollectiveContext", "StorageOps", "Step", "ABORT_PROBE_FIRST", "ABORT_PROBE_MAX"]
 
@@ -74,7 +74,29 @@ class StorageOps(Protocol):
 
 
 class CollectiveContext:
-    """Everything one collective call needs; created by the communicator."""
+    """Everything one collective call needs; created by the communicator.
+
+    ``tag`` is :func:`~fmi_async.channels.mailbox.plan_tag` of ``plan``, when
+    the caller has it at hand (the runner keeps it with the cached plan).
+    """
+
+    __slots__ = (
+        "_head",
+        "_probed",
+        "_published",
+        "channel",
+        "deadline",
+        "direct",
+        "guard",
+        "mailbox",
+        "op",
+        "plan",
+        "rank",
+        "seq",
+        "serializer",
+        "size",
+        "tag",
+    )
 
     def __init__(
         self,
@@ -89,6 +111,7 @@ class CollectiveContext:
         serializer: str = "msgpack",
         mailbox: Mailbox | None = None,
         guard: ReceiveGuard | None = None,
+        tag: str | None = None,
     ) -> None:
         self.rank = rank
         self.size = size
@@ -101,8 +124,9 @@ class CollectiveContext:
         self.mailbox = mailbox
         self.guard = guard
         self.direct = channel.kind == "direct"
-        self.tag = plan_tag(plan)
-        self._probed: set[int] = set()
+        self.tag = plan_tag(plan) if tag is None else tag
+        self._head: bytes | None = None  # msgpack of "[plan, " (see pack)
+        self._probed: set[int] | None = None
         self._published = False
 
     def __repr__(self) -> str:
@@ -118,10 +142,13 @@ class CollectiveContext:
         return f"{self.op} (collective #{self.seq})"
 
     def key(self, step: Step) -> tuple[str | int, ...]:
-        parts = step if isinstance(step, tuple) else (step,)
+        if isinstance(step, tuple):
+            if self.direct:
+                return ("c", self.seq, self.tag, *step)
+            return ("c", self.seq, *step)
         if self.direct:
-            return ("c", self.seq, self.tag, *parts)
-        return ("c", self.seq, *parts)
+            return ("c", self.seq, self.tag, step)
+        return ("c", self.seq, step)
 
     def remaining(self) -> float | None:
         if self.deadline is None:
@@ -135,8 +162,19 @@ class CollectiveContext:
         return left
 
     def pack(self, value: Any) -> Payload:
-        """Serialize ``value`` together with the plan identifier."""
-        return dumps([self.plan, value], self.serializer)
+        """Serialize ``value`` together with the plan identifier: ``[plan, value]``.
+
+        With msgpack that is the array header and the packed plan (made once
+        per collective) followed by the packed value -- the same bytes
+        ``dumps([plan, value])`` gives, whose out-of-band buffers are the value's.
+        """
+        if self.serializer != "msgpack":
+            return dumps([self.plan, value], self.serializer)
+        head = self._head
+        if head is None:
+            head = self._head = pair_prefix(self.plan)
+        body = dumps(value)
+        return Payload(head + body.header, body.buffers, "msgpack")
 
     def unpack(self, payload: Payload, src: int | str) -> Any:
         try:
@@ -180,7 +218,17 @@ class CollectiveContext:
 
     async def recv_payload(self, src: int, step: Step) -> Payload:
         try:
-            return await self._recv_payload(src, step)
+            if not self.direct:
+                return await self._recv_stored(src, step)
+            key = self.key(step)
+            remaining = self.remaining()
+            first = remaining if remaining is None else min(remaining, PLAN_PROBE_AFTER)
+            try:
+                return await self.channel.recv(src, key, first)
+            except CommTimeout as exc:
+                if first is None or first >= remaining:  # type: ignore[operator]
+                    raise self._timeout(exc) from None
+            return await self._recv_probed(src, key)
         except AbortedError as exc:
             # Another peer gave up while this one waited: say on whom this one
             # waited, which may be the peer that is really missing.
@@ -190,24 +238,18 @@ class CollectiveContext:
                 cause=exc.cause,
             ) from None
 
-    async def _recv_payload(self, src: int, step: Step) -> Payload:
+    async def _recv_probed(self, src: int, key: tuple[str | int, ...]) -> Payload:
+        """A direct wait that lasted PLAN_PROBE_AFTER: perhaps ``src`` runs another plan
+        and waits on us too, so that no message of either ever crosses.  Tell it
+        ours; if they differ its mailbox fails the collective and the abort comes back."""
+        await self._send_probe(src)
+        try:
+            return await self.channel.recv(src, key, self.remaining())
+        except CommTimeout as exc:
+            raise self._timeout(exc) from None
+
+    async def _recv_stored(self, src: int, step: Step) -> Payload:
         key = self.key(step)
-        if self.direct:
-            remaining = self.remaining()
-            first = remaining if remaining is None else min(remaining, PLAN_PROBE_AFTER)
-            try:
-                return await self.channel.recv(src, key, first)
-            except CommTimeout as exc:
-                if first is None or first >= remaining:  # type: ignore[operator]
-                    raise self._timeout(exc) from None
-            # A long wait: perhaps ``src`` runs another plan and waits on us too,
-            # so that no message of either ever crosses.  Tell it ours; if they
-            # differ its mailbox fails the collective and the abort comes back.
-            await self._send_probe(src)
-            try:
-                return await self.channel.recv(src, key, self.remaining())
-            except CommTimeout as exc:
-                raise self._timeout(exc) from None
         guard = self.guard
 
         async def fetch(seconds: float) -> Payload:
@@ -249,7 +291,9 @@ class CollectiveContext:
             piece = min(piece * 2, ABORT_PROBE_MAX)
 
     async def _send_probe(self, dst: int) -> None:
-        if dst in self._probed:
+        if self._probed is None:
+            self._probed = set()
+        elif dst in self._probed:
             return
         self._probed.add(dst)
         try:
@@ -287,7 +331,14 @@ class CollectiveContext:
 
     async def sendrecv(self, dst: int, value: Any, src: int, step: Step) -> Any:
         """Send to ``dst`` and receive from ``src`` concurrently (an exchange)."""
-        # The receive waits in a task, the send runs in the caller's: one task per exchange.
+        if self.direct:
+            # A direct channel delivers into the mailbox whether a receive waits or
+            # not, and none of its sends waits for the other peer to receive: the
+            # send then the receive, in this task, is the same exchange without
+            # a task of its own (the receive's message may arrive meanwhile).
+            await self.send_payload(dst, step, self.pack(value))
+            return self.unpack(await self.recv_payload(src, step), src)
+        # Storage: the receive (a poll) waits in a task while the send runs in the caller's.
         receive = asyncio.ensure_future(self.recv(src, step))
         try:
             await self.send(dst, step, value)

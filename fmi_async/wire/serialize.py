@@ -11,6 +11,7 @@ scalars, tuples, out-of-band bytes, big integers and complex numbers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from ..errors import ProtocolError, SerializationError
 from .buffers import Buffer, BufferRecycler, buflen, flat
 
-__all__ = ["Payload", "dumps", "loads", "SERIALIZERS", "OOB_BYTES_THRESHOLD"]
+__all__ = ["Payload", "dumps", "loads", "pair_prefix", "SERIALIZERS", "OOB_BYTES_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,20 @@ def dumps(value: Any, serializer: str = "msgpack") -> Payload:
     if serializer == "pickle":
         return _dumps_pickle(value)
     raise SerializationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
+
+
+@functools.lru_cache(maxsize=256)
+def pair_prefix(first: str) -> bytes:
+    """The bytes every msgpack header of the pair ``[first, value]`` starts with.
+
+    ``dumps([first, value])`` is ``Payload(pair_prefix(first) + h, b)`` where
+    ``dumps(value)`` is ``Payload(h, b)``: a msgpack array is its length and
+    then its items, and the buffer numbers in ``h`` count from the value's
+    first buffer, which is the pair's first too (``first`` has none).  A
+    caller that sends many values under one name packs the name once.
+    """
+    packed: bytes = msgpack.packb(first, use_bin_type=True)
+    return b"\x92" + packed
 
 
 def loads(payload: Payload) -> Any:

@@ -30,6 +30,10 @@ X = TypeVar("X")
 CHANNELS = ["memory", "tcp", "redis", "s3"]
 """The channels the sub-communicator suites run over (s3 through the moto server)."""
 
+SLOW_ON_S3 = [*CHANNELS[:-1], pytest.param("s3", marks=pytest.mark.slow)]
+"""CHANNELS for a test whose s3 case runs only with --slow (another s3 case covers
+the same path): ``@pytest.mark.parametrize("net", SLOW_ON_S3, indirect=True)``."""
+
 OBJECTS: dict[str, Callable[[int], Any]] = {
     "object": lambda r: {"rank": r, "tag": ("t", r), "blob": bytes([r]) * (r + 1)},
     "array": lambda r: np.linspace(0, 1, 4 + r, dtype=np.float32) + r,

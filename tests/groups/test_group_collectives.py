@@ -19,6 +19,7 @@ from tests.groups import (
     CHANNELS,
     FULL,
     LIGHT,
+    SLOW_ON_S3,
     Net,
     Suite,
     children,
@@ -40,12 +41,6 @@ def net(request: pytest.FixtureRequest) -> Net:
 
 # s3 (through the moto server) runs the split and create_group shapes by default;
 # dup and the child of a child there only with --slow.
-SLOW_ON_S3 = [
-    "memory",
-    "tcp",
-    "redis",
-    pytest.param("s3", marks=pytest.mark.slow),
-]
 
 
 async def test_split_several_colors_and_keys(net: Net) -> None:

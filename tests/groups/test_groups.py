@@ -19,6 +19,7 @@ from tests.channels.test_storage_channels import stored
 from tests.groups import (
     CHANNELS,
     LIGHT,
+    SLOW_ON_S3,
     Net,
     Suite,
     children,
@@ -126,6 +127,7 @@ async def test_same_tags_and_collectives_in_flight_on_parent_child_and_dups(net:
                     assert_same(got[3], want.astype(np.int64), f"{label} scan peer {i}")
 
 
+@pytest.mark.parametrize("net", SLOW_ON_S3, indirect=True)
 async def test_a_message_never_crosses_between_parent_child_and_dups(net: Net) -> None:
     """Peer 0 sends to peer 2 on one communicator; peer 2 waits for that tag from
     peer 0 on each of the others in vain, then gets it on the right one."""
@@ -218,6 +220,7 @@ async def test_closing_a_child_leaves_the_parent_and_other_children(net: Net) ->
         assert got == [f"from {(r - 1) % n}" for r in range(n)]
 
 
+@pytest.mark.parametrize("net", SLOW_ON_S3, indirect=True)
 async def test_the_parents_close_closes_its_children(net: Net) -> None:
     n = 3
     async with net.group(n, timeout=30) as comms:

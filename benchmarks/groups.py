@@ -39,16 +39,14 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
+from common import Rendezvous, run_loop, run_peers, tcp_config  # benchmarks/common.py
 from mpi import fmt_time  # benchmarks/mpi.py
-from p2p import SECRET, Rendezvous, result_of  # benchmarks/p2p.py
 
 import fmi_async as fmi
 
@@ -167,41 +165,18 @@ async def measure(comm: fmi.Communicator, reps: int) -> dict[str, Any] | None:
 
 
 async def tcp_worker(args: argparse.Namespace) -> dict[str, Any] | None:
-    host, port = args.rendezvous.split(":")
-    config = {
-        "backends": {"TCP": {"enabled": True, "host": host, "port": int(port)}},
-        "security": {"secret": SECRET},
-        "timeout": WORKER_TIMEOUT,
-    }
+    config = tcp_config(args.rendezvous, WORKER_TIMEOUT)
     async with fmi.Communicator(args.peer, args.size, config, run_id=args.run_id) as comm:
         return await measure(comm, args.reps)
 
 
 def on_tcp(size: int, reps: int, rendezvous: str, loop: str) -> dict[str, Any]:
     """``size`` worker processes, one peer each; rank 0's result."""
-    argv = [sys.executable, __file__, "--worker", "--size", str(size), "--reps", str(reps)]
-    argv += ["--rendezvous", rendezvous, "--run-id", uuid.uuid4().hex[:8], "--loop", loop]
-    procs = [
-        subprocess.Popen([*argv, "--peer", str(p)], stdout=subprocess.PIPE, text=True)
-        for p in range(size)
-    ]
-    try:
-        results = [result_of(proc, WORKER_TIMEOUT) for proc in procs]
-    finally:
-        for proc in procs:  # a failed peer leaves the others waiting: stop them
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+    argv = ["--size", str(size), "--reps", str(reps), "--rendezvous", rendezvous]
+    argv += ["--run-id", uuid.uuid4().hex[:8], "--loop", loop]
+    results = run_peers(__file__, size, argv, WORKER_TIMEOUT)
     assert results[0] is not None
-    return results[0]
-
-
-def run_loop(loop: str, coro: Coroutine[Any, Any, Any]) -> Any:
-    if loop == "uvloop":
-        import uvloop
-
-        return uvloop.run(coro)
-    return asyncio.run(coro)
+    return results[0]  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------- report

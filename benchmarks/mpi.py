@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from p2p import SECRET, Rendezvous  # benchmarks/p2p.py
+from common import Rendezvous, tcp_config  # benchmarks/common.py
 
 import fmi_async as fmi
 
@@ -177,12 +177,7 @@ def idle_record(t0: os.times_result, wall: float) -> dict[str, Any]:
 
 def fmi_communicator(args: argparse.Namespace) -> fmi.Communicator:
     if args.kind == "fmi-tcp":
-        host, port = args.rendezvous.split(":")
-        config = {
-            "backends": {"TCP": {"enabled": True, "host": host, "port": int(port)}},
-            "security": {"secret": SECRET},
-            "timeout": 120,
-        }
+        config = tcp_config(args.rendezvous, 120)
         # Started by mpiexec like the others, but never initializes MPI: the
         # rank and size come from the launcher's environment (MPICH's Hydra).
         rank, size = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])

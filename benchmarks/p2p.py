@@ -32,19 +32,16 @@ import os
 import resource
 import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from typing import Any
 
 import numpy as np
+from common import Rendezvous, result_of, run_loop, spawn, tcp_config  # benchmarks/common.py
 
 import fmi_async as fmi
-from fmi_async.holepunch.server import RendezvousServer
 
-SECRET = "bench-secret"
 SMALL = 64  # bytes in a ping
 
 
@@ -61,12 +58,7 @@ def rss_now_bytes() -> int:
 
 
 async def fmi_worker(args: argparse.Namespace) -> dict[str, Any]:
-    host, port = args.rendezvous.split(":")
-    config = {
-        "backends": {"TCP": {"enabled": True, "host": host, "port": int(port)}},
-        "security": {"secret": SECRET},
-        "timeout": 120,
-    }
+    config = tcp_config(args.rendezvous, 120)
     comm = fmi.Communicator(args.peer, 2, config, run_id=args.run_id)
     async with comm:
         other = 1 - comm.rank
@@ -187,52 +179,11 @@ def worker_main(args: argparse.Namespace) -> None:
         result = raw_bw_worker(args)
     else:
         coro = fmi_worker(args) if args.kind == "fmi" else raw_rtt_worker(args)
-        if args.loop == "uvloop":
-            import uvloop
-
-            result = uvloop.run(coro)
-        else:
-            result = asyncio.run(coro)
+        result = run_loop(args.loop, coro)
     print(json.dumps({"result": result}), flush=True)
 
 
 # ----------------------------------------------------------------- orchestration
-
-
-class Rendezvous:
-    """A rendezvous server on its own thread and event loop, for the workers."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.server = RendezvousServer(secret=SECRET.encode())
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start("127.0.0.1", 0), self.loop).result(10)
-        host, port = self.server.address
-        return f"{host}:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-def spawn(argv: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, __file__, "--worker", *argv], stdout=subprocess.PIPE, text=True
-    )
-
-
-def result_of(proc: subprocess.Popen[str], timeout: float = 600) -> dict[str, Any]:
-    out, _ = proc.communicate(timeout=timeout)
-    if proc.returncode:
-        raise SystemExit(f"benchmark worker failed with exit code {proc.returncode}")
-    for line in out.splitlines():
-        if line.startswith('{"result"'):
-            return json.loads(line)["result"]  # type: ignore[no-any-return]
-    raise SystemExit(f"benchmark worker printed no result: {out!r}")
 
 
 def run_pair(
@@ -242,14 +193,16 @@ def run_pair(
     if kind == "fmi":
         run_id = uuid.uuid4().hex[:8]
         procs = [
-            spawn([*base, "--peer", str(p), "--rendezvous", rendezvous, "--run-id", run_id])
+            spawn(
+                __file__, [*base, "--peer", str(p), "--rendezvous", rendezvous, "--run-id", run_id]
+            )
             for p in (0, 1)
         ]
         return [result_of(p) for p in procs]
-    server = spawn([*base, "--peer", "1"])
+    server = spawn(__file__, [*base, "--peer", "1"])
     assert server.stdout is not None
     port = json.loads(server.stdout.readline())["port"]
-    client = spawn([*base, "--peer", "0", "--port", str(port)])
+    client = spawn(__file__, [*base, "--peer", "0", "--port", str(port)])
     return [result_of(client), result_of(server)]
 
 

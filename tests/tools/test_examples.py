@@ -29,6 +29,7 @@ def launch(n: int, script: str, *args: str) -> str:
 def test_every_example_has_a_test() -> None:
     tested = {"hello_allreduce.py", "pi.py", "dot.py"}
     tested.add("grid.py")  # run by tests/test_grid_example.py
+    tested.add("kmeans.py")  # run by tests/test_kmeans_example.py
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 

@@ -432,10 +432,13 @@ async def exchange(ctx: CollectiveContext, value: Any, names: list[int]) -> list
     if missing:
         named = sorted(names[p] for p in missing)
         waited = asyncio.get_running_loop().time() - start
+        # create_group agrees inside the new group: name peers as the caller
+        # knows them, by their ranks in the parent
+        whose = " of the parent" if names != list(range(ctx.size)) else ""
         raise CommTimeout(
-            f"{ctx.op} (collective #{ctx.seq}) on peer {names[ctx.rank]}: peer(s) {named} did "
-            f"not take part within {waited:.3g}s; every peer of the group must call {ctx.op} "
-            "(they never called it, or called another collective first)"
+            f"{ctx.op} (collective #{ctx.seq}) on peer {names[ctx.rank]}{whose}: peer(s) "
+            f"{named}{whose} did not take part within {waited:.3g}s; every peer of the group "
+            f"must call {ctx.op} (they never called it, or called another collective first)"
         )
     if not ctx.direct:
         # On storage a peer that comes after the others gave up still finds all

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 OpLike = Op | str | Callable[[Any, Any], Any]
 
+# Values every serializer carries: no trial serialization needed to know it.
+_ALWAYS_TRAVEL = frozenset({float, int, bool, type(None)})
+
 
 class CommunicatorCalls:
     """The data-moving calls of a communicator (a mixin of
@@ -129,6 +132,8 @@ class CommunicatorCalls:
 
     def _serializable(self, value: Any) -> None:
         """Raise SerializationError now, before any message of the collective is sent."""
+        if type(value) in _ALWAYS_TRAVEL:
+            return
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
             return  # its raw buffer always travels
         dumps(value, self.config.serializer)
@@ -394,16 +399,9 @@ class CommunicatorCalls:
         algorithm: str | None,
     ) -> Callable[[], Call]:
         def prepare() -> Call:
-            call = self._reduction(
-                value,
-                op,
-                lambda oper: (value, oper),
-                nbytes=nbytes,
-                channel=channel,
-                algorithm=algorithm,
-            )
+            oper = as_op(op)
             self._serializable(value)
-            return call
+            return Call((value, oper), nbytes, channel, algorithm, operator=oper, value=value)
 
         return prepare
 
@@ -418,6 +416,7 @@ class Call:
     """
 
     __slots__ = (
+        "_array",
         "algorithm",
         "args",
         "channel",
@@ -426,7 +425,8 @@ class Call:
         "nbytes",
         "operator",
         "root",
-        "signature",
+        "rooted",
+        "traits",
     )
 
     def __init__(
@@ -447,16 +447,28 @@ class Call:
         self.algorithm = algorithm
         self.operator = operator
         self.root = root
+        self.rooted = rooted
         self.is_array = False
         self.elements: int | None = None
-        parts: list[str] = []
+        self._array: tuple[str, tuple[int, ...]] | None = None
         if isinstance(value, np.ndarray):
             self.is_array, self.elements = True, int(value.size)
             self.nbytes = int(value.nbytes)
-            parts.append(f"{value.dtype.str}{list(value.shape)}")
-        if rooted:
-            parts.append(f"root={root}")
+            self._array = (value.dtype.str, value.shape)
+        # Everything plan() and the signature depend on, as a key for the
+        # runner's plan cache (the signature itself is only built on a miss).
+        self.traits = (nbytes, channel, algorithm, operator, root, rooted, self._array)
+
+    @property
+    def signature(self) -> str:
+        parts: list[str] = []
+        if self._array is not None:
+            dtype, shape = self._array
+            parts.append(f"{dtype}{list(shape)}")
+        if self.rooted:
+            parts.append(f"root={self.root}")
+        operator = self.operator
         if operator is not None:
             flags = ("c" if operator.commutative else "") + ("a" if operator.associative else "")
             parts.append(f"op={operator.name}:{flags}")
-        self.signature = "/".join(parts)
+        return "/".join(parts)

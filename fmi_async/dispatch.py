@@ -18,7 +18,7 @@ from typing import Any
 
 from .calls import Call
 from .channels.base import Channel
-from .channels.mailbox import Mailbox, ReceiveGuard, abort_payload
+from .channels.mailbox import Mailbox, ReceiveGuard, abort_payload, plan_tag
 from .collectives import registry as algorithms
 from .collectives.base import CollectiveContext
 from .collectives.native import wait_for_step
@@ -39,6 +39,34 @@ ANNOUNCE_TIMEOUT = 10.0
 """Longest time spent telling the other peers that a collective was abandoned."""
 
 
+class Planned:
+    """A plan with what every call under it needs, worked out once (a cache entry):
+    its identifier and tag, the channel, the algorithm, the stats key and the
+    channels that must see every collective."""
+
+    __slots__ = ("channel", "counted", "fn", "ident", "native", "plan", "tag", "watchers")
+
+    def __init__(self, chosen: Plan, channels: dict[str, Channel], fn: AlgorithmFn | None) -> None:
+        self.plan = chosen
+        self.ident = chosen.ident
+        self.tag = plan_tag(self.ident)
+        self.channel = channels[chosen.channel]
+        self.native = chosen.family == "mpi"
+        self.fn = (
+            fn if fn is not None else algorithms.get(chosen.family, chosen.op, chosen.algorithm).fn
+        )
+        self.counted = f"{chosen.op}/{chosen.channel}/{chosen.family}:{chosen.algorithm}"
+        # Most channels do not watch collectives (the base class's hook returns None).
+        self.watchers = tuple(
+            chan
+            for chan in channels.values()
+            if type(chan).collective_started is not Channel.collective_started
+        )
+
+    def __repr__(self) -> str:
+        return f"<Planned {self.ident}>"
+
+
 class CollectiveRunner:
     """How a communicator runs its collectives (a mixin of
     :class:`~fmi_async.communicator.Communicator`, which provides the state
@@ -54,7 +82,7 @@ class CollectiveRunner:
     _guard: ReceiveGuard
     _channels: dict[str, Channel]
     _gates: dict[int, asyncio.Future[Any]]
-    _plans: dict[tuple[Any, ...], Plan]
+    _plans: dict[tuple[Any, ...], Any]  # call traits -> Planned
     _seq: int
     _collectives: Counter[str]
     _predicted_seconds: float
@@ -72,8 +100,8 @@ class CollectiveRunner:
         op: str,
         timeout: float | None,
         prepare: Callable[[], Call],
-        fixed: Plan | None = None,
-    ) -> tuple[CollectiveContext, Plan, tuple[Any, ...]]:
+        fixed: tuple[Plan, AlgorithmFn] | None = None,
+    ) -> tuple[CollectiveContext, Planned, tuple[Any, ...]]:
         """Everything synchronous before the first await.
 
         The sequence number is taken first, then the call is checked and the
@@ -91,62 +119,59 @@ class CollectiveRunner:
         try:
             deadline = self._deadline(timeout)
             call = prepare()
-            chosen = self._plan(op, call) if fixed is None else fixed
+            planned = (
+                self._plan(op, call)
+                if fixed is None
+                else Planned(fixed[0], self._channels, fixed[1])
+            )
+            ident = planned.ident
             ctx = CollectiveContext(
                 rank=self.peer_id,
                 size=self.num_peers,
                 seq=seq,
                 op=op,
-                plan=chosen.ident,
-                channel=self._channels[chosen.channel],
+                plan=ident,
+                channel=planned.channel,
                 deadline=deadline,
                 serializer=self.config.serializer,
                 mailbox=self._mailbox,
                 guard=self._guard,
+                tag=planned.tag,
             )
-            self._mailbox.begin(seq, ctx.tag, ctx.plan)
-            native = chosen.family == "mpi"
-            for chan in self._channels.values():
-                gate = chan.collective_started(seq, ctx.plan, native=native)
-                if gate is not None and not native:
+            self._mailbox.begin(seq, planned.tag, ident)
+            for chan in planned.watchers:
+                gate = chan.collective_started(seq, ident, native=planned.native)
+                if gate is not None and not planned.native:
                     self._gates[seq] = gate
         except BaseException as exc:
             self._abandon(seq, op, exc)
             raise
-        self._collectives[f"{op}/{chosen.channel}/{chosen.family}:{chosen.algorithm}"] += 1
+        chosen = planned.plan
+        self._collectives[planned.counted] += 1
         self._predicted_seconds += chosen.seconds
         self._predicted_usd += chosen.usd
-        logger.debug(
-            "peer %d: %s #%d plan %s (predicted %.3gs, $%.3g)",
-            self.peer_id,
-            op,
-            seq,
-            ctx.plan,
-            chosen.seconds,
-            chosen.usd,
-        )
-        return ctx, chosen, call.args
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "peer %d: %s #%d plan %s (predicted %.3gs, $%.3g)",
+                self.peer_id,
+                op,
+                seq,
+                ident,
+                chosen.seconds,
+                chosen.usd,
+            )
+        return ctx, planned, call.args
 
-    def _plan(self, op: str, call: Call) -> Plan:
-        """plan() for this call, remembered: it is a pure function of the call's
-        traits, and a loop of small collectives would otherwise pay it every time."""
-        key: tuple[Any, ...] = (
-            op,
-            call.nbytes,
-            call.operator,
-            call.is_array,
-            call.elements,
-            call.root,
-            call.signature,
-            self._hint,
-            call.channel,
-            call.algorithm,
-        )
+    def _plan(self, op: str, call: Call) -> Planned:
+        """plan() for this call, remembered with what running it needs: it is a pure
+        function of the call's traits, and a loop of small collectives would
+        otherwise pay it every time."""
+        key: tuple[Any, ...] = (op, self._hint, *call.traits)
         try:
-            chosen = self._plans.get(key)
+            planned: Planned | None = self._plans.get(key)
         except TypeError:  # an operator whose function cannot be hashed
-            key, chosen = (), None
-        if chosen is None:
+            key, planned = (), None
+        if planned is None:
             chosen = plan(
                 op,
                 nbytes=call.nbytes,
@@ -162,11 +187,12 @@ class CollectiveRunner:
                 channel=call.channel,
                 algorithm=call.algorithm,
             )
+            planned = Planned(chosen, self._channels, None)
             if key:
                 if len(self._plans) >= PLAN_CACHE:
                     del self._plans[next(iter(self._plans))]
-                self._plans[key] = chosen
-        return chosen
+                self._plans[key] = planned
+        return planned
 
     async def _collective(
         self,
@@ -181,9 +207,12 @@ class CollectiveRunner:
         ``fixed``: the plan and the algorithm, not planned nor looked up (the
         agreement of :mod:`fmi_async.groups`, which is not a user collective).
         """
-        ctx, chosen, args = self._start(op, timeout, prepare, None if fixed is None else fixed[0])
+        ctx, planned, args = self._start(op, timeout, prepare, fixed)
         try:
-            result = await self._run(ctx, chosen, *args, fn=None if fixed is None else fixed[1])
+            if self._gates:
+                result = await self._gated(ctx, planned, args, fixed is not None)
+            else:
+                result = await planned.fn(ctx, *args)
         except BaseException as exc:
             self._abandon(ctx.seq, op, exc)
             raise
@@ -235,20 +264,19 @@ class CollectiveRunner:
         if not task.cancelled() and task.exception() is not None:
             logger.debug("peer %d: background task failed: %r", self.peer_id, task.exception())
 
-    async def _run(
-        self, ctx: CollectiveContext, chosen: Plan, *args: Any, fn: AlgorithmFn | None = None
+    async def _gated(
+        self, ctx: CollectiveContext, planned: Planned, args: tuple[Any, ...], fixed: bool
     ) -> Any:
-        """Run the chosen algorithm: one registry lookup, one uniform call.
+        """Run the planned algorithm once a channel that sees every collective says go.
 
         ``args`` are the collective's arguments in the order
         :data:`~fmi_async.collectives.registry.COLLECTIVES` declares them.
         """
+        fn = planned.fn
         gate = self._gates.pop(ctx.seq, None)
-        if fn is not None and gate is not None:
+        if fixed and gate is not None:
             return await self._overlapped(ctx, gate, fn(ctx, *args))
-        if fn is None:
-            fn = algorithms.get(chosen.family, chosen.op, chosen.algorithm).fn
-        if gate is not None:  # a channel that sees every collective says go
+        if gate is not None:
             await wait_for_step(ctx, gate)
         return await fn(ctx, *args)
 

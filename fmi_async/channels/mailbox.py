@@ -127,6 +127,13 @@ class Mailbox:
         if kind == SCOPE:
             self._route(src, key, payload)
             return
+        if kind == "c" and len(key) >= 3:
+            # The common case first: a message of a running collective under this
+            # peer's plan tag (what the checks below would let through, faster).
+            running = self._plans.get(key[1])  # type: ignore[arg-type]
+            if running is not None and key[2] == running[0] and key[1] not in self._aborts:
+                self._hand_over((src, key), payload)
+                return
         if kind == "c" or kind == "a" or kind == "q":
             seq = key[1]
             if not isinstance(seq, int) or self._is_finished(seq):
@@ -339,22 +346,26 @@ class Mailbox:
         peer already sent for it, if any.
         """
         self._plans[seq] = (plan_tag, plan)
-        early = self._early.pop(seq, None)
+        early = self._early.pop(seq, None) if self._early else None
         if early:
             for other, (src, theirs) in early.items():
                 if other != plan_tag:
                     self._mismatch(seq, src, _plan_of(theirs))
                     break
-        if seq in self._aborts:
+        if self._aborts and seq in self._aborts:
             raise self._aborts[seq]
 
     def finish(self, seq: int, *, failed: bool = False) -> None:
         """Collective ``seq`` is over on this peer: later messages for it are dropped;
         after a failure, the ones already queued are evicted too."""
         self._plans.pop(seq, None)
-        self._early.pop(seq, None)
-        self._aborts.pop(seq, None)
-        if seq >= self._finished_below:
+        if self._early:
+            self._early.pop(seq, None)
+        if self._aborts:
+            self._aborts.pop(seq, None)
+        if seq == self._finished_below and not self._finished:
+            self._finished_below += 1  # collectives finish in order, nearly always
+        elif seq >= self._finished_below:
             self._finished.add(seq)
             while self._finished_below in self._finished:
                 self._finished.remove(self._finished_below)

@@ -80,24 +80,6 @@ class CollectiveContext:
     the caller has it at hand (the runner keeps it with the cached plan).
     """
 
-    __slots__ = (
-        "_head",
-        "_probed",
-        "_published",
-        "channel",
-        "deadline",
-        "direct",
-        "guard",
-        "mailbox",
-        "op",
-        "plan",
-        "rank",
-        "seq",
-        "serializer",
-        "size",
-        "tag",
-    )
-
     def __init__(
         self,
         *,

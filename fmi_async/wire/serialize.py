@@ -142,10 +142,36 @@ def _dumps_msgpack(value: Any) -> Payload:
             return Payload(msgpack.packb(value, use_bin_type=True), (), "msgpack")
         except ValueError:  # a lone surrogate in a str: the long way explains it
             pass
-    buffers: list[Buffer] = []
     value = _mark_large_bytes(value)
+    encoder = _ExtEncoder()
+    try:
+        header = encoder.pack(value)
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot serialize {type(value).__name__}: {exc}") from exc
+    return Payload(header, tuple(encoder.buffers), "msgpack")
 
-    def default(obj: Any) -> Any:
+
+class _ExtEncoder:
+    """msgpack's ``default`` hook for one value; collects its out-of-band buffers.
+
+    An object, not nested closures: a ``default`` and a ``pack`` closure that
+    call each other form a reference cycle, which would keep every array sent
+    alive until the garbage collector runs (a buffer pool then never sees the
+    sender let go of it).
+    """
+
+    __slots__ = ("buffers",)
+
+    def __init__(self) -> None:
+        self.buffers: list[Buffer] = []
+
+    def pack(self, obj: Any) -> bytes:
+        packed: bytes = msgpack.packb(obj, default=self, strict_types=True, use_bin_type=True)
+        return packed
+
+    def __call__(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
             if obj.dtype.hasobject:
                 raise SerializationError(
@@ -154,15 +180,15 @@ def _dumps_msgpack(value: Any) -> Payload:
                 )
             arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
             dtype: Any = arr.dtype.descr if arr.dtype.fields is not None else arr.dtype.str
-            buffers.append(flat(arr.data) if arr.nbytes else b"")
-            meta = [dtype, list(arr.shape), len(buffers) - 1]
-            return msgpack.ExtType(_EXT_NDARRAY, _pack(meta))
+            self.buffers.append(flat(arr.data) if arr.nbytes else b"")
+            meta = [dtype, list(arr.shape), len(self.buffers) - 1]
+            return msgpack.ExtType(_EXT_NDARRAY, self.pack(meta))
         if isinstance(obj, np.generic):
             if obj.dtype.hasobject:
                 raise SerializationError(f"numpy object scalar {obj!r} cannot travel")
-            return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
+            return msgpack.ExtType(_EXT_NPSCALAR, self.pack([obj.dtype.str, obj.tobytes()]))
         if isinstance(obj, tuple):
-            return msgpack.ExtType(_EXT_TUPLE, _pack(list(obj)))
+            return msgpack.ExtType(_EXT_TUPLE, self.pack(list(obj)))
         if isinstance(obj, list):
             return list(obj)
         if isinstance(obj, dict):
@@ -176,27 +202,15 @@ def _dumps_msgpack(value: Any) -> Payload:
         if isinstance(obj, str):
             return str(obj)
         if isinstance(obj, complex):
-            return msgpack.ExtType(_EXT_COMPLEX, _pack([obj.real, obj.imag]))
+            return msgpack.ExtType(_EXT_COMPLEX, self.pack([obj.real, obj.imag]))
         if isinstance(obj, _OOB):
-            buffers.append(flat(obj.buf))
-            return msgpack.ExtType(_EXT_OOB_BYTES, _pack(len(buffers) - 1))
+            self.buffers.append(flat(obj.buf))
+            return msgpack.ExtType(_EXT_OOB_BYTES, self.pack(len(self.buffers) - 1))
         raise SerializationError(
             f"values of type {type(obj).__name__} cannot travel with the msgpack serializer; "
             "send None, bool, int, float, complex, str, bytes, list, tuple, dict or numpy "
             "values, or pass serializer='pickle'"
         )
-
-    def _pack(obj: Any) -> bytes:
-        packed: bytes = msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
-        return packed
-
-    try:
-        header = _pack(value)
-    except SerializationError:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise SerializationError(f"cannot serialize {type(value).__name__}: {exc}") from exc
-    return Payload(header, tuple(buffers), "msgpack")
 
 
 def _loads_msgpack(payload: Payload) -> Any:

@@ -32,6 +32,7 @@ import numpy as np
 from ..ops import Op, fold
 from .base import CollectiveContext
 from .registry import Need, algorithm
+from .results import combine, fold_into, result_array
 
 __all__ = [
     "bcast",
@@ -105,6 +106,7 @@ async def reduce(ctx: CollectiveContext, value: Any, op: Op, root: int) -> Any:
     base = root if op.commutative else 0
     v = (ctx.rank - base) % size
     acc = value
+    dest = _dest(ctx, "reduce", value, op) if v + 1 < size else None  # it folds
     mask = 1
     while mask < size:
         if v & mask:
@@ -112,7 +114,7 @@ async def reduce(ctx: CollectiveContext, value: Any, op: Op, root: int) -> Any:
             break
         if v + mask < size:
             child = (v + mask + base) % size
-            acc = op(acc, await ctx.recv(child, ("r", mask)))
+            acc = combine(op, acc, await ctx.recv(child, ("r", mask)), dest)
         mask <<= 1
     if base == root:
         return acc if ctx.rank == root else None
@@ -144,13 +146,15 @@ async def allreduce_recursive_doubling(ctx: CollectiveContext, value: Any, op: O
         return value
     pof2 = 1 << (size.bit_length() - 1)
     rem = size - pof2
+    folds = rank >= 2 * rem or rank % 2 == 1  # the others only send and get the result
+    dest = _dest(ctx, "allreduce", value, op) if folds else None
     newrank: int
     if rank < 2 * rem:
         if rank % 2 == 0:
             await ctx.send(rank + 1, "fold", value)
             newrank = -1
         else:
-            value = op(await ctx.recv(rank - 1, "fold"), value)
+            value = combine(op, await ctx.recv(rank - 1, "fold"), value, dest)
             newrank = rank // 2
     else:
         newrank = rank - rem
@@ -161,7 +165,11 @@ async def allreduce_recursive_doubling(ctx: CollectiveContext, value: Any, op: O
             dst = newdst * 2 + 1 if newdst < rem else newdst + rem
             other = await ctx.sendrecv(dst, value, dst, ("x", mask))
             # Both partners compute op(lower block, higher block): identical results.
-            value = op(other, value) if newdst < newrank else op(value, other)
+            # The fold may overwrite `value`: its send has returned.
+            if newdst < newrank:
+                value = combine(op, other, value, dest)
+            else:
+                value = combine(op, value, other, dest)
             mask <<= 1
     if rank < 2 * rem:
         if rank % 2:
@@ -180,29 +188,26 @@ async def allreduce_recursive_doubling(ctx: CollectiveContext, value: Any, op: O
 async def allreduce_ring(ctx: CollectiveContext, value: np.ndarray, op: Op) -> np.ndarray:
     """Ring reduce-scatter + ring allgather; commutative operators only.
 
-    The result is built in one copy of the input: chunks are views into it,
-    reduced in place where the operator's ufunc keeps the dtype, and the
-    gathered chunks are copied into place as they arrive (a channel's send
-    returns when its buffers may be reused, so no send still reads them).
-    Each received chunk is released at once, so a channel's receive buffers
-    are recycled instead of freshly faulted in at every step.
+    Chunk ``i`` of the result is written once per step that touches it:
+    folded from the received chunk and this peer's input chunk (the input is
+    never copied first), or copied from the gathered chunk.  The result is the
+    caller's ``out=`` or pooled memory (:mod:`.results`), so a loop of calls
+    does not fault fresh pages in at every call; each received chunk is
+    released at once, so the channel's receive buffers are recycled too.
     """
     size, rank = ctx.size, ctx.rank
     if size == 1:
         return value
-    out = np.array(value, copy=True, order="C").reshape(-1)
-    views: list[np.ndarray] = np.array_split(out, size)
-    chunks: list[np.ndarray] = list(views)
+    inputs: list[np.ndarray] = np.array_split(np.ascontiguousarray(value).reshape(-1), size)
+    result = result_array(ctx.channel, "allreduce", value.shape, value.dtype)
+    views: list[np.ndarray] = np.array_split(result.reshape(-1), size)
+    chunks: list[np.ndarray] = list(inputs)  # this peer's current value of each chunk
     right, left = (rank + 1) % size, (rank - 1) % size
     for s in range(size - 1):
+        # Chunk recv_i is received once in this phase: chunks[recv_i] is still the input.
         send_i, recv_i = (rank - s) % size, (rank - s - 1) % size
         got = await ctx.sendrecv(right, chunks[send_i], left, ("rs", s))
-        mine = chunks[recv_i]
-        if _reduces_in_place(op, got, mine):
-            assert op.ufunc is not None
-            op.ufunc(got, mine, out=mine)
-        else:
-            chunks[recv_i] = op(got, mine)
+        chunks[recv_i] = combine(op, got, chunks[recv_i], views[recv_i])
     for s in range(size - 1):
         send_i, recv_i = (rank + 1 - s) % size, (rank - s) % size
         got = await ctx.sendrecv(right, chunks[send_i], left, ("ag", s))
@@ -212,7 +217,7 @@ async def allreduce_ring(ctx: CollectiveContext, value: np.ndarray, op: Op) -> n
         else:
             chunks[recv_i] = got
     if all(c is v for c, v in zip(chunks, views, strict=True)):
-        return out.reshape(value.shape)
+        return result
     return np.concatenate(chunks).reshape(value.shape)
 
 
@@ -220,11 +225,12 @@ def _same_layout(a: Any, b: np.ndarray) -> bool:
     return isinstance(a, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
 
 
-def _reduces_in_place(op: Op, got: Any, mine: np.ndarray) -> bool:
-    """Whether ``op.ufunc(got, mine, out=mine)`` equals ``op(got, mine)``."""
-    if op.ufunc is None or not _same_layout(got, mine) or mine.size == 0:
-        return False
-    return bool(op.ufunc(got[:1], mine[:1]).dtype == mine.dtype)
+def _dest(ctx: CollectiveContext, op_name: str, value: Any, op: Op) -> np.ndarray | None:
+    """Where a reduction of arrays like ``value`` folds: ``out=`` or pooled memory
+    (``None`` where folds cannot be written in place: objects, user operators)."""
+    if op.ufunc is None or not isinstance(value, np.ndarray) or value.dtype.hasobject:
+        return None
+    return result_array(ctx.channel, op_name, value.shape, value.dtype)
 
 
 @algorithm("direct", "allreduce", "linear")
@@ -317,7 +323,7 @@ async def reduce_scatter(ctx: CollectiveContext, parts: list[Any], op: Op) -> An
     results = await asyncio.gather(*sends, *recvs)
     received = list(results[len(sends) :])
     received.insert(rank, parts[rank])
-    return fold(op, received)
+    return fold_into(op, received, _dest(ctx, "reduce_scatter", parts[rank], op))
 
 
 # ------------------------------------------------------------------- scan / exscan

@@ -18,6 +18,7 @@ bcast          binomial           L t(n)
 reduce         binomial           L t(n)  (+ t(n) to a non-zero root, non-commutative)
 allreduce      recursive_doubling (log2 P' + 2[P != P']) t(n), P' = 2^floor(log2 P)
 allreduce      ring               2 (P-1) t(n / P)
+allreduce      ring_pipelined     2 (P-1) (K o + n/P / b), K = ceil(n/P / segment)
 allreduce      linear             reduce (or gather, non-associative) + bcast
 gather/scatter binomial           L o + (P-1) n / b
 allgather      bruck              L o + (P-1) n / b
@@ -39,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from ..collectives import registry as algorithms
+from ..collectives.pipelined import SEGMENT_BYTES, segments
 from ..collectives.registry import Algorithm
 from ..errors import ArgumentError
 from ..ops import Op
@@ -139,6 +141,16 @@ def _ring(s: Shape, a: float, b: float) -> tuple[float, float, float]:
     return 2 * (p - 1) * (a + n / p * b), 2 * p * (p - 1), 2 * (p - 1) * n
 
 
+def _ring_pipelined(s: Shape, a: float, b: float) -> tuple[float, float, float]:
+    """The ring in K segments per step: K messages per step; its folds overlap
+    the transfers (:func:`folds` charges only what a pipeline cannot hide)."""
+    p, n = s.peers, s.nbytes
+    if s.op != "allreduce":
+        raise _no_formula("ring_pipelined", s)
+    k = segments(n, p)
+    return 2 * (p - 1) * (k * a + n / p * b), 2 * p * (p - 1) * k, 2 * (p - 1) * n
+
+
 def _bruck(s: Shape, a: float, b: float) -> tuple[float, float, float]:
     p, n, big_l = s.peers, s.nbytes, _log2ceil(s.peers)
     if s.op != "allgather":
@@ -174,6 +186,7 @@ DIRECT_COSTS: dict[str, Direct] = {
     "linear": _linear,
     "recursive_doubling": _recursive_doubling,
     "ring": _ring,
+    "ring_pipelined": _ring_pipelined,
     "bruck": _bruck,
     "pairwise": _pairwise,
     "chain": _chain,
@@ -216,6 +229,8 @@ def folds(family: str, cost: str, s: Shape) -> tuple[float, float]:
     associative = s.operator is None or s.operator.associative
     if op == "reduce_scatter" or cost in ("ring", "split"):
         return every / p, every  # parts of n/P, one part per peer
+    if cost == "ring_pipelined":  # only each step's last segment waits for its fold
+        return (p - 1) * min(float(SEGMENT_BYTES), n / p), every
     if family == "mediated":
         if cost == "tree":  # scan over storage: up to two folds per level
             return 2 * _log2ceil(p) * n, 2 * every

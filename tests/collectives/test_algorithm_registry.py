@@ -203,6 +203,7 @@ def test_registration_checks_its_declaration() -> None:
         "recursive_doubling",
         "ring",
         "linear",
+        "ring_pipelined",
     ]
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "combine",
     "fold_into",
     "folds_into",
+    "keeps_dtype",
     "out_for",
     "result_array",
     "writing_into",
@@ -169,7 +170,14 @@ def folds_into(op: Op, a: Any, b: Any, dest: np.ndarray) -> bool:
         return False
     if a.dtype != dest.dtype or b.dtype != dest.dtype:
         return False
-    return bool(op.ufunc.resolve_dtypes((a.dtype, b.dtype, None))[-1] == dest.dtype)
+    return keeps_dtype(op, dest.dtype)
+
+
+def keeps_dtype(op: Op, dtype: np.dtype[Any]) -> bool:
+    """Whether ``op`` is a ufunc whose result on two ``dtype`` arrays has ``dtype``."""
+    if op.ufunc is None:
+        return False
+    return bool(op.ufunc.resolve_dtypes((dtype, dtype, None))[-1] == dtype)
 
 
 def combine(op: Op, a: Any, b: Any, dest: np.ndarray | None) -> Any:

@@ -130,6 +130,7 @@ class TCPChannel(DirectChannel):
         self._control: ControlConnection | None = None
         self._senders: dict[int, Sender] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        self._queued: dict[int, int] = {}  # sends to each peer in (or waiting for) its lock
         self._incoming: set[Receiver] = set()
         # accepted, membership not yet proven: the admission policy and each one's handshake
         self._unproven: Admission[socket.socket] = Admission(
@@ -229,10 +230,13 @@ class TCPChannel(DirectChannel):
 
     def send_waits(self, dst: int) -> bool:
         sender = self._senders.get(dst)
-        return dst != self.peer_id and (sender is None or not sender.ready)
+        if sender is None:
+            return dst != self.peer_id
+        return not sender.ready or bool(self._queued.get(dst))
 
     async def send(self, dst: int, key: Key, payload: Payload) -> None:
-        self._check_open()
+        if self._state != "open":
+            self._check_open()
         if not 0 <= dst < self.num_peers:
             raise ArgumentError(f"destination peer {dst} is not in 0..{self.num_peers - 1}")
         start = time.perf_counter()
@@ -245,25 +249,25 @@ class TCPChannel(DirectChannel):
             else:
                 nbytes = sum(memoryview(b).nbytes for b in buffers)
             sender = self._senders.get(dst)
-            if (
-                nbytes <= SMALL
-                and sender is not None
-                and sender.ready
-                and not ((lock := self._locks.get(dst)) and lock.locked())
-            ):
-                # Fast path for the common small message on an idle connection:
-                # one write, no lock, no await.
-                assert sender.transport is not None
+            idle = sender is not None and sender.ready and not self._queued.get(dst)
+            if nbytes <= SMALL and idle:
+                # Fast path for the common small message on an idle connection
+                # (no earlier frame waits to be written): one write, no lock, no await.
+                assert sender is not None and sender.transport is not None
                 sender.transport.write(buffers[0] if len(buffers) == 1 else b"".join(buffers))
-                self.stats.sent(payload)
-                self.stats.seconds += time.perf_counter() - start
-                return
-            lock = self._locks.setdefault(dst, asyncio.Lock())
-            async with lock:  # frames to one destination never interleave
-                sender = await self._connection(dst)
-                await sender.write_frame(buffers, nbytes, self.config.timeout)
-        self.stats.sent(payload)
-        self.stats.seconds += time.perf_counter() - start
+            else:
+                # Frames to one destination never interleave, nor overtake each other.
+                self._queued[dst] = self._queued.get(dst, 0) + 1
+                try:
+                    async with self._locks.setdefault(dst, asyncio.Lock()):
+                        sender = await self._connection(dst)
+                        await sender.write_frame(buffers, nbytes, self.config.timeout)
+                finally:
+                    self._queued[dst] -= 1
+        stats = self.stats
+        stats.messages_sent += 1
+        stats.bytes_sent += payload.nbytes
+        stats.seconds += time.perf_counter() - start
 
     async def _lookup(self, dst: int) -> hp.PeerInfo:
         """Where ``dst`` registered.  A rendezvous server that cannot be reached (it

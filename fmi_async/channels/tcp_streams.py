@@ -103,7 +103,13 @@ class Sender(asyncio.Protocol):
     @property
     def ready(self) -> bool:
         """Usable, and nothing of an earlier frame is still waiting to be written."""
-        return self.usable and not self._paused
+        transport = self.transport
+        return (
+            not self._paused
+            and self.error is None
+            and transport is not None
+            and not transport.is_closing()
+        )
 
     @property
     def usable(self) -> bool:

@@ -47,7 +47,7 @@ from ..errors import (
     CommTimeout,
     ProtocolError,
 )
-from ..wire.serialize import Payload, dumps, loads, pair_prefix
+from ..wire.serialize import Payload, dumps, dumps_pair, loads, pair_prefix
 
 __all__ = ["CollectiveContext", "StorageOps", "Step", "ABORT_PROBE_FIRST", "ABORT_PROBE_MAX"]
 
@@ -155,8 +155,7 @@ class CollectiveContext:
         head = self._head
         if head is None:
             head = self._head = pair_prefix(self.plan)
-        body = dumps(value)
-        return Payload(head + body.header, body.buffers, "msgpack")
+        return dumps_pair(head, value)
 
     def unpack(self, payload: Payload, src: int | str) -> Any:
         try:

@@ -139,11 +139,13 @@ def _decode_key(data: bytes) -> Key:
         key = msgpack.unpackb(data, raw=False)
     except Exception as exc:
         raise ProtocolError(f"malformed message key: {exc}") from exc
-    if not isinstance(key, list) or not all(
-        isinstance(k, (str, int)) and not isinstance(k, bool) for k in key
-    ):
-        raise ProtocolError(f"message key must be an array of str/int, got {key!r}")
-    return tuple(key)
+    if type(key) is list:
+        for k in key:
+            if type(k) is not str and type(k) is not int:  # bool is not an int here
+                break
+        else:
+            return tuple(key)
+    raise ProtocolError(f"message key must be an array of str/int, got {key!r}")
 
 
 def encode_frame(key: Key, payload: Payload, limits: Limits = DEFAULT_LIMITS) -> list[Buffer]:

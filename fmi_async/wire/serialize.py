@@ -23,7 +23,15 @@ import numpy as np
 from ..errors import ProtocolError, SerializationError
 from .buffers import Buffer, BufferRecycler, buflen, flat
 
-__all__ = ["Payload", "dumps", "loads", "pair_prefix", "SERIALIZERS", "OOB_BYTES_THRESHOLD"]
+__all__ = [
+    "Payload",
+    "dumps",
+    "dumps_pair",
+    "loads",
+    "pair_prefix",
+    "SERIALIZERS",
+    "OOB_BYTES_THRESHOLD",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +93,17 @@ def pair_prefix(first: str) -> bytes:
     """
     packed: bytes = msgpack.packb(first, use_bin_type=True)
     return b"\x92" + packed
+
+
+def dumps_pair(prefix: bytes, value: Any) -> Payload:
+    """``dumps([first, value])`` (msgpack) given ``prefix = pair_prefix(first)``."""
+    if type(value) in _SCALARS:  # the common small value, in one step
+        try:
+            return Payload(prefix + msgpack.packb(value, use_bin_type=True), (), "msgpack")
+        except ValueError:  # a lone surrogate in a str: the long way explains it
+            pass
+    body = _dumps_msgpack(value)
+    return Payload(prefix + body.header, body.buffers, "msgpack")
 
 
 def loads(payload: Payload) -> Any:

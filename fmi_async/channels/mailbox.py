@@ -248,7 +248,11 @@ class Mailbox:
             raise self._aborts[key[1]]
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Payload] = loop.create_future()
-        self._waiters.setdefault(match, deque()).append(fut)
+        waiting = self._waiters.get(match)
+        if waiting is None:
+            self._waiters[match] = deque((fut,))
+        else:
+            waiting.append(fut)
         if timeout is not None:
             # Deadlines are kept in a dict that one shared timer sweeps: a wait
             # that is answered in time (nearly all) costs a dict entry, not a

@@ -203,7 +203,11 @@ class CollectiveContext:
                 return await self._recv_stored(src, step)
             key = self.key(step)
             remaining = self.remaining()
-            first = remaining if remaining is None else min(remaining, PLAN_PROBE_AFTER)
+            first = (
+                PLAN_PROBE_AFTER
+                if remaining is not None and remaining > PLAN_PROBE_AFTER
+                else remaining
+            )
             try:
                 return await self.channel.recv(src, key, first)
             except CommTimeout as exc:
@@ -317,7 +321,11 @@ class CollectiveContext:
             # not, and none of its sends waits for the other peer to receive: the
             # send then the receive, in this task, is the same exchange without
             # a task of its own (the receive's message may arrive meanwhile).
-            await self.send_payload(dst, step, self.pack(value))
+            payload = self.pack(value)
+            if self.channel.send_waits(dst):
+                await self.send_payload(dst, step, payload)
+            else:
+                await self.channel.send(dst, self.key(step), payload)
             return self.unpack(await self.recv_payload(src, step), src)
         # Storage: the receive (a poll) waits in a task while the send runs in the caller's.
         receive = asyncio.ensure_future(self.recv(src, step))

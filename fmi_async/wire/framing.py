@@ -283,7 +283,8 @@ class FrameReader:
         while not self._direct:
             if self._prefix is None:
                 while self._parse_small():
-                    pass
+                    if self._r == self._w:
+                        return  # all taken (the common case: one small frame per read)
                 if self._avail() < PREFIX.size:
                     return
                 self._parse_prefix()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .collectives.results import expected_out, with_check, writing_into
 from .config import Config, check_timeout
 from .errors import ArgumentError, CommTimeout, RootError, SizeMismatchError
 from .ops import Op, as_op
@@ -172,12 +173,15 @@ class CommunicatorCalls:
         timeout: float | None = None,
         channel: str | None = None,
         algorithm: str | None = None,
+        out: np.ndarray | None = None,
     ) -> Any:
         """Peer ``root``'s value, on every peer.
 
         ``nbytes`` is the size every peer assumes when choosing the plan (only
         the root knows the real one); give the same value on every peer, or
         leave it to the default (``fmi_async.selection.plan.DEFAULT_NBYTES``).
+        ``out``: a numpy array the value is written into and returned (a
+        non-root checks its shape and dtype once the value arrived).
         """
 
         def prepare() -> Call:
@@ -186,6 +190,15 @@ class CommunicatorCalls:
                 self._serializable(value)
             return Call((value, root), nbytes, channel, algorithm, root=root, rooted=True)
 
+        if out is not None:
+            known = self.peer_id == root
+            check = with_check(
+                prepare,
+                lambda: expected_out(
+                    "bcast", value, out, self.num_peers, self.peer_id, known=known
+                ),
+            )
+            return await writing_into("bcast", out, self._collective("bcast", timeout, check))
         return await self._collective("bcast", timeout, prepare)
 
     async def barrier(
@@ -250,8 +263,13 @@ class CommunicatorCalls:
         timeout: float | None = None,
         channel: str | None = None,
         algorithm: str | None = None,
+        out: np.ndarray | None = None,
     ) -> Any:
-        """``op`` over every peer's value, in rank order, on ``root``; ``None`` elsewhere."""
+        """``op`` over every peer's value, in rank order, on ``root``; ``None`` elsewhere.
+
+        ``out``: a numpy array of ``value``'s shape and dtype the root's result
+        is written into and returned (checked on every peer that passes one).
+        """
 
         def prepare() -> Call:
             self._check_root(root, "reduce")
@@ -268,6 +286,13 @@ class CommunicatorCalls:
             self._serializable(value)
             return call
 
+        if out is not None:
+            check = with_check(
+                prepare, lambda: expected_out("reduce", value, out, self.num_peers, self.peer_id)
+            )
+            if self.peer_id != root:
+                return await self._collective("reduce", timeout, check)
+            return await writing_into("reduce", out, self._collective("reduce", timeout, check))
         return await self._collective("reduce", timeout, prepare)
 
     async def allreduce(
@@ -279,11 +304,23 @@ class CommunicatorCalls:
         timeout: float | None = None,
         channel: str | None = None,
         algorithm: str | None = None,
+        out: np.ndarray | None = None,
     ) -> Any:
-        """``op`` over every peer's value, in rank order, on every peer."""
-        return await self._collective(
-            "allreduce", timeout, self._simple_reduction(value, op, nbytes, channel, algorithm)
-        )
+        """``op`` over every peer's value, in rank order, on every peer.
+
+        ``out``: a numpy array of ``value``'s shape and dtype the result is
+        written into and returned (no result array is allocated); it may be
+        ``value`` itself.
+        """
+        prepare = self._simple_reduction(value, op, nbytes, channel, algorithm)
+        if out is not None:
+            check = with_check(
+                prepare, lambda: expected_out("allreduce", value, out, self.num_peers, self.peer_id)
+            )
+            return await writing_into(
+                "allreduce", out, self._collective("allreduce", timeout, check)
+            )
+        return await self._collective("allreduce", timeout, prepare)
 
     async def allgather(
         self,
@@ -293,13 +330,26 @@ class CommunicatorCalls:
         timeout: float | None = None,
         channel: str | None = None,
         algorithm: str | None = None,
-    ) -> list[Any]:
-        """Every peer's value, in rank order, on every peer."""
+        out: np.ndarray | None = None,
+    ) -> Any:
+        """Every peer's value, in rank order, on every peer.
+
+        ``out``: a numpy array of shape ``(num_peers, *value.shape)`` and
+        ``value``'s dtype; row ``i`` receives peer ``i``'s value and ``out`` is
+        returned instead of a list.
+        """
 
         def prepare() -> Call:
             self._serializable(value)
             return Call((value,), nbytes, channel, algorithm)
 
+        if out is not None:
+            check = with_check(
+                prepare, lambda: expected_out("allgather", value, out, self.num_peers, self.peer_id)
+            )
+            return await writing_into(
+                "allgather", out, self._collective("allgather", timeout, check)
+            )
         result: list[Any] = await self._collective("allgather", timeout, prepare)
         return result
 
@@ -331,12 +381,15 @@ class CommunicatorCalls:
         timeout: float | None = None,
         channel: str | None = None,
         algorithm: str | None = None,
+        out: np.ndarray | None = None,
     ) -> Any:
         """Reduce element-wise across peers; peer ``i`` gets part ``i``.
 
         ``value`` is a numpy array, split along its first axis into
         ``num_peers`` parts (``numpy.array_split``: the first parts are one row
         longer when the length does not divide), or a list of ``num_peers`` values.
+        ``out``: a numpy array of this peer's part's shape and ``value``'s dtype
+        the part is written into and returned.
         """
 
         def prepare() -> Call:
@@ -358,6 +411,13 @@ class CommunicatorCalls:
             self._serializable(parts)
             return call
 
+        if out is not None:
+            check = with_check(
+                prepare,
+                lambda: expected_out("reduce_scatter", value, out, self.num_peers, self.peer_id),
+            )
+            work = self._collective("reduce_scatter", timeout, check)
+            return await writing_into("reduce_scatter", out, work)
         return await self._collective("reduce_scatter", timeout, prepare)
 
     async def scan(

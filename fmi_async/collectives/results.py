@@ -27,8 +27,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import weakref
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,15 +41,19 @@ __all__ = [
     "RESULT_SLOTS",
     "check_out",
     "combine",
+    "expected_out",
     "fold_into",
     "folds_into",
     "keeps_dtype",
     "out_for",
     "result_array",
+    "with_check",
     "writing_into",
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RESULT_SLOTS = 3
 """Large results a channel keeps for reuse: the one a caller still holds, the one
@@ -82,6 +86,47 @@ def check_out(
         raise ArgumentError(f"{op}: out= has shape {out.shape}, the result has shape {shape}")
     if dtype is not None and out.dtype != dtype:
         raise ArgumentError(f"{op}: out= has dtype {out.dtype}, the result has dtype {dtype}")
+
+
+def expected_out(
+    op: str, value: Any, out: Any, peers: int, rank: int, *, known: bool = True
+) -> None:
+    """Check ``out=`` of collective ``op`` on this peer before anything is sent.
+
+    ``value`` is this peer's input (a numpy array where ``known``; a non-root
+    of ``bcast`` does not know the root's, ``known=False``).  The result's
+    shape and dtype, by collective: ``value``'s (allreduce, reduce, bcast),
+    ``(peers, *value.shape)`` (allgather), the shape of this peer's part of
+    ``numpy.array_split(value, peers)`` (reduce_scatter).  Raises
+    :class:`ArgumentError`.
+    """
+    if not known:
+        check_out(op, out, None, None)
+        return
+    if not isinstance(value, np.ndarray):
+        raise ArgumentError(
+            f"{op}: out= needs a numpy array value on this peer, got {type(value).__name__}"
+        )
+    shape: tuple[int, ...] = value.shape
+    if op == "allgather":
+        shape = (peers, *value.shape)
+    elif op == "reduce_scatter":
+        if value.ndim == 0:
+            raise ArgumentError(f"{op}: out= needs an array with at least one axis")
+        rows, extra = divmod(value.shape[0], peers)
+        shape = (rows + (1 if rank < extra else 0), *value.shape[1:])
+    check_out(op, out, shape, value.dtype)
+
+
+def with_check(prepare: Callable[[], T], check: Callable[[], None]) -> Callable[[], T]:
+    """``prepare`` that also runs ``check`` (its failure is announced like any check's)."""
+
+    def both() -> T:
+        call = prepare()
+        check()
+        return call
+
+    return both
 
 
 async def writing_into(op: str, out: np.ndarray, work: Awaitable[Any]) -> Any:

@@ -30,7 +30,7 @@ from .groups import CommunicatorGroups
 from .jobs.lease import JobLease, lease_for
 from .selection.cost import channel_cost
 from .selection.model import load_cost_model
-from .selection.plan import Hint, Plan
+from .selection.plan import Hint
 
 __all__ = ["Communicator"]
 
@@ -91,7 +91,7 @@ class Communicator(CollectiveRunner, CommunicatorCalls, CommunicatorGroups):
         self.epoch: str | None = None  # the job lease's epoch, once open
         self._channels: dict[str, Channel] = {}
         self._gates: dict[int, asyncio.Future[Any]] = {}
-        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._plans: dict[tuple[Any, ...], Any] = {}  # call traits -> dispatch.Planned
         self._p2p: Channel | None = None
         self._seq = 0
         self._state = "new"

@@ -25,6 +25,7 @@ chain for scan), which equal the sequential reference exactly.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,14 @@ __all__ = [
     "exscan_chain",
     "barrier",
 ]
+
+
+async def _sends(sends: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the sends of one step; a single one is awaited directly (no task)."""
+    if len(sends) == 1:
+        await sends[0]
+    elif sends:
+        await asyncio.gather(*sends)
 
 
 def _parent_mask(v: int, size: int) -> int:
@@ -86,7 +95,7 @@ async def bcast(ctx: CollectiveContext, value: Any, root: int) -> Any:
         if v + mask < size:
             sends.append(ctx.send_payload((v + mask + root) % size, 0, payload))
         mask >>= 1
-    await asyncio.gather(*sends)
+    await _sends(sends)
     return value
 
 
@@ -278,7 +287,7 @@ async def scatter(ctx: CollectiveContext, values: list[Any] | None, root: int) -
             sends.append(ctx.send((v + mask + root) % size, "s", items[mask:]))
             items = items[:mask]
         mask >>= 1
-    await asyncio.gather(*sends)
+    await _sends(sends)
     return items[0]
 
 

@@ -211,6 +211,8 @@ def folds_into(op: Op, a: Any, b: Any, dest: np.ndarray) -> bool:
     operator on arrays of ``dest``'s shape whose ufunc keeps ``dest``'s dtype."""
     if op.ufunc is None or not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray):
         return False
+    if dest.ndim == 0:
+        return False  # numpy folds 0-d arrays into a scalar, and so do the collectives
     if a.shape != dest.shape or b.shape != dest.shape:
         return False
     if a.dtype != dest.dtype or b.dtype != dest.dtype:

@@ -7,43 +7,25 @@ shapes run the example's coroutine on local peers in this process.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 import fmi_async as fmi
+from tests.example_runs import fmi_run, load_example
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "grid.py"
-
-
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("grid_example", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = REPO / "examples" / "grid.py"
 
 
-grid = load_example()
+grid = load_example("grid")
 
 
 def test_grid_through_the_launcher() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmi_async", "run", "-n", "6", str(SCRIPT), "--rows", "3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = fmi_run("-n", "6", str(SCRIPT), "--rows", "3")
     m = re.search(
         r"\[peer 0\] 3 x 2 grid, N = 600, 5 products: eigenvalue ([0-9.]+), "
         r"max error against numpy ([0-9.e+-]+) ok",
@@ -81,7 +63,7 @@ def test_grid_exits_non_zero_when_wrong() -> None:
         "sys.argv = ['grid.py', '-n', '60', '--steps', '1']; fmi.run(g['main'])"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     assert proc.returncode != 0
     assert "WRONG" in proc.stdout

@@ -8,33 +8,20 @@ directly, on the whole data set at once, with the same start and iterations.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import re
-import subprocess
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 import fmi_async as fmi
+from tests.example_runs import fmi_run, load_example
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "kmeans.py"
-
-
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kmeans_example", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = REPO / "examples" / "kmeans.py"
 
 
-kmeans = load_example()
+kmeans = load_example("kmeans")
 
 
 def reference(points: np.ndarray, k: int, iterations: int) -> np.ndarray:
@@ -72,14 +59,7 @@ async def test_centroids_match_numpy(peers: int, points: int) -> None:
 
 def test_kmeans_through_the_launcher() -> None:
     args = ["--points", "6000", "--iterations", "4", "--seed", "3", "--loop", "asyncio"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmi_async", "run", "-n", "2", "--nat", "none", str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = fmi_run("-n", "2", "--nat", "none", str(SCRIPT), *args)
     m = re.search(
         r"\[peer 0\] k-means: 6000 x 16 points, k = 8, 2 peers, 4 iterations: "
         r"centroid checksum (-?[0-9.]+), [0-9.]+ ms per iteration, communication [0-9.]+%",

@@ -86,6 +86,13 @@ class _View(Channel):
         finally:
             self._waits.discard(task)
 
+    async def send(self, dst: int, key: Key, payload: Payload) -> None:
+        self._usable()
+        start = time.perf_counter()
+        await self.parent.send(self._peer(dst, "destination"), self._key(key), payload)
+        self.stats.sent(payload)
+        self.stats.seconds += time.perf_counter() - start
+
     def _peer(self, rank: int, what: str) -> int:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < len(self.members):
             raise ArgumentError(
@@ -124,13 +131,6 @@ class DirectView(_View, DirectChannel):
     def send_waits(self, dst: int) -> bool:
         return self.parent.send_waits(self._peer(dst, "destination"))
 
-    async def send(self, dst: int, key: Key, payload: Payload) -> None:
-        self._usable()
-        start = time.perf_counter()
-        await self.parent.send(self._peer(dst, "destination"), self._key(key), payload)
-        self.stats.sent(payload)
-        self.stats.seconds += time.perf_counter() - start
-
     async def recv(self, src: int, key: Key, timeout: float | None) -> Payload:
         self._peer(src, "source")
         self._usable()
@@ -161,13 +161,6 @@ class StorageView(_View, MediatedChannel):
 
     def all_delivered(self) -> None:
         pass  # the parent's final barrier speaks for its channels
-
-    async def send(self, dst: int, key: Key, payload: Payload) -> None:
-        self._usable()
-        start = time.perf_counter()
-        await self.parent.send(self._peer(dst, "destination"), self._key(key), payload)
-        self.stats.sent(payload)
-        self.stats.seconds += time.perf_counter() - start
 
     async def recv(self, src: int, key: Key, timeout: float | None) -> Payload:
         peer = self._peer(src, "source")

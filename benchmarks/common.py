@@ -146,6 +146,15 @@ def run_peers(script: str, size: int, argv: list[str], timeout: float) -> list[A
                 proc.wait(10)
 
 
+def default_loop() -> str:
+    """The loop ``fmi.run`` would use: uvloop when it is installed, else asyncio."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def run_loop(loop: str, coro: Coroutine[Any, Any, Any]) -> Any:
     """Run ``coro`` to completion on a new event loop of type ``loop`` (asyncio or uvloop)."""
     if loop == "uvloop":

@@ -45,7 +45,7 @@ import uuid
 from typing import Any
 
 import numpy as np
-from common import Rendezvous, run_loop, run_peers, tcp_config  # benchmarks/common.py
+from common import Rendezvous, default_loop, run_loop, run_peers, tcp_config  # benchmarks/common.py
 from mpi import fmt_time  # benchmarks/mpi.py
 
 import fmi_async as fmi
@@ -235,13 +235,7 @@ def main() -> None:
     parser.add_argument("--channels", default="memory,tcp", help="memory and/or tcp")
     parser.add_argument("--loop", default="", help="asyncio or uvloop (default: as fmi.run)")
     args = parser.parse_args()
-    if not args.loop:
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            args.loop = "asyncio"
-        else:
-            args.loop = "uvloop"
+    args.loop = args.loop or default_loop()
     if args.worker:
         print(json.dumps({"result": run_loop(args.loop, tcp_worker(args))}), flush=True)
         return

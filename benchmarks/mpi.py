@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import Rendezvous, tcp_config  # benchmarks/common.py
+from common import Rendezvous, default_loop, tcp_config  # benchmarks/common.py
 
 import fmi_async as fmi
 
@@ -352,13 +352,7 @@ def main() -> None:
     parser.add_argument("--loop", default="", help="asyncio or uvloop (default: as fmi.run)")
     parser.add_argument("--json", default="", help="also write every sample to this file")
     args = parser.parse_args()
-    if not args.loop:
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            args.loop = "asyncio"
-        else:
-            args.loop = "uvloop"
+    args.loop = args.loop or default_loop()
     if args.worker:
         worker_main(args)
         return

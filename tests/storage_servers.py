@@ -2,7 +2,7 @@
 
 * ``redis_server``: a ``redis-server`` process on a free loopback port, no
   persistence; yields ``(host, port)``.
-* ``moto_server``: moto's threaded server (the real AWS HTTP protocol) on a
+* ``moto_server``: moto's server (the real AWS HTTP protocol) in its own process on a
   free loopback port, with dummy credentials and region in the environment;
   yields its endpoint URL.
 * ``redis_config``, ``s3_config``, ``dynamodb_config``: a
@@ -17,11 +17,11 @@ loop the tests run on.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -120,27 +120,46 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     try:
         yield LOOPBACK, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(proc)
         log.close()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# moto's server in a process of its own: on a thread of the test process it
+# would share the interpreter lock with the peers it serves (and the second
+# core would sit idle).  The server binds a free port itself and prints it.
+_MOTO_MAIN = """
+import logging, os, sys, threading, time
+from werkzeug.serving import make_server
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no record per request
+server = make_server(sys.argv[1], 0, DomainDispatcherApplication(create_backend_app), True)
+print(server.server_address[1], flush=True)
+def orphaned(parent=os.getppid()):  # the test process died without stopping us
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=orphaned, daemon=True).start()
+server.serve_forever()
+"""
 
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's server on a free loopback port; yields its endpoint URL.
+    """moto's server, in its own process, on a free loopback port; yields its endpoint URL.
 
     Dummy credentials and region are put in the environment for the whole
     session, and the shared AWS files and instance metadata are switched off,
     so no test can reach a real account.
     """
-    from moto.server import ThreadedMotoServer
-
-    # One INFO record per request costs the single-threaded server time.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     nowhere = tmp_path_factory.mktemp("aws") / "none"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -151,13 +170,29 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
         for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
             env.delenv(name, raising=False)
-        server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
+        workdir = nowhere.parent
+        with open(workdir / "moto.out", "wb") as out, open(workdir / "moto.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _MOTO_MAIN, LOOPBACK], stdout=out, stderr=log
+            )
         try:
-            yield f"http://{host}:{port}"
+            port = _moto_port(workdir / "moto.out", proc, timeout=60)
+            if port is None:
+                pytest.fail(f"the moto server did not start; see {workdir / 'moto.log'}")
+            yield f"http://{LOOPBACK}:{port}"
         finally:
-            server.stop()
+            _stop(proc)
+
+
+def _moto_port(out: Path, proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """The port the moto server printed once it listens; None if it died or took too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = out.read_text()
+        if line.endswith("\n") and line.strip().isdigit():  # the whole line is written
+            return int(line)
+        time.sleep(0.05)
+    return None
 
 
 SESSION = uuid.uuid4().hex[:10]

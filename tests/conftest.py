@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import GROUPS, STORAGE_SIZES, GroupFactory, storage_group
+from tests.helpers import GROUPS, STORAGE_SIZES, UVLOOP_SIZES, GroupFactory, storage_group
 
 pytest_plugins = [p for p in ("tests.storage_servers",) if importlib.util.find_spec(p) is not None]
 
@@ -53,14 +53,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--slow",
         action="store_true",
         default=False,
-        help="also run the cases marked slow (storage groups above the sizes their "
-        "server serves quickly, the moto-backed cases on uvloop); `bash scripts/test --slow`",
+        help="also run the cases marked slow (the group sizes, loops and variants the "
+        "default run leaves out to keep within its time budget); `bash scripts/test --slow`",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark storage cases above the group sizes their server serves quickly as slow
-    (and the 16-peer UDP cases on uvloop; asyncio runs them).
+    """Mark as slow the group sizes the default run leaves out: storage groups above
+    the sizes their server serves quickly (``STORAGE_SIZES``), and on uvloop the
+    sizes and channels ``UVLOOP_SIZES`` leaves to asyncio.
 
     They are left out of the default run (the count shows as "deselected") and
     run with ``--slow``: S3 and DynamoDB through the moto server answer a few
@@ -68,15 +69,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        allowed = STORAGE_SIZES.get(params.get("group", ""))
-        moto = params.get("group") in ("s3", "dynamodb")
+        group = params.get("group", "")
+        allowed = STORAGE_SIZES.get(group)
         if allowed is not None and "size" in params and params["size"] not in allowed:
             item.add_marker(pytest.mark.slow)
-        elif moto and "[uvloop-" in item.nodeid:  # one loop is enough against moto
-            item.add_marker(pytest.mark.slow)
-        elif (params.get("group"), params.get("size")) == ("udp", 16) and "[uvloop-" in item.nodeid:
-            # 16 UDP peers stress the transport, not the loop: asyncio runs them
-            item.add_marker(pytest.mark.slow)
+        elif "[uvloop-" in item.nodeid and group in UVLOOP_SIZES:
+            sizes = UVLOOP_SIZES[group]
+            if not sizes or ("size" in params and params["size"] not in sizes):
+                item.add_marker(pytest.mark.slow)
     if config.getoption("--slow"):
         return
     keep = [item for item in items if item.get_closest_marker("slow") is None]

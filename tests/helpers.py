@@ -168,14 +168,29 @@ GROUPS: dict[str, GroupFactory] = {
 # Storage groups run the same suites through Communicators whose only channel
 # is the storage backend, so plan() chooses between the direct family over
 # storage and the storage-native family.  The moto server answers a few hundred
-# requests a second, so S3 and DynamoDB run the small group sizes only: one
-# peer, and three (a group that is not a power of two, which folds); the
-# power-of-two shapes run on redis and the direct channels (P = 2 on moto
-# with --slow).
+# requests a second and every AWS-backed group pays for its clients and its job
+# lease, so S3 and DynamoDB run one size by default: three (a group that is not
+# a power of two, which folds).  One peer and the power-of-two shapes run on
+# redis and the direct channels (P = 1 and 2 on moto with --slow).
 STORAGE_SIZES: dict[str, set[int]] = {
     "redis": {1, 2, 3, 4, 5, 8},
-    "s3": {1, 3},
-    "dynamodb": {1, 3},
+    "s3": {3},
+    "dynamodb": {3},
+}
+
+# A suite marked both_loops runs every size on asyncio.  On uvloop it runs the
+# sizes below (the rest with --slow): the event loop matters to the channels'
+# transports and callbacks, which a group that folds (3) and the largest group
+# exercise; the algorithms' shapes at every size do not depend on the loop.
+# UDP's 16 peers run on asyncio only; the AWS-backed groups never run on uvloop
+# by default (aiobotocore's code, not ours, talks to the loop there).
+UVLOOP_SIZES: dict[str, set[int]] = {
+    "memory": {3, 16},
+    "tcp": {3, 16},
+    "udp": {3, 8},
+    "redis": {3},
+    "s3": set(),
+    "dynamodb": set(),
 }
 
 

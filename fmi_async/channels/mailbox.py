@@ -110,6 +110,7 @@ class Mailbox:
         self._children: dict[str | int, tuple[Mailbox, dict[int, int]]] = {}
         self._orphans: dict[str | int, list[tuple[int, Key, Payload]]] = {}
         self._gone: set[str | int] = set()  # scopes closed (or never formed) here
+        self._loop: asyncio.AbstractEventLoop | None = None  # see running_loop
 
     def __repr__(self) -> str:
         return (
@@ -230,21 +231,38 @@ class Mailbox:
         else:
             queue.append(payload)
 
-    async def take(self, src: int, key: Key, timeout: float | None, channel: str) -> Payload:
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop, remembered: ``asyncio.get_running_loop`` costs a
+        system call (``getpid``) on Python 3.11, and a mailbox lives in one loop."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def take_now(self, src: int, key: Key) -> Payload | None:
+        """The first message queued for ``(src, key)``, taken without waiting; ``None``
+        if there is none (then :meth:`take` waits for it)."""
         match = (src, key)
         queue = self._queues.get(match)
-        if queue:
-            payload = queue.popleft()
-            if not queue:
-                del self._queues[match]
+        if not queue:
+            return None
+        payload = queue.popleft()
+        if not queue:
+            del self._queues[match]
+        return payload
+
+    async def take(self, src: int, key: Key, timeout: float | None, channel: str) -> Payload:
+        payload = self.take_now(src, key)
+        if payload is not None:
             return payload
+        match = (src, key)
         if self._error is not None:
             raise self._error
         if src in self._source_errors:
             raise self._source_errors[src]
         if key and key[0] == "c" and key[1] in self._aborts:
             raise self._aborts[key[1]]
-        loop = asyncio.get_running_loop()
+        loop = self.running_loop()
         fut: asyncio.Future[Payload] = loop.create_future()
         waiting = self._waiters.get(match)
         if waiting is None:

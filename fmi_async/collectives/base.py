@@ -135,7 +135,9 @@ class CollectiveContext:
     def remaining(self) -> float | None:
         if self.deadline is None:
             return None
-        left = self.deadline - asyncio.get_running_loop().time()
+        mailbox = self.mailbox
+        loop = asyncio.get_running_loop() if mailbox is None else mailbox.running_loop()
+        left = self.deadline - loop.time()
         if left <= 0:
             raise CommTimeout(
                 f"{self.op} (collective #{self.seq}) on peer {self.rank} ran past its deadline "

@@ -58,10 +58,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+AWS_BACKENDS = ("s3", "dynamodb")
+"""The storage channels served by the moto server, in the order ``aws_split`` deals to."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "aws_split(argname): the variants of argname take turns on S3 and DynamoDB "
+        "(the first on S3, the second on DynamoDB, ...); every other channel runs them "
+        "all, and --slow runs them all on both",
+    )
+
+
+def _aws_split_elsewhere(item: pytest.Item, group: str) -> bool:
+    """Whether ``item`` is a variant that ``aws_split`` deals to the other AWS backend."""
+    marker = item.get_closest_marker("aws_split")
+    if marker is None or group not in AWS_BACKENDS:
+        return False
+    argname = marker.args[0]
+    values = next(m.args[1] for m in item.iter_markers("parametrize") if m.args[0] == argname)
+    index = list(values).index(item.callspec.params[argname])  # type: ignore[attr-defined]
+    return index % len(AWS_BACKENDS) != AWS_BACKENDS.index(group)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark as slow the group sizes the default run leaves out: storage groups above
-    the sizes their server serves quickly (``STORAGE_SIZES``), and on uvloop the
-    sizes and channels ``UVLOOP_SIZES`` leaves to asyncio.
+    the sizes their server serves quickly (``STORAGE_SIZES``), the variants of an
+    ``aws_split`` case dealt to the other AWS backend, and on uvloop the sizes and
+    channels ``UVLOOP_SIZES`` leaves to asyncio.
 
     They are left out of the default run (the count shows as "deselected") and
     run with ``--slow``: S3 and DynamoDB through the moto server answer a few
@@ -72,6 +97,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = params.get("group", "")
         allowed = STORAGE_SIZES.get(group)
         if allowed is not None and "size" in params and params["size"] not in allowed:
+            item.add_marker(pytest.mark.slow)
+        elif _aws_split_elsewhere(item, group):
             item.add_marker(pytest.mark.slow)
         elif "[uvloop-" in item.nodeid and group in UVLOOP_SIZES:
             sizes = UVLOOP_SIZES[group]

@@ -121,6 +121,7 @@ async def test_peer_that_never_arrives_times_out_with_names(group) -> None:
         assert await asyncio.gather(*(c.allreduce(1) for c in comms)) == [3, 3, 3]
 
 
+@pytest.mark.aws_split("first")  # S3 and DynamoDB take one each
 @pytest.mark.parametrize("first", [0, 1])
 async def test_the_missing_peer_is_named_whichever_peer_gives_up_first(group, first) -> None:
     # Peer ``first`` gives up well before the other, whose wait the announcement

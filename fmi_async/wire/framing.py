@@ -33,7 +33,7 @@ import msgpack
 
 from ..errors import MessageTooLarge, ProtocolError
 from .buffers import Buffer, BufferRecycler, buflen, flat
-from .serialize import Payload
+from .serialize import Payload, pack_plain
 
 __all__ = [
     "Key",
@@ -115,7 +115,7 @@ def encode_key(key: Key) -> bytes:
     """The msgpack bytes of a routing key (cached; keys repeat)."""
     packed = _encoded_keys.get(key)
     if packed is None:
-        packed = msgpack.packb(list(key), use_bin_type=True)
+        packed = pack_plain(list(key))  # str and int parts: no hook
         assert isinstance(packed, bytes)
         if len(_encoded_keys) >= _KEY_CACHE_SIZE:
             _encoded_keys.clear()

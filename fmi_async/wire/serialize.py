@@ -99,7 +99,7 @@ def dumps_pair(prefix: bytes, value: Any) -> Payload:
     """``dumps([first, value])`` (msgpack) given ``prefix = pair_prefix(first)``."""
     if type(value) in _SCALARS:  # the common small value, in one step
         try:
-            return Payload(prefix + msgpack.packb(value, use_bin_type=True), (), "msgpack")
+            return Payload(prefix + pack_plain(value), (), "msgpack")
         except ValueError:  # a lone surrogate in a str: the long way explains it
             pass
     body = _dumps_msgpack(value)
@@ -149,6 +149,11 @@ def _mark_large_bytes(value: Any) -> Any:
 
 _SCALARS: Final = frozenset({str, float, bool, type(None)})
 
+# One packer for values that call no hook (scalars): msgpack.packb makes a Packer
+# per call, which costs several times the packing of a float.  Packing one of
+# them holds the GIL throughout, and a failed pack leaves the packer empty.
+pack_plain: Final = msgpack.Packer(use_bin_type=True).pack
+
 
 def _dumps_msgpack(value: Any) -> Payload:
     kind = type(value)
@@ -158,7 +163,7 @@ def _dumps_msgpack(value: Any) -> Payload:
         or (kind is bytes and len(value) < OOB_BYTES_THRESHOLD)
     ):  # the common small value: nothing to mark, nothing out of band
         try:
-            return Payload(msgpack.packb(value, use_bin_type=True), (), "msgpack")
+            return Payload(pack_plain(value), (), "msgpack")
         except ValueError:  # a lone surrogate in a str: the long way explains it
             pass
     value = _mark_large_bytes(value)

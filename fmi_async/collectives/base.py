@@ -200,10 +200,24 @@ class CollectiveContext:
         await self.send_payload(dst, step, self.pack(value))
 
     async def recv_payload(self, src: int, step: Step) -> Payload:
+        if self.direct:
+            return await self._recv_direct(src, self.key(step), step)
         try:
-            if not self.direct:
-                return await self._recv_stored(src, step)
-            key = self.key(step)
+            return await self._recv_stored(src, step)
+        except AbortedError as exc:
+            raise self._waited(exc, src, step) from None
+
+    def _waited(self, exc: AbortedError, src: int, step: Step) -> AbortedError:
+        """Another peer gave up while this one waited: say on whom this one
+        waited, which may be the peer that is really missing."""
+        return AbortedError(
+            f"{exc} (peer {self.rank} was waiting for a message from peer {src}, step {step})",
+            peer=exc.peer,
+            cause=exc.cause,
+        )
+
+    async def _recv_direct(self, src: int, key: tuple[str | int, ...], step: Step) -> Payload:
+        try:
             remaining = self.remaining()
             first = (
                 PLAN_PROBE_AFTER
@@ -217,13 +231,7 @@ class CollectiveContext:
                     raise self._timeout(exc) from None
             return await self._recv_probed(src, key)
         except AbortedError as exc:
-            # Another peer gave up while this one waited: say on whom this one
-            # waited, which may be the peer that is really missing.
-            raise AbortedError(
-                f"{exc} (peer {self.rank} was waiting for a message from peer {src}, step {step})",
-                peer=exc.peer,
-                cause=exc.cause,
-            ) from None
+            raise self._waited(exc, src, step) from None
 
     async def _recv_probed(self, src: int, key: tuple[str | int, ...]) -> Payload:
         """A direct wait that lasted PLAN_PROBE_AFTER: perhaps ``src`` runs another plan
@@ -314,6 +322,8 @@ class CollectiveContext:
             raise plan_mismatch(self._what, self.rank, self.plan, src, plan)
 
     async def recv(self, src: int, step: Step) -> Any:
+        if self.direct:  # one coroutine less than through recv_payload
+            return self.unpack(await self._recv_direct(src, self.key(step), step), src)
         return self.unpack(await self.recv_payload(src, step), src)
 
     async def sendrecv(self, dst: int, value: Any, src: int, step: Step) -> Any:
@@ -324,11 +334,12 @@ class CollectiveContext:
             # send then the receive, in this task, is the same exchange without
             # a task of its own (the receive's message may arrive meanwhile).
             payload = self.pack(value)
+            key = self.key(step)
             if self.channel.send_waits(dst):
                 await self.send_payload(dst, step, payload)
             else:
-                await self.channel.send(dst, self.key(step), payload)
-            return self.unpack(await self.recv_payload(src, step), src)
+                await self.channel.send(dst, key, payload)
+            return self.unpack(await self._recv_direct(src, key, step), src)
         # Storage: the receive (a poll) waits in a task while the send runs in the caller's.
         receive = asyncio.ensure_future(self.recv(src, step))
         try:

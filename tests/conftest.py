@@ -71,15 +71,17 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _aws_split_elsewhere(item: pytest.Item, group: str) -> bool:
-    """Whether ``item`` is a variant that ``aws_split`` deals to the other AWS backend."""
+def _aws_split_elsewhere(item: pytest.Item, params: dict[str, Any]) -> bool:
+    """Whether ``item`` is a variant that ``aws_split`` deals to the other AWS backend
+    (the backend is the ``group`` or ``backend`` parameter)."""
     marker = item.get_closest_marker("aws_split")
-    if marker is None or group not in AWS_BACKENDS:
+    backend = params.get("group", params.get("backend"))
+    if marker is None or backend not in AWS_BACKENDS:
         return False
     argname = marker.args[0]
     values = next(m.args[1] for m in item.iter_markers("parametrize") if m.args[0] == argname)
     index = list(values).index(item.callspec.params[argname])  # type: ignore[attr-defined]
-    return index % len(AWS_BACKENDS) != AWS_BACKENDS.index(group)
+    return index % len(AWS_BACKENDS) != AWS_BACKENDS.index(backend)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -98,7 +100,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         allowed = STORAGE_SIZES.get(group)
         if allowed is not None and "size" in params and params["size"] not in allowed:
             item.add_marker(pytest.mark.slow)
-        elif _aws_split_elsewhere(item, group):
+        elif _aws_split_elsewhere(item, params):
             item.add_marker(pytest.mark.slow)
         elif "[uvloop-" in item.nodeid and group in UVLOOP_SIZES:
             sizes = UVLOOP_SIZES[group]

@@ -539,6 +539,7 @@ async def test_waiting_past_the_deadline_is_a_timeout_and_a_conflict(env: Env) -
     await release_all(first)
 
 
+@pytest.mark.aws_split("settle")  # S3 and DynamoDB take one each
 @pytest.mark.parametrize("settle", [0.0, 0.5])
 async def test_two_jobs_started_at_the_same_time(env: Env, settle: float) -> None:
     num_peers = 3

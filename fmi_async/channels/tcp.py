@@ -266,7 +266,7 @@ class TCPChannel(DirectChannel):
                     self._queued[dst] -= 1
         stats = self.stats
         stats.messages_sent += 1
-        stats.bytes_sent += payload.nbytes
+        stats.bytes_sent += payload.nbytes if payload.buffers else len(payload.header)
         stats.seconds += time.perf_counter() - start
 
     async def _lookup(self, dst: int) -> hp.PeerInfo:

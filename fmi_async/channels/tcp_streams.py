@@ -187,11 +187,11 @@ class Receiver(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            self.reader.buffer_updated(nbytes)
+            frames = self.reader.received(nbytes)
         except ProtocolError as exc:
             self._fail(f"peer {self.src}: {exc}")
             return
-        for key, payload in self.reader.pop_frames():
+        for key, payload in frames:
             self.channel.mailbox.deliver(self.src, key, payload)
 
     def _fail(self, problem: str) -> None:

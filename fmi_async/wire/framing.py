@@ -255,6 +255,18 @@ class FrameReader:
             self._w += nbytes
         self._parse()
 
+    def received(self, nbytes: int) -> list[tuple[Key, Payload]]:
+        """:meth:`buffer_updated` and :meth:`pop_frames` in one call (a protocol's
+        receive path, once per read)."""
+        if self._direct:
+            self._filled += nbytes
+            self._after_buffer_progress()
+        else:
+            self._w += nbytes
+        self._parse()
+        frames, self._frames = self._frames, []
+        return frames
+
     def feed(self, data: Buffer) -> list[tuple[Key, Payload]]:
         """Parse bytes already in hand; the messages they complete.
 

@@ -261,9 +261,17 @@ class FrameReader:
         if self._direct:
             self._filled += nbytes
             self._after_buffer_progress()
+            self._parse()
         else:
             self._w += nbytes
-        self._parse()
+            if self._prefix is not None:
+                self._parse()
+            else:
+                while self._parse_small():  # the common read: whole small frames
+                    if self._r == self._w:
+                        break
+                else:
+                    self._parse()
         frames, self._frames = self._frames, []
         return frames
 

@@ -380,7 +380,7 @@ class Communicator(CollectiveRunner, CommunicatorCalls, CommunicatorGroups):
 
     def _deadline(self, timeout: float | None) -> float:
         t = self.timeout if timeout is None else check_timeout(timeout)
-        return asyncio.get_running_loop().time() + t
+        return self._mailbox.running_loop().time() + t
 
     def _usable(self) -> None:
         if self._state != "open":

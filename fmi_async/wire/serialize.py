@@ -177,6 +177,10 @@ def _dumps_msgpack(value: Any) -> Payload:
     return Payload(header, tuple(encoder.buffers), "msgpack")
 
 
+_HEADER_BUF: Final = 1024
+"""First buffer of a header's packer, in bytes (see :meth:`_ExtEncoder.pack`)."""
+
+
 class _ExtEncoder:
     """msgpack's ``default`` hook for one value; collects its out-of-band buffers.
 
@@ -192,7 +196,13 @@ class _ExtEncoder:
         self.buffers: list[Buffer] = []
 
     def pack(self, obj: Any) -> bytes:
-        packed: bytes = msgpack.packb(obj, default=self, strict_types=True, use_bin_type=True)
+        # A small first buffer (it grows as needed; large data travels out of
+        # band): msgpack's default of 256 KiB is past malloc's mmap threshold once
+        # two are live, as when an array's hook packs its description inside
+        # the value's pack, and mapping fresh pages cost 15-30 us per array sent.
+        packed: bytes = msgpack.packb(
+            obj, default=self, strict_types=True, use_bin_type=True, buf_size=_HEADER_BUF
+        )
         return packed
 
     def __call__(self, obj: Any) -> Any:

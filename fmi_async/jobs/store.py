@@ -278,9 +278,11 @@ class StoreLease(JobLease):
     async def _give_up(self) -> None:
         """After a failed acquire: free a slot this instance holds, close the store."""
         try:
-            if self._held:
-                async with asyncio.timeout(RELEASE_TIMEOUT):
-                    await self._release_slot(self._held)
+            # Not holding a slot may only mean the claim's answer never came (a
+            # cancellation): an empty epoch releases a slot this nonce holds in
+            # any record, and is a read and nothing else when it holds none.
+            async with asyncio.timeout(RELEASE_TIMEOUT):
+                await self._release_slot(self._held)
         except (FMIError, TimeoutError) as exc:
             logger.debug("%r: could not give the slot back: %s", self, exc)
         finally:

@@ -6,15 +6,24 @@ iteration is
 1. local: assign every point of this peer to its nearest centroid (numpy),
    and add up, per cluster, the points (a k x d array of sums) and how many
    there are (k counts);
-2. global: two allreduces (SUM) of the sums and the counts: every peer now
-   has the totals of the whole data set, and computes the same new centroids
-   (sum / count; a cluster left empty keeps its old centroid).
+2. global: one allreduce (SUM) of the sums and the counts, packed in one
+   vector of k x (d + 1) numbers: every peer now has the totals of the whole
+   data set, and computes the same new centroids (sum / count; a cluster left
+   empty keeps its old centroid).
 
 All peers therefore hold the same centroids after every iteration, without a
 root.  The data set is made from a seed, in blocks of points that any peer
-can draw on its own, so it is the same whatever the number of peers (the
-result too, up to the order of floating-point additions).  The first k
-points are the starting centroids.
+can draw on its own, so it is the same whatever the number of peers.  Its
+coordinates lie on a grid of 2**-20 and are below 2**10 in size, so every
+sum of up to 2**23 of them is exact in float64: the order in which a reduction adds the
+peers' sums cannot change a bit of the result, and the centroids are the same
+bit for bit whatever the number of peers, the channel or the algorithm (or
+another system's reduction, benchmarks/kmeans.py).  The first k points are
+the starting centroids.
+
+The loop itself (:func:`lloyd`) takes the reduction as a coroutine function,
+so the same arithmetic runs over ``comm.allreduce`` here and over a
+storage-only reduction in benchmarks/lambdaml.py.
 
 Peer 0 prints a checksum of the final centroids, the time per iteration and
 the communication share: the time spent in the allreduces over the time of
@@ -31,14 +40,28 @@ import argparse
 import functools
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import fmi_async as fmi
 
 BLOCK = 10_000  # points drawn from one seeded generator
+GRID = 20  # coordinates are multiples of 2**-GRID: every sum of them is exact
+
+# A reduction of one float64 vector over all peers (element-wise SUM).
+Reduce = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+@dataclass
+class Trace:
+    """One peer's run of :func:`lloyd`: its final centroids and, per epoch, the
+    seconds of the whole epoch and of its reduction."""
+
+    centroids: np.ndarray
+    epoch_seconds: list[float] = field(default_factory=list)
+    reduce_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -53,7 +76,8 @@ class Result:
 def make_points(start: int, stop: int, dim: int, k: int, seed: int) -> np.ndarray:
     """Points ``start`` to ``stop`` of the data set: ``k`` Gaussian blobs in ``dim``
     dimensions.  Block ``b`` (points ``b * BLOCK`` onwards) comes from its own
-    generator, seeded by (seed, b), so a peer draws only the blocks it needs."""
+    generator, seeded by (seed, b), so a peer draws only the blocks it needs.
+    Coordinates are rounded to multiples of 2**-20 (see the module's docstring)."""
     centers = np.random.default_rng(seed).uniform(-10, 10, size=(k, dim))
     parts = []
     for block in range(start // BLOCK, (stop + BLOCK - 1) // BLOCK):
@@ -62,7 +86,8 @@ def make_points(start: int, stop: int, dim: int, k: int, seed: int) -> np.ndarra
         points = centers[blob] + rng.normal(0, 2.0, size=(BLOCK, dim))
         lo, hi = max(start, block * BLOCK), min(stop, (block + 1) * BLOCK)
         parts.append(points[lo - block * BLOCK : hi - block * BLOCK])
-    return np.concatenate(parts) if parts else np.empty((0, dim))
+    out = np.concatenate(parts) if parts else np.empty((0, dim))
+    return np.ldexp(np.round(np.ldexp(out, GRID)), -GRID)
 
 
 def share_of(rank: int, size: int, total: int) -> tuple[int, int]:
@@ -98,31 +123,43 @@ async def kmeans(
     mine = make_points(start, stop, dim, k, seed)
     centroids = make_points(0, k, dim, k, seed)  # every peer draws the same first k
 
-    # Connections open on first use: one untimed allreduce of the same shapes,
+    # Connections open on first use: one untimed allreduce of the same shape,
     # so the timings below are of the steady state.
-    await comm.allreduce(np.zeros((k, dim)))
-    await comm.allreduce(np.zeros(k))
+    await comm.allreduce(np.zeros(k * (dim + 1)))
 
-    in_allreduce = 0.0
-    t_start = time.perf_counter()
-    for _ in range(iterations):
-        sums, counts = assign(mine, centroids)
-        t0 = time.perf_counter()
-        sums = await comm.allreduce(sums, fmi.SUM)
-        counts = await comm.allreduce(counts, fmi.SUM)
-        in_allreduce += time.perf_counter() - t0
-        # The same arithmetic on the same totals: every peer gets the same centroids.
-        filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None]
-    elapsed = time.perf_counter() - t_start
+    async def allreduce(vector: np.ndarray) -> np.ndarray:
+        return await comm.allreduce(vector, fmi.SUM)
+
+    trace = await lloyd(mine, centroids, iterations, allreduce)
+    in_allreduce, elapsed = sum(trace.reduce_seconds), sum(trace.epoch_seconds)
 
     # Where the time went, summed over all peers.
     totals = await comm.allreduce(np.array([in_allreduce, elapsed]), fmi.SUM)
     return Result(
-        centroids=centroids,
+        centroids=trace.centroids,
         seconds_per_iteration=float(totals[1]) / comm.size / max(iterations, 1),
         communication_share=float(totals[0] / totals[1]) if totals[1] > 0 else 0.0,
     )
+
+
+async def lloyd(mine: np.ndarray, centroids: np.ndarray, iterations: int, reduce: Reduce) -> Trace:
+    """``iterations`` epochs of Lloyd's algorithm from ``centroids`` (not changed) on
+    this peer's points ``mine``; ``reduce`` sums a vector over all peers.  An epoch
+    reduces one vector: the k x d sums, then the k counts."""
+    k, dim = centroids.shape
+    trace = Trace(centroids=centroids.copy())
+    for _ in range(iterations):
+        t_start = time.perf_counter()
+        sums, counts = assign(mine, trace.centroids)
+        t0 = time.perf_counter()
+        total = await reduce(np.concatenate([sums.ravel(), counts]))
+        trace.reduce_seconds.append(time.perf_counter() - t0)
+        sums, counts = total[: k * dim].reshape(k, dim), total[k * dim :]
+        # The same arithmetic on the same totals: every peer gets the same centroids.
+        filled = counts > 0
+        trace.centroids[filled] = sums[filled] / counts[filled, None]
+        trace.epoch_seconds.append(time.perf_counter() - t_start)
+    return trace
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

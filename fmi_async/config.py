@@ -20,7 +20,9 @@ secret, which is refused otherwise), ``handshake_timeout`` (seconds an
 accepted connection has to prove membership, default 5),
 ``max_unproven`` and ``max_unproven_per_source`` (connections proving
 membership at once, in all and per source address; beyond them the oldest is
-dropped, default 128 and 32).
+dropped, default 128 and 32), ``encrypt`` (seal every frame and datagram of
+the direct channels with keys derived from the secret; default true whenever
+a secret is set, ``false`` for trusted networks).
 
 Backend names are case-insensitive and normalized to lower case
 (``direct`` becomes ``tcp``).
@@ -45,7 +47,14 @@ __all__ = ["Config", "JobConfig", "backend_name", "check_timeout"]
 
 _TOP_LEVEL = {"backends", "model", "timeout", "serializer", "channel", "security", "limits", "job"}
 _SECURITY_KEYS = frozenset(
-    ("secret", "insecure", "handshake_timeout", "max_unproven", "max_unproven_per_source")
+    (
+        "secret",
+        "insecure",
+        "handshake_timeout",
+        "max_unproven",
+        "max_unproven_per_source",
+        "encrypt",
+    )
 )
 _INF = float("inf")
 logger = logging.getLogger(__name__)
@@ -96,6 +105,7 @@ class Config:
     handshake_timeout: float = 5.0
     max_unproven: int = 128
     max_unproven_per_source: int = 32
+    encrypt: bool | None = None  # None: whenever a secret is set
 
     # ---------------------------------------------------------------- loading
 
@@ -178,6 +188,11 @@ class Config:
         """Names of enabled backends, in a fixed order shared by every peer."""
         return sorted(n for n, o in self.backends.items() if o.get("enabled", True))
 
+    @property
+    def encrypts(self) -> bool:
+        """Whether the direct channels seal their traffic (``security.encrypt``)."""
+        return self.secret is not None if self.encrypt is None else self.encrypt
+
     def check_security(self, channel: str) -> None:
         """Refuse to run ``channel`` (``tcp`` or ``udp``) without a secret, unless opted out.
 
@@ -190,6 +205,11 @@ class Config:
         """
         if self.secret is not None:
             return
+        if self.encrypt:
+            raise ConfigError(
+                f"channel {channel}: security.encrypt is true but there is no security.secret "
+                "to derive keys from; set the secret (the same on every peer)"
+            )
         if not self.insecure:
             raise ConfigError(
                 f"channel {channel} needs a shared secret: set security.secret (the same on "
@@ -265,6 +285,11 @@ def _security(section: Any, origin: str) -> dict[str, Any]:
     if not isinstance(insecure, bool):
         raise ConfigError(f"{origin}: security.insecure must be true or false, got {insecure!r}")
     out["insecure"] = insecure
+    if "encrypt" in section:
+        encrypt = section["encrypt"]
+        if not isinstance(encrypt, bool):
+            raise ConfigError(f"{origin}: security.encrypt must be true or false, got {encrypt!r}")
+        out["encrypt"] = encrypt
     if "handshake_timeout" in section:
         value = section["handshake_timeout"]
         # not 0 < value < inf also refuses nan, whose comparisons are all false

@@ -8,6 +8,10 @@ be replayed as another.  Verification uses :func:`hmac.compare_digest`.
 
 On a direct (or relayed) peer connection both sides prove membership by a
 challenge-response over nonces from both sides (:func:`response_proof`).
+The nonces of a handshake that passed are kept beside its socket
+(:func:`remember_handshake`, :func:`take_handshake`), whichever way the
+connection opened (plain, punched or relayed), and :func:`stream_key` derives
+from them and the secret the key that seals the frames written on it.
 """
 
 from __future__ import annotations
@@ -16,14 +20,28 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import socket
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from ..wire.seal import derive_key
 from .fields import kind_of
 from .messages import Message
 
-__all__ = ["compute_proof", "signed_fields", "sign", "verify", "response_proof"]
+__all__ = [
+    "Handshake",
+    "compute_proof",
+    "remember_handshake",
+    "response_proof",
+    "sign",
+    "signed_fields",
+    "stream_key",
+    "take_handshake",
+    "verify",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +106,54 @@ def response_proof(
     """
     fields = ["response", comm, run_id, sender, receiver, receiver_nonce, sender_nonce]
     return compute_proof(secret or b"", fields)
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """The nonces of a membership handshake that passed, and who writes to whom.
+
+    The committer (``writer``) is the only side that writes frames on the
+    connection; ``reader`` only reads them.
+    """
+
+    writer: int
+    reader: int
+    writer_nonce: bytes
+    reader_nonce: bytes
+
+    def __repr__(self) -> str:  # the nonces are public, but say nothing useful
+        return f"Handshake({self.writer} -> {self.reader})"
+
+
+# A side table rather than a return value: every path that opens a connection
+# (plain, punched, relayed) hands the channel a socket, and the socket is the
+# one thing they all carry.  Weak keys: a socket closed and dropped takes its entry.
+_HANDSHAKES: weakref.WeakKeyDictionary[socket.socket, Handshake] = weakref.WeakKeyDictionary()
+
+
+def remember_handshake(sock: socket.socket, handshake: Handshake) -> None:
+    """Keep the nonces of the handshake that ``sock`` passed, for :func:`take_handshake`."""
+    _HANDSHAKES[sock] = handshake
+
+
+def take_handshake(sock: socket.socket) -> Handshake | None:
+    """The handshake ``sock`` passed (once), or None if it passed none."""
+    return _HANDSHAKES.pop(sock, None)
+
+
+def stream_key(secret: bytes, comm: str, run_id: str, handshake: Handshake) -> bytes:
+    """The key of the frames ``handshake.writer`` writes to ``handshake.reader``.
+
+    HKDF over the secret, salted with both sides' fresh nonces (the writer's
+    first), with the job and the direction in the info: it differs per
+    connection and per direction, and only members can derive it.
+    """
+    return derive_key(
+        secret,
+        "stream",
+        comm,
+        run_id,
+        handshake.writer,
+        handshake.reader,
+        handshake.writer_nonce + handshake.reader_nonce,
+    )

@@ -54,6 +54,7 @@ from ..errors import (
 from . import protocol as p
 from .error_codes import server_error
 from .net import Address, Listener, Network, close_socket, read_message, send_message
+from .proofs import Handshake, remember_handshake
 
 __all__ = ["Membership", "PairResult", "authenticate", "pair_tcp"]
 
@@ -136,6 +137,7 @@ async def authenticate(
             member.secret, member.comm, member.run_id, me, other, challenge.nonce, mine
         )
         await send_message(sock, p.Response(me, proof, commit=True), deadline, what)
+        remember_handshake(sock, Handshake(me, other, mine, challenge.nonce))
         return other
     challenge = await read_message(sock, deadline, what, _HANDSHAKE_MAX)
     _check_challenge(challenge, member, me, other, valid_peer)
@@ -164,6 +166,7 @@ async def authenticate(
     assert isinstance(answer, p.Response)
     if not answer.commit:
         raise ProtocolError(f"peer {peer} proved itself but did not commit to the connection")
+    remember_handshake(sock, Handshake(peer, me, challenge.nonce, mine))
     return peer
 
 

@@ -31,9 +31,9 @@ from typing import Final
 
 import msgpack
 
-from ..errors import MessageTooLarge, ProtocolError
+from ..errors import ConfigError, MessageTooLarge, ProtocolError
 from .buffers import Buffer, BufferRecycler, buflen, flat
-from .serialize import Payload, pack_plain
+from .serialize import MAX_DEPTH_CEILING, Payload, pack_plain
 
 __all__ = [
     "Key",
@@ -69,6 +69,20 @@ class Limits:
     max_header: int = 64 * 1024 * 1024
     max_buffers: int = 65536
     max_total: int = 16 * 1024**3
+    max_depth: int = 256
+    """Deepest nesting of lists, tuples and dicts a value sent may have (at most
+    :data:`~fmi_async.wire.serialize.MAX_DEPTH_CEILING`, msgpack's own bound)."""
+    max_items: int = 16 * 1024**2
+    """Most list, tuple and dict entries, counted over the whole value sent."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_depth <= MAX_DEPTH_CEILING:
+            raise ConfigError(
+                f"limits.max_depth must be in 1..{MAX_DEPTH_CEILING} (msgpack nests no "
+                f"deeper), got {self.max_depth!r}"
+            )
+        if self.max_items < 1:
+            raise ConfigError(f"limits.max_items must be positive, got {self.max_items!r}")
 
     def check_payload(
         self, header_len: int, lengths: Sequence[int], *, sending: bool = False

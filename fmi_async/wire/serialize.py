@@ -7,6 +7,16 @@ the inverse; malformed input (bytes a peer sent) raises :class:`ProtocolError`.
 
 msgpack extension codes carry what msgpack has no type for: numpy arrays and
 scalars, tuples, out-of-band bytes, big integers and complex numbers.
+
+A value is checked against the sender's :class:`~fmi_async.wire.Limits`
+while it is walked for large bytes, before any of it is packed: nesting
+deeper than ``max_depth`` or more than ``max_items`` list, tuple and dict
+entries raise :class:`SerializationError`, a header or buffers over the
+frame limits :class:`~fmi_async.errors.MessageTooLarge`.  Without limits
+(a collective's packing, after the call checked the value with the
+configured ones) only :data:`MAX_DEPTH_CEILING` applies.  Either way a value
+that would exhaust the interpreter's stack (a ``RecursionError``) is a
+:class:`SerializationError`, never anything else.
 """
 
 from __future__ import annotations
@@ -15,13 +25,16 @@ import functools
 import logging
 import pickle
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 import numpy as np
 
 from ..errors import ProtocolError, SerializationError
 from .buffers import Buffer, BufferRecycler, buflen, flat
+
+if TYPE_CHECKING:
+    from .framing import Limits
 
 __all__ = [
     "Payload",
@@ -31,6 +44,7 @@ __all__ = [
     "pair_prefix",
     "SERIALIZERS",
     "OOB_BYTES_THRESHOLD",
+    "MAX_DEPTH_CEILING",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +61,10 @@ _EXT_COMPLEX: Final = 6
 
 # bytes at least this long travel out-of-band instead of inside the header.
 OOB_BYTES_THRESHOLD: Final = 4096
+
+MAX_DEPTH_CEILING: Final = 500
+"""Deepest nesting any value may have: msgpack's packer refuses more than 511
+levels, and a tuple level costs the hook two Python frames of the stack."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +90,28 @@ class Payload:
         return Payload(self.header, tuple(recycler.copy(b) for b in self.buffers), self.serializer)
 
 
-def dumps(value: Any, serializer: str = "msgpack") -> Payload:
-    """Serialize ``value``; raises :class:`SerializationError` for what cannot travel."""
+def dumps(value: Any, serializer: str = "msgpack", limits: Limits | None = None) -> Payload:
+    """Serialize ``value``, checked against ``limits`` (see the module doc).
+
+    Raises :class:`SerializationError` for what cannot travel (a type the
+    serializer has no form for, nesting deeper than ``limits.max_depth``,
+    more entries than ``limits.max_items``) and
+    :class:`~fmi_async.errors.MessageTooLarge` for a header or buffers over
+    the frame limits.
+    """
     if serializer == "msgpack":
-        return _dumps_msgpack(value)
-    if serializer == "pickle":
-        return _dumps_pickle(value)
-    raise SerializationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
+        payload = _dumps_msgpack(value, limits)
+    elif serializer == "pickle":
+        if limits is not None and not _plain(value):
+            _Walk(limits.max_depth, limits.max_items).mark(value, 0)  # the same bounds
+        payload = _dumps_pickle(value)
+    else:
+        raise SerializationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
+    if limits is not None:
+        limits.check_payload(
+            len(payload.header), [buflen(b) for b in payload.buffers], sending=True
+        )
+    return payload
 
 
 @functools.lru_cache(maxsize=256)
@@ -102,7 +135,7 @@ def dumps_pair(prefix: bytes, value: Any) -> Payload:
             return Payload(prefix + pack_plain(value), (), "msgpack")
         except ValueError:  # a lone surrogate in a str: the long way explains it
             pass
-    body = _dumps_msgpack(value)
+    body = _dumps_msgpack(value, None)
     return Payload(prefix + body.header, body.buffers, "msgpack")
 
 
@@ -124,27 +157,55 @@ class _OOB:
         self.buf = buf
 
 
-def _mark_large_bytes(value: Any) -> Any:
-    """Wrap large bytes-like values (msgpack would inline them) in :class:`_OOB`.
+class _Walk:
+    """One walk over a value: large bytes-like values wrapped in :class:`_OOB`
+    (msgpack would inline them), nesting and entries counted against limits.
 
     Containers are rebuilt only where something inside them changed.
     """
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        if memoryview(value).nbytes >= OOB_BYTES_THRESHOLD or not isinstance(value, bytes):
-            return _OOB(value)
-        return value
-    if isinstance(value, list):
-        items = [_mark_large_bytes(v) for v in value]
-        return items if any(a is not b for a, b in zip(items, value, strict=False)) else value
-    if isinstance(value, tuple):
-        items = [_mark_large_bytes(v) for v in value]
-        if any(a is not b for a, b in zip(items, value, strict=False)):
-            return tuple(items)
-        return value
-    if isinstance(value, dict):
-        pairs = {k: _mark_large_bytes(v) for k, v in value.items()}
+
+    __slots__ = ("items", "max_depth", "max_items")
+
+    def __init__(self, max_depth: int, max_items: int) -> None:
+        self.items = 0
+        self.max_depth = max_depth
+        self.max_items = max_items
+
+    def mark(self, value: Any, depth: int) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            if memoryview(value).nbytes >= OOB_BYTES_THRESHOLD or not isinstance(value, bytes):
+                return _OOB(value)
+            return value
+        if not isinstance(value, (list, tuple, dict)):
+            return value
+        if depth >= self.max_depth:
+            raise SerializationError(
+                f"value nested deeper than {self.max_depth} levels of lists, tuples and dicts "
+                "cannot travel (limits.max_depth)"
+            )
+        self.items += len(value)
+        if self.items > self.max_items:
+            raise SerializationError(
+                f"value has more than {self.max_items} list, tuple and dict entries "
+                "(limits.max_items); send large collections as numpy arrays"
+            )
+        depth += 1
+        mark = self.mark
+        if isinstance(value, list):
+            items = [mark(v, depth) for v in value]
+            return items if any(a is not b for a, b in zip(items, value, strict=False)) else value
+        if isinstance(value, tuple):
+            items = [mark(v, depth) for v in value]
+            if any(a is not b for a, b in zip(items, value, strict=False)):
+                return tuple(items)
+            return value
+        pairs = {k: mark(v, depth) for k, v in value.items()}
         return pairs if any(pairs[k] is not v for k, v in value.items()) else value
-    return value
+
+
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    return kind in _SCALARS or kind is int or kind is bytes
 
 
 _SCALARS: Final = frozenset({str, float, bool, type(None)})
@@ -155,7 +216,7 @@ _SCALARS: Final = frozenset({str, float, bool, type(None)})
 pack_plain: Final = msgpack.Packer(use_bin_type=True).pack
 
 
-def _dumps_msgpack(value: Any) -> Payload:
+def _dumps_msgpack(value: Any, limits: Limits | None) -> Payload:
     kind = type(value)
     if (
         kind in _SCALARS
@@ -166,16 +227,26 @@ def _dumps_msgpack(value: Any) -> Payload:
             return Payload(pack_plain(value), (), "msgpack")
         except ValueError:  # a lone surrogate in a str: the long way explains it
             pass
-    value = _mark_large_bytes(value)
+    if limits is None:
+        walk = _Walk(MAX_DEPTH_CEILING, _NO_ITEM_LIMIT)
+    else:
+        walk = _Walk(limits.max_depth, limits.max_items)
     encoder = _ExtEncoder()
     try:
+        value = walk.mark(value, 0)
         header = encoder.pack(value)
     except SerializationError:
         raise
+    except RecursionError as exc:  # nesting inside what the walk does not enter (dict keys)
+        raise SerializationError(
+            f"cannot serialize {type(value).__name__}: nested too deeply ({exc})"
+        ) from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise SerializationError(f"cannot serialize {type(value).__name__}: {exc}") from exc
     return Payload(header, tuple(encoder.buffers), "msgpack")
 
+
+_NO_ITEM_LIMIT: Final = 1 << 62
 
 _HEADER_BUF: Final = 1024
 """First buffer of a header's packer, in bytes (see :meth:`_ExtEncoder.pack`)."""

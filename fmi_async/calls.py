@@ -101,7 +101,7 @@ class CommunicatorCalls:
         if timeout is not None:
             timeout = check_timeout(timeout)
         chan = self._channel()
-        payload = dumps(value, self.config.serializer)
+        payload = dumps(value, self.config.serializer, self.config.limits)
         if timeout is None:
             # No wrapper timer on the common path: a send only waits on flow
             # control or a backend request, and every channel bounds those
@@ -137,7 +137,7 @@ class CommunicatorCalls:
             return
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
             return  # its raw buffer always travels
-        dumps(value, self.config.serializer)
+        dumps(value, self.config.serializer, self.config.limits)
 
     def _reduction(
         self,

@@ -28,6 +28,14 @@ either limit evicts the oldest unproven one
 exhaust the handshake slots.  A connecting peer whose handshake was cut off
 that way tries again while its ``connect_timeout`` lasts.
 
+After the handshake, with ``security.encrypt`` (the default whenever a
+secret is set), every byte of the connection is sealed: its key is derived
+from the secret and both sides' handshake nonces
+(:func:`~fmi_async.holepunch.proofs.stream_key`), so it differs per
+connection and direction, and a relayed connection is sealed end to end (the
+relay only splices records it cannot read).  See
+:mod:`fmi_async.wire.seal` and docs/security.md.
+
 A peer *sends* only on connections it opened and *receives* only on
 connections it accepted.  Two peers that send to each other at the same
 moment therefore open two connections instead of racing to agree on one,
@@ -75,8 +83,10 @@ from ..holepunch import protocol as hp
 from ..holepunch.admission import Admission
 from ..holepunch.client import ControlConnection, RendezvousClient
 from ..holepunch.net import HostNetwork, Network, close_socket, simulated_network, sock_accept
+from ..holepunch.proofs import stream_key, take_handshake
 from ..holepunch.punch import Membership, authenticate, pair_tcp
 from ..wire import Key, Payload, encode_frame
+from ..wire.seal import StreamOpener, StreamSealer
 from .backoff import Backoff
 from .base import ChannelContext, DirectChannel
 from .options import RendezvousOptions, option
@@ -122,6 +132,7 @@ class TCPChannel(DirectChannel):
         simulated = simulated_network(opts.nat)
         self.net: Network = simulated or HostNetwork()
         self.member = Membership(ctx.comm_name, ctx.run_id, config.secret)
+        self.encrypt = config.encrypts
         self._client = RendezvousClient(
             host, port, config.secret, timeout=self.connect_timeout, net=simulated
         )
@@ -144,7 +155,8 @@ class TCPChannel(DirectChannel):
         listen = f"{addr[0]}:{addr[1]}" if addr else "-"
         return (
             f"<TCPChannel peer={self.peer_id}/{self.num_peers} comm={self.comm_name!r} "
-            f"{self._state} listen={listen} net={self.net.name} out={sorted(self._senders)} "
+            f"{self._state} listen={listen} net={self.net.name}"
+            f"{' sealed' if self.encrypt else ''} out={sorted(self._senders)} "
             f"in={sorted(r.src for r in self._incoming)}>"
         )
 
@@ -254,7 +266,9 @@ class TCPChannel(DirectChannel):
                 # Fast path for the common small message on an idle connection
                 # (no earlier frame waits to be written): one write, no lock, no await.
                 assert sender is not None and sender.transport is not None
-                sender.transport.write(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+                data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+                sealer = sender.sealer
+                sender.transport.write(data if sealer is None else sealer.seal(data))
             else:
                 # Frames to one destination never interleave, nor overtake each other.
                 self._queued[dst] = self._queued.get(dst, 0) + 1
@@ -321,13 +335,31 @@ class TCPChannel(DirectChannel):
         try:
             self._check_open()
             loop = asyncio.get_running_loop()
-            _, proto = await loop.create_connection(lambda: Sender(self, dst), sock=sock)
+            sealer = (
+                StreamSealer(self._stream_key(sock, self.peer_id, dst)) if self.encrypt else None
+            )
+            _, proto = await loop.create_connection(lambda: Sender(self, dst, sealer), sock=sock)
         except BaseException:
             close_socket(sock)
             raise
         self._senders[dst] = proto
         self.stats.pairs[dst] = how
         return proto
+
+    def _stream_key(self, sock: socket.socket, writer: int, reader: int) -> bytes:
+        """The key of the frames ``writer`` writes to ``reader`` on ``sock``."""
+        handshake = take_handshake(sock)
+        secret = self.config.secret
+        if handshake is None or secret is None:  # every path authenticates; a bug if not
+            raise BrokenChannelError(
+                f"no membership handshake on the connection {writer}->{reader}"
+            )
+        if (handshake.writer, handshake.reader) != (writer, reader):
+            raise BrokenChannelError(
+                f"the connection {writer}->{reader} passed a handshake for "
+                f"{handshake.writer}->{handshake.reader}"
+            )
+        return stream_key(secret, self.comm_name, self.run_id, handshake)
 
     def _valid_peer(self, peer: int) -> bool:
         return 0 <= peer < self.num_peers and peer != self.peer_id
@@ -408,8 +440,11 @@ class TCPChannel(DirectChannel):
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(lambda: Receiver(self, src), sock=conn)
-        except OSError as exc:
+            opener = (
+                StreamOpener(self._stream_key(conn, src, self.peer_id)) if self.encrypt else None
+            )
+            await loop.connect_accepted_socket(lambda: Receiver(self, src, opener), sock=conn)
+        except (OSError, BrokenChannelError) as exc:
             close_socket(conn)
             logger.warning("peer %d: connection from peer %d failed: %s", self.peer_id, src, exc)
             return

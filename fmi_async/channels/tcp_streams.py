@@ -15,6 +15,16 @@ transport pauses us whenever it holds unsent bytes and a send waits until it
 is empty.  That bounds the memory a send adds to about one slice, and it is
 also what makes "a returned send may reuse its buffers" true on uvloop,
 whose transport keeps references to (rather than copies of) unsent data.
+
+With ``security.encrypt`` (the default whenever a secret is set) a sender
+seals what it writes into records (:class:`~fmi_async.wire.seal.StreamSealer`)
+and a receiver opens them (:class:`~fmi_async.wire.seal.StreamOpener`) before
+the frame reader sees a byte.  A large buffer is sealed one
+:data:`~fmi_async.wire.seal.SEGMENT` at a time, the next record while the
+previous one drains; the receiver opens each record straight into the
+received array where it fits.  A record that fails authentication ends the
+connection with a :class:`~fmi_async.errors.BrokenChannelError` that says so:
+a byte stream cannot skip a frame.
 """
 
 from __future__ import annotations
@@ -25,8 +35,16 @@ import logging
 import socket
 from typing import TYPE_CHECKING, cast
 
-from ..errors import BrokenChannelError, ClosedError, CommTimeout, EndOfStream, ProtocolError
+from ..errors import (
+    AuthenticationError,
+    BrokenChannelError,
+    ClosedError,
+    CommTimeout,
+    EndOfStream,
+    ProtocolError,
+)
 from ..wire import Buffer, FrameReader
+from ..wire.seal import SEGMENT, StreamOpener, StreamSealer
 
 if TYPE_CHECKING:
     from .tcp import TCPChannel
@@ -51,9 +69,10 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 class Sender(asyncio.Protocol):
     """Our end of a connection we opened: we only write; flow control only."""
 
-    def __init__(self, channel: TCPChannel, dst: int) -> None:
+    def __init__(self, channel: TCPChannel, dst: int, sealer: StreamSealer | None = None) -> None:
         self.channel = channel
         self.dst = dst
+        self.sealer = sealer  # None: the stream is not encrypted (security.encrypt: false)
         self.transport: asyncio.Transport | None = None
         self.error: Exception | None = None
         self._paused = False
@@ -62,7 +81,8 @@ class Sender(asyncio.Protocol):
 
     def __repr__(self) -> str:
         state = "broken" if self.error else ("paused" if self._paused else "ready")
-        return f"<Sender {self.channel.peer_id}->{self.dst} {state}>"
+        sealed = " sealed" if self.sealer else ""
+        return f"<Sender {self.channel.peer_id}->{self.dst} {state}{sealed}>"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
@@ -144,10 +164,15 @@ class Sender(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         await self.writable(timeout)
-        if nbytes <= SMALL:
-            transport.write(b"".join(buffers))
+        sealer = self.sealer
+        if nbytes <= SMALL:  # SMALL <= SEGMENT: one record
+            data = b"".join(buffers)
+            transport.write(data if sealer is None else sealer.seal(data))
             return
         try:
+            if sealer is not None:
+                await self._write_sealed(sealer, buffers, timeout)
+                return
             for buf in buffers:
                 view = memoryview(buf)
                 for off in range(0, view.nbytes, CHUNK):
@@ -158,15 +183,30 @@ class Sender(asyncio.Protocol):
             transport.abort()
             raise
 
+    async def _write_sealed(
+        self, sealer: StreamSealer, buffers: list[Buffer], timeout: float
+    ) -> None:
+        """Each buffer in records of SEGMENT bytes, the next sealed while the last drains."""
+        transport = self.transport
+        assert transport is not None
+        for buf in buffers:
+            view = memoryview(buf).cast("B")
+            for off in range(0, view.nbytes, SEGMENT):
+                record = sealer.seal(view[off : off + SEGMENT])
+                await self.writable(timeout)
+                transport.write(record)
+        await self.writable(timeout)
+
 
 class Receiver(asyncio.BufferedProtocol):
     """A connection another peer writes to us on; it has proved who it is already."""
 
-    def __init__(self, channel: TCPChannel, src: int) -> None:
+    def __init__(self, channel: TCPChannel, src: int, opener: StreamOpener | None = None) -> None:
         self.channel = channel
         self.src = src
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader(channel.config.limits)
+        self.opener = opener  # None: the stream is not encrypted (security.encrypt: false)
         self._failure: str | None = None
 
     def __repr__(self) -> str:
@@ -183,12 +223,22 @@ class Receiver(asyncio.BufferedProtocol):
         self.channel.mailbox.clear_source(self.src)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.opener is not None:
+            return self.opener.get_buffer()
         return self.reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            frames = self.reader.received(nbytes)
+            if self.opener is None:
+                frames = self.reader.received(nbytes)
+            else:
+                self.opener.received(nbytes, self.reader)
+                frames = self.reader.pop_frames()
         except ProtocolError as exc:
+            self._fail(f"peer {self.src}: {exc}")
+            return
+        except AuthenticationError as exc:
+            self.channel.stats.requests["forged"] += 1
             self._fail(f"peer {self.src}: {exc}")
             return
         for key, payload in frames:
@@ -211,7 +261,7 @@ class Receiver(asyncio.BufferedProtocol):
         error: Exception
         if self._failure is not None:
             error = BrokenChannelError(f"connection from peer {src} was dropped: {self._failure}")
-        elif exc is not None or self.reader.mid_frame:
+        elif exc is not None or self.reader.mid_frame or (self.opener and self.opener.pending):
             reason = f" ({exc})" if exc else ""
             error = BrokenChannelError(
                 f"connection from peer {src} to peer {chan.peer_id} broke in the middle of a "

@@ -397,12 +397,14 @@ async def test_truncated_frame_fails_waiters_of_that_source() -> None:
     async with tcp_peers(3) as (chans, _):
         waiter = asyncio.create_task(recv(chans[1], 2, tag=4, timeout=10.0))
         other = asyncio.create_task(recv(chans[1], 0, tag=4, timeout=10.0))
+        chans[1].encrypt = False  # plain frames (sealed ones: tests/channels/test_encryption.py)
         _, writer = await proven_connection(chans[1], 2)
         frame = b"".join(bytes(b) for b in encode_frame(("u", 3), dumps(np.arange(1000))))
         writer.write(frame)  # one whole frame, then half of the next
         writer.write(frame[: len(frame) // 2])
         await writer.drain()
         assert await recv(chans[1], 2, tag=3) is not None
+        chans[1].encrypt = True  # the connection from peer 0 below is sealed
         writer.close()
         with pytest.raises(BrokenChannelError, match="middle of a message"):
             await asyncio.wait_for(waiter, 5.0)
@@ -414,6 +416,7 @@ async def test_truncated_frame_fails_waiters_of_that_source() -> None:
 async def test_garbage_frame_after_hello(caplog: pytest.LogCaptureFixture) -> None:
     async with tcp_peers(3) as (chans, _):
         waiter = asyncio.create_task(recv(chans[1], 2, timeout=10.0))
+        chans[1].encrypt = False  # plain frames (sealed ones: tests/channels/test_encryption.py)
         reader, writer = await proven_connection(chans[1], 2)
         try:
             writer.write(b"NOT A FRAME AT ALL")

@@ -62,6 +62,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "fmi_async.local",
             "fmi_async.runner",
             "fmi_async.clean",
+            "fmi_async.web",
             "fmi_async",
         ),
     ),

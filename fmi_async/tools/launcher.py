@@ -21,7 +21,8 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,7 +32,15 @@ from ..errors import ConfigError
 from ..holepunch.server import RendezvousServer
 from ..natsim import PRESETS, NATBox
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_TIMEOUT", "add_run_arguments", "cmd_run", "merge_config"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_TIMEOUT",
+    "LaunchSession",
+    "add_run_arguments",
+    "cmd_run",
+    "launch_session",
+    "merge_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -129,32 +138,76 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _launch(args: argparse.Namespace, user: dict[str, Any]) -> int:
+    nat = getattr(args, "nat", "none")
+    async with launch_session(args.num_peers, nat, user) as session:
+        config, run_id = session.config, session.run_id
+        envs = _peer_envs(args.num_peers, args.name, run_id, json.dumps(config))
+        for peer, env in enumerate(envs):
+            env.update(session.nat_env(peer))
+        launcher = _Launcher([sys.executable, args.script, *args.args], envs, grace=args.grace)
+        code = await launcher.run(args.timeout)
+        summary = session.nat_summary(nat)
+        if summary:
+            _note(summary)
+        return code
+
+
+@dataclass
+class LaunchSession:
+    """What the peers of one launch meet through: the rendezvous server, their NAT boxes,
+    the run's id and secret, and the config every peer gets (:func:`merge_config`)."""
+
+    server: RendezvousServer
+    boxes: list[NATBox]
+    run_id: str
+    secret: str
+    config: dict[str, Any]
+
+    def nat_env(self, peer: int) -> dict[str, str]:
+        """The variables that put ``peer`` behind its simulated NAT box (none without NAT)."""
+        if not self.boxes:
+            return {}
+        options = self.boxes[peer].options()
+        return {
+            "FMI_NAT_GATEWAY": options["gateway"],
+            "FMI_NAT_UDP_GATEWAY": options["udp_gateway"],
+        }
+
+    def nat_summary(self, nat: str) -> str | None:
+        """How the pairs met (direct or relayed), once the peers are done; None without NAT."""
+        server, boxes = self.server, self.boxes
+        decided = server.pairings.decided
+        if boxes and decided:
+            return (
+                f"NAT {nat}: {decided['direct']} pairs direct, {decided['relay']} relayed "
+                f"({sum(b.dropped for b in boxes)} packets filtered by the NATs)"
+            )
+        return None
+
+
+@contextlib.asynccontextmanager
+async def launch_session(
+    num_peers: int, nat: str, user: Mapping[str, Any]
+) -> AsyncIterator[LaunchSession]:
+    """A rendezvous server on loopback with a fresh secret and run id, and with ``nat``
+    other than ``"none"`` a simulated NAT box per peer; closed on exit.
+
+    ``fmi run`` and ``fmi invoke`` start their peers inside one.  Raises
+    :class:`~fmi_async.errors.ConfigError` when ``user`` does not merge into a
+    valid config.
+    """
     secret = secrets.token_urlsafe(32)
     run_id = secrets.token_hex(8)
     server = RendezvousServer(secret.encode())
     await server.start("127.0.0.1", 0)
-    nat = getattr(args, "nat", "none")
-    boxes = [NATBox(nat) for _ in range(args.num_peers)] if nat != "none" else []
+    boxes = [NATBox(nat) for _ in range(num_peers)] if nat != "none" else []
     try:
         for box in boxes:
             await box.start()
         host, port = server.address
         config = merge_config(user, host, port, secret)
         Config.from_dict(config)
-        envs = _peer_envs(args.num_peers, args.name, run_id, json.dumps(config))
-        for env, box in zip(envs, boxes, strict=False):
-            options = box.options()
-            env["FMI_NAT_GATEWAY"] = options["gateway"]
-            env["FMI_NAT_UDP_GATEWAY"] = options["udp_gateway"]
-        launcher = _Launcher([sys.executable, args.script, *args.args], envs, grace=args.grace)
-        code = await launcher.run(args.timeout)
-        decided = server.pairings.decided
-        if boxes and decided:
-            _note(
-                f"NAT {nat}: {decided['direct']} pairs direct, {decided['relay']} relayed "
-                f"({sum(b.dropped for b in boxes)} packets filtered by the NATs)"
-            )
-        return code
+        yield LaunchSession(server, boxes, run_id, secret, config)
     finally:
         await asyncio.gather(*(b.close() for b in boxes), return_exceptions=True)
         await server.close()

@@ -124,6 +124,13 @@ class RedisOptions(StorageOptions):
     chunk_size: int = option(64 * MiB, ge=1, le=512 * MiB, doc="bytes per stored chunk")
     inline_max: int = option(MiB, ge=0, doc="data bytes sent inline in one push")
     socket_timeout: float = option(30.0, ge=0.01, doc="seconds one reply may take")
+    tls: bool = option(False, doc="talk TLS to host/port (a rediss:// URL implies it)")
+    tls_ca: str | None = option(None, doc="CA certificate file (PEM) the server's is checked with")
+    tls_cert: str | None = option(None, doc="client certificate file (PEM), when the server asks")
+    tls_key: str | None = option(None, doc="private key file (PEM) of tls_cert")
+    tls_check_hostname: bool = option(
+        True, doc="the server's certificate must name the host connected to"
+    )
 
 
 class RedisChannel(RedisOnce):

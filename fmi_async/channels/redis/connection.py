@@ -17,6 +17,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -27,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.utils import HIREDIS_AVAILABLE
 
-from ...errors import BackendUnavailable, BrokenChannelError, FMIError
+from ...errors import BackendUnavailable, BrokenChannelError, ConfigError, FMIError
 from ..base import ChannelContext
 from ..storage import StorageChannel
 from .errors import redis_errors, transient_redis_error
@@ -36,7 +37,7 @@ from .layout import PUSH_SCRIPT
 if TYPE_CHECKING:
     from .channel import RedisOptions
 
-__all__ = ["RESERVED_CONNECTIONS", "RedisConnection"]
+__all__ = ["RESERVED_CONNECTIONS", "RedisConnection", "tls_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,44 @@ def _map_errors(channel: RedisConnection, operation: str) -> Iterator[None]:
         yield
 
 
+def tls_arguments(options: RedisOptions) -> dict[str, Any]:
+    """redis-py's TLS arguments for ``options``; empty when the channel talks plain TCP.
+
+    TLS is on with a ``rediss://`` URL or ``tls: true``; the server's
+    certificate is then always verified (against ``tls_ca``, else the
+    system's CAs), and its name checked unless ``tls_check_hostname`` is
+    false.  Raises :class:`~fmi_async.errors.ConfigError` for certificate
+    options without TLS, a key without a certificate, or a file that is not
+    there.
+    """
+    url = options.url
+    on = url.startswith("rediss://") if url is not None else options.tls
+    files = {"tls_ca": options.tls_ca, "tls_cert": options.tls_cert, "tls_key": options.tls_key}
+    given = [name for name, path in files.items() if path is not None]
+    if not on:
+        if given or (url is not None and options.tls):
+            what = ", ".join(given) or "tls"
+            raise ConfigError(
+                f"backends.Redis: {what} given, but the channel talks plain TCP; use a "
+                "rediss:// URL (or tls: true with host/port)"
+            )
+        return {}
+    if options.tls_key is not None and options.tls_cert is None:
+        raise ConfigError("backends.Redis: tls_key needs tls_cert (the client certificate)")
+    for name in given:
+        path = files[name]
+        assert path is not None
+        if not os.path.isfile(path):
+            raise ConfigError(f"backends.Redis.{name}: no such file: {path}")
+    return {
+        "ssl_cert_reqs": "required",
+        "ssl_ca_certs": options.tls_ca,
+        "ssl_certfile": options.tls_cert,
+        "ssl_keyfile": options.tls_key,
+        "ssl_check_hostname": options.tls_check_hostname,
+    }
+
+
 class RedisConnection(StorageChannel):
     """A storage channel's connection pool to one Redis database and its round trips."""
 
@@ -74,6 +113,7 @@ class RedisConnection(StorageChannel):
         self.host = opts.host
         self.port = opts.port
         self.db = opts.db
+        self._tls = tls_arguments(opts)  # checked here: a wrong option fails the constructor
         self._blocking = asyncio.Semaphore(self.max_connections - RESERVED_CONNECTIONS)
         self._pool: aioredis.BlockingConnectionPool | None = None
         self._client: aioredis.Redis | None = None
@@ -103,9 +143,12 @@ class RedisConnection(StorageChannel):
             # is not harmless.  The channel retries what is (see above).
             "retry": Retry(NoBackoff(), 0),
         }
+        tls = self._tls
         if self.url is not None:
-            pool = aioredis.BlockingConnectionPool.from_url(self.url, **common)
+            pool = aioredis.BlockingConnectionPool.from_url(self.url, **common, **tls)
         else:
+            if tls:
+                common["connection_class"] = aioredis.SSLConnection
             pool = aioredis.BlockingConnectionPool(
                 host=self.host,
                 port=self.port,
@@ -113,6 +156,7 @@ class RedisConnection(StorageChannel):
                 username=self.options.username,
                 password=self.options.password,
                 **common,
+                **tls,
             )
         self._pool = pool
         self._client = aioredis.Redis(connection_pool=pool)

@@ -87,6 +87,9 @@ class RedisStore:
         self.username = options.username
         self.password = options.password
         self.key = key
+        from ..channels.redis import tls_arguments
+
+        self.tls = tls_arguments(options)  # rediss:// and the certificate options
         self._client: Any = None
         self._cas: Any = None
 
@@ -110,8 +113,10 @@ class RedisStore:
             "max_connections": 4,
         }
         if self.url is not None:
-            self._client = aioredis.Redis.from_url(self.url, **common)
+            self._client = aioredis.Redis.from_url(self.url, **common, **self.tls)
         else:
+            if self.tls:
+                common["ssl"] = True
             self._client = aioredis.Redis(
                 host=self.host,
                 port=self.port,
@@ -119,6 +124,7 @@ class RedisStore:
                 username=self.username,
                 password=self.password,
                 **common,
+                **self.tls,
             )
         self._cas = self._client.register_script(_CAS_SCRIPT)
 

@@ -6,6 +6,7 @@
 ``fmi plan``        predicted time and cost of every plan (:mod:`.plan_report`)
 ``fmi cost``        price saved ``comm.stats()`` (:mod:`.cost_report`)
 ``fmi clean``       remove what runs left on storage (:mod:`.clean`)
+``fmi invoke``      N invocations of a Lambda-style handler on this machine (:mod:`.invoke`)
 
 A subcommand is an entry of :data:`COMMANDS`.  ``python -m fmi_async`` runs
 the same :func:`main` as the ``fmi`` console script.
@@ -23,6 +24,7 @@ from ..errors import FMIError
 from .calibrate import add_calibrate_arguments, cmd_calibrate
 from .clean import add_clean_arguments, cmd_clean
 from .cost_report import add_cost_arguments, cmd_cost
+from .invoke import add_invoke_arguments, cmd_invoke
 from .launcher import EXIT_INTERRUPTED, add_run_arguments, cmd_run
 from .plan_report import add_plan_arguments, cmd_plan
 from .rendezvous import add_rendezvous_arguments, cmd_rendezvous
@@ -70,6 +72,12 @@ COMMANDS: list[Command] = [
         "remove what a run (or every run of a communicator) left on the storage backends",
         add_clean_arguments,
         cmd_clean,
+    ),
+    Command(
+        "invoke",
+        "run N invocations of a Lambda-style handler, each in its own process",
+        add_invoke_arguments,
+        cmd_invoke,
     ),
 ]
 

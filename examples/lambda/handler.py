@@ -30,18 +30,20 @@ import fmi_async as fmi
 SECRET_VARIABLE = "FMI_SECRET"
 
 
-def deadline(context: Any) -> float:
-    """Seconds the job may take: the function's remaining time, less a margin.
+def deadline(context: Any) -> tuple[float, float]:
+    """Seconds every wait of the job may take, and the margin kept back.
 
-    The margin (10 %, at least 1 s, at most 5 s) leaves time to close the
-    communicator (which deletes what the job stored) and to return an error
-    that says what happened, before Lambda stops the function.
+    The communicator's deadline is the function's remaining time less a
+    margin (10 %, at least 1 s, at most 5 s), so that a peer that waits in
+    vain raises ``fmi.CommTimeout``, closes its communicator (which deletes
+    what the job stored) and returns an error that says what happened, before
+    Lambda stops the function with "Task timed out".
     """
     remaining = context.get_remaining_time_in_millis() / 1000
     margin = min(5.0, max(1.0, 0.1 * remaining))
     if remaining - margin <= 0:
         raise RuntimeError(f"only {remaining:.1f} s left: raise the function's timeout")
-    return remaining - margin
+    return remaining - margin, margin
 
 
 def communicator(event: dict[str, Any], context: Any, timeout: float) -> fmi.Communicator:
@@ -88,10 +90,17 @@ async def job(comm: fmi.Communicator, event: dict[str, Any]) -> dict[str, Any]:
 
 async def run_job(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Open the communicator, run the job, close: all within the function's remaining time."""
-    budget = deadline(context)
-    async with asyncio.timeout(budget):
-        async with communicator(event, context, budget) as comm:
-            return await job(comm, event)
+    timeout, margin = deadline(context)
+    # Each wait ends within `timeout`; the whole job, many waits, within half the margin more.
+    whole = timeout + margin / 2
+    try:
+        async with asyncio.timeout(whole):
+            async with communicator(event, context, timeout) as comm:
+                return await job(comm, event)
+    except TimeoutError as exc:
+        if isinstance(exc, fmi.CommTimeout):
+            raise  # names the peer or the key it waited for
+        raise TimeoutError(f"the job did not end within {whole:.1f} s") from None
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -66,6 +66,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "fmi_async",
         ),
     ),
+    # FMI's blocking API over the communicator (nothing below imports it).
+    ("compat", ("fmi_async.compat",)),
     ("tools", ("fmi_async.tools", "fmi_async.natsim", "fmi_async.__main__")),
 )
 

@@ -7,6 +7,7 @@ encapsulation.  The first byte tells them apart:
 
 ======  =====================================================================
 0x75    the UDP channel's own datagram (data or ack, :mod:`.datagram`)
+0x76    the same, sealed (``security.encrypt``, :mod:`.sealing`)
 0xF0    a rendezvous protocol message (envelope of ``holepunch.protocol``),
         to or from the rendezvous server's UDP port (same port as its TCP
         port)
@@ -34,6 +35,7 @@ from typing import Final
 
 __all__ = [
     "CHANNEL",
+    "SEALED",
     "RESERVED_MIN",
     "RENDEZVOUS",
     "PROBE",
@@ -46,6 +48,8 @@ __all__ = [
 
 CHANNEL: Final = 0x75
 """The UDP channel's own datagrams (``"u"``)."""
+SEALED: Final = 0x76
+"""The UDP channel's datagrams in their authenticated, encrypted envelope (``"v"``)."""
 RESERVED_MIN: Final = 0xF0
 """First byte of hole punching's range 0xF0-0xFF."""
 RENDEZVOUS: Final = 0xF0
@@ -57,6 +61,7 @@ NAT: Final = 0xFE
 
 NAMES: Final[dict[int, str]] = {
     CHANNEL: "channel",
+    SEALED: "sealed",
     RENDEZVOUS: "rendezvous",
     PROBE: "probe",
     PROBE_ACK: "probe-ack",
@@ -66,5 +71,5 @@ NAMES: Final[dict[int, str]] = {
 }
 """Every kind by its first byte, for logs and for the tests that check the table."""
 
-assert CHANNEL < RESERVED_MIN
-assert all(kind >= RESERVED_MIN for kind in NAMES if kind != CHANNEL)
+assert CHANNEL < SEALED < RESERVED_MIN
+assert all(kind >= RESERVED_MIN for kind in NAMES if kind not in (CHANNEL, SEALED))

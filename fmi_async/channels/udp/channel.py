@@ -45,6 +45,9 @@ for unacknowledged data, default 5 s); for NAT traversal, as for TCP:
 2 s), ``nat`` (a simulated NAT box's ``options()``; also the
 ``FMI_NAT_GATEWAY`` and ``FMI_NAT_UDP_GATEWAY`` environment variables) and
 ``keepalive`` (seconds between keep-alives, default 15).
+
+With ``security.encrypt`` every datagram is sealed (:mod:`.sealing`; ``mtu``
+includes its envelope); forged or replayed ones are dropped and counted.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ from .discovery import (
 from .kinds import RESERVED_MIN
 from .peers import Peer, Socket
 from .reliable import Endpoint, LinkParams
+from .sealing import OVERHEAD, Sealing
 
 __all__ = [
     "UDPChannel",
@@ -136,8 +140,9 @@ class UDPChannel(DirectChannel):
         self.advertise = opts.advertise or opts.bind
         rto_max = opts.rto_max
         rto_initial = opts.rto_initial or min(0.2, rto_max)
+        self._sealing = Sealing.of(config, ctx.comm_name, ctx.run_id, ctx.peer_id, self.stats)
         self.params = LinkParams(
-            mtu=opts.mtu,
+            mtu=opts.mtu - OVERHEAD if self._sealing else opts.mtu,
             window=opts.window,
             recv_buffer=opts.recv_buffer,
             rto=Backoff(rto_initial, rto_max, 2.0, opts.rto_jitter),
@@ -272,7 +277,7 @@ class UDPChannel(DirectChannel):
                 ack = peer.link.receiver.poll_ack(now, closing=True)
                 assert ack is not None
                 for _ in range(2):  # a lost "closing" only costs the peer its linger
-                    self._send(ack, dest)
+                    self._send(ack, dest, peer.id)
             if peer.timer is not None:
                 peer.timer.cancel()
             for fut in peer.waiters:
@@ -380,8 +385,10 @@ class UDPChannel(DirectChannel):
             peer = self._peers[pid] = Peer(self._endpoint.link(pid))
         return peer
 
-    def _send(self, data: bytes, addr: Address) -> None:
+    def _send(self, data: bytes, addr: Address, dst: int) -> None:
         assert self._out is not None
+        if self._sealing is not None:
+            data = self._sealing.seal(dst, data)
         try:
             self._out.sendto(data, addr)
         except OSError as exc:  # e.g. no route: the timer will tell if it lasts
@@ -395,6 +402,11 @@ class UDPChannel(DirectChannel):
             return
         if self._transport is None or self._transport.is_closing():
             return
+        if self._sealing is not None:
+            opened = self._sealing.open(data)
+            if opened is None:  # dropped and counted
+                return
+            data = opened
         link = self._endpoint.receive(data, self._transport_time())
         if link is None:
             return
@@ -420,11 +432,11 @@ class UDPChannel(DirectChannel):
             loop.time() if now is None else now, not self._paused and peer.addr is not None
         )
         if ack is not None and (peer.reply_addr or peer.addr) is not None:
-            self._send(ack, peer.reply_addr or peer.addr)  # type: ignore[arg-type]
+            self._send(ack, peer.reply_addr or peer.addr, peer.id)  # type: ignore[arg-type]
         if datagrams:
             assert peer.addr is not None
             for datagram in datagrams:
-                self._send(datagram, peer.addr)
+                self._send(datagram, peer.addr, peer.id)
         self._deliver(peer)
         if (link.sender.una, link.sender.error) != before or link.sender.idle:
             peer.wake()

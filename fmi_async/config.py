@@ -10,7 +10,9 @@ parameters per backend).  It loads unchanged.  Our extensions:
   (:mod:`fmi_async.channels.options`), checked when the channel is built;
 * top-level keys: ``timeout`` (seconds, the default deadline of every
   operation), ``serializer`` (``"msgpack"`` or ``"pickle"``), ``channel`` (the
-  preferred point-to-point channel), ``security`` (see below), ``limits``
+  preferred point-to-point channel), ``collective_channel`` (the channel every
+  collective runs on, as if each call passed ``channel=``; the algorithm is
+  still planned), ``security`` (see below), ``limits``
   (frame limits, see :class:`fmi_async.wire.Limits`).
 
 The ``security`` section (``docs/security.md`` has the threat model):
@@ -45,7 +47,17 @@ from .wire import SERIALIZERS, Limits
 
 __all__ = ["Config", "JobConfig", "backend_name", "check_timeout"]
 
-_TOP_LEVEL = {"backends", "model", "timeout", "serializer", "channel", "security", "limits", "job"}
+_TOP_LEVEL = {
+    "backends",
+    "model",
+    "timeout",
+    "serializer",
+    "channel",
+    "collective_channel",
+    "security",
+    "limits",
+    "job",
+}
 _SECURITY_KEYS = frozenset(
     (
         "secret",
@@ -98,6 +110,7 @@ class Config:
     timeout: float = 60.0
     serializer: str = "msgpack"
     channel: str | None = None
+    collective_channel: str | None = None
     job: JobConfig = field(default_factory=JobConfig)
     secret: bytes | None = None
     limits: Limits = field(default_factory=Limits)
@@ -165,6 +178,9 @@ class Config:
         channel = data.get("channel")
         if channel is not None:
             channel = backend_name(channel, origin)
+        collective_channel = data.get("collective_channel")
+        if collective_channel is not None:
+            collective_channel = backend_name(collective_channel, origin)
         security = _security(data.get("security", {}), origin)
         limits_raw = data.get("limits", {})
         try:
@@ -177,6 +193,7 @@ class Config:
             timeout=float(timeout),
             serializer=serializer,
             channel=channel,
+            collective_channel=collective_channel,
             job=_job(data.get("job", {}), origin),
             limits=limits,
             **security,
@@ -245,6 +262,8 @@ class Config:
         }
         if self.channel:
             out["channel"] = self.channel
+        if self.collective_channel:
+            out["collective_channel"] = self.collective_channel
         if self.job != JobConfig():
             out["job"] = self.job.to_dict()
         security: dict[str, Any] = {}

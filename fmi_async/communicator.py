@@ -176,6 +176,9 @@ class Communicator(CollectiveRunner, CommunicatorCalls, CommunicatorGroups):
                 "no channel is enabled: enable a backend in the config (Direct/TCP, Redis, S3, "
                 "DynamoDB) or create in-process peers with fmi.local_peers(n)"
             )
+        pinned = self.config.collective_channel
+        if pinned is not None and pinned not in names:
+            raise ConfigError(f"config names collective_channel {pinned!r} but it is not enabled")
         # Every enabled channel's options are checked before anything is claimed
         # or connected: a typo fails here, on every peer alike.
         classes = {name: registry.channel_class(name) for name in names}

@@ -184,7 +184,8 @@ class CollectiveRunner:
                 root=call.root,
                 signature=call.signature,
                 hint=self._hint,
-                channel=call.channel,
+                # A call's channel= wins; else the config's collective_channel.
+                channel=call.channel or self.config.collective_channel,
                 algorithm=call.algorithm,
             )
             planned = Planned(chosen, self._channels, None)

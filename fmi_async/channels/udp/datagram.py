@@ -6,7 +6,8 @@ Network byte order::
                 named in :mod:`.kinds` (0xF0-0xFF belong to hole punching)
     ver    u8   1
     type   u8   1 = DATA, 2 = ACK
-    flags  u8   DATA: 1 = last fragment of a message; ACK: 1 = sender is closing
+    flags  u8   DATA: 1 = last fragment of a message; ACK: 1 = sender is closing,
+                2 = a duplicate report follows the ranges
     tag    u32  session token of (communicator, run, secret): foreign traffic is dropped
     src    u32  sending peer
     dst    u32  receiving peer
@@ -14,7 +15,10 @@ Network byte order::
     DATA:  seq u64, then the fragment
     ACK:   cumulative u64 (every seq below it arrived), window u32 (fragments),
            count u16, then count x (offset u32 from cumulative, length u32):
-           ranges received beyond a gap (selective acks, as TCP SACK, RFC 2018)
+           ranges received beyond a gap (selective acks, as TCP SACK, RFC 2018);
+           with flag 2, then duplicate u64: a seq that arrived again although it
+           was already held (a D-SACK, RFC 2883: the sender learns that a
+           retransmission was spurious)
 
 The version is checked before anything else is read, and every length and
 range before it is used: :func:`decode` raises
@@ -64,6 +68,7 @@ T_DATA: Final = 1
 T_ACK: Final = 2
 F_LAST: Final = 0x01
 F_CLOSING: Final = 0x01
+F_DUPLICATE: Final = 0x02
 MAX_DATAGRAM: Final = 65507  # largest UDP payload over IPv4
 MIN_DATAGRAM: Final = 128
 
@@ -87,6 +92,7 @@ class Ack:
     window: int
     ranges: tuple[tuple[int, int], ...]  # absolute [start, end)
     closing: bool
+    duplicate: int | None = None  # a seq received twice (D-SACK)
 
 
 def session_tag(comm: str, run_id: str, secret: bytes | None) -> int:
@@ -117,12 +123,16 @@ def encode_ack(
     window: int,
     ranges: Sequence[tuple[int, int]],
     closing: bool = False,
+    duplicate: int | None = None,
 ) -> bytes:
+    flags = (F_CLOSING if closing else 0) | (F_DUPLICATE if duplicate is not None else 0)
     parts = [
-        _COMMON.pack(MAGIC, VERSION, T_ACK, F_CLOSING if closing else 0, tag, src, dst, epoch),
+        _COMMON.pack(MAGIC, VERSION, T_ACK, flags, tag, src, dst, epoch),
         _ACK.pack(cumulative, window, len(ranges)),
     ]
     parts.extend(_RANGE.pack(start - cumulative, end - start) for start, end in ranges)
+    if duplicate is not None:
+        parts.append(_SEQ.pack(duplicate))
     return b"".join(parts)
 
 
@@ -143,10 +153,11 @@ def decode(data: bytes, tag: int) -> Data | Ack:
         (seq,) = _SEQ.unpack_from(data, _COMMON.size)
         return Data(src, dst, epoch, seq, bool(flags & F_LAST), memoryview(data)[DATA_HEADER:])
     if kind == T_ACK:
-        if len(data) < ACK_HEADER or flags & ~F_CLOSING:
+        if len(data) < ACK_HEADER or flags & ~(F_CLOSING | F_DUPLICATE):
             raise ProtocolError("truncated or malformed ack")
         cumulative, window, count = _ACK.unpack_from(data, _COMMON.size)
-        if len(data) != ACK_HEADER + count * _RANGE.size:
+        tail = _SEQ.size if flags & F_DUPLICATE else 0
+        if len(data) != ACK_HEADER + count * _RANGE.size + tail:
             raise ProtocolError(f"ack announces {count} ranges but has {len(data)} bytes")
         ranges: list[tuple[int, int]] = []
         floor = cumulative
@@ -157,7 +168,9 @@ def decode(data: bytes, tag: int) -> Data | Ack:
                 raise ProtocolError("ack ranges overlap, touch or are empty")
             floor = start + length
             ranges.append((start, floor))
-        return Ack(src, dst, epoch, cumulative, window, tuple(ranges), bool(flags & F_CLOSING))
+        duplicate = _SEQ.unpack_from(data, len(data) - tail)[0] if tail else None
+        closing = bool(flags & F_CLOSING)
+        return Ack(src, dst, epoch, cumulative, window, tuple(ranges), closing, duplicate)
     raise ProtocolError(f"unknown datagram type {kind}")
 
 

@@ -28,6 +28,10 @@ class LinkParams:
     before any round trip was measured (RFC 6298 section 2.1 says 1 s for the
     Internet; loopback and LAN deserve less), ``maximum`` caps it, and after
     each expiry the wait doubles with a little jitter (section 5.5).
+
+    ``loss_tolerance`` is the share of a round trip's fragments that may be
+    lost before the loss is read as congestion and the window halves
+    (:mod:`.congestion`); below it, loss is repaired but taken for random.
     """
 
     mtu: int = 1200
@@ -38,6 +42,7 @@ class LinkParams:
     retries: int = 8
     ack_delay: float = 0.005
     ack_every: int = 2
+    loss_tolerance: float = 0.1
     limits: Limits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
@@ -46,6 +51,8 @@ class LinkParams:
                 f"backends.UDP.mtu must be between {MIN_DATAGRAM} and {MAX_DATAGRAM} bytes, got "
                 f"{self.mtu}; 1200 is safe on the Internet, up to 65000 on loopback"
             )
+        if not 0 <= self.loss_tolerance < 1:
+            raise ConfigError("backends.UDP loss_tolerance must be in [0, 1)")
         if self.window < 1 or self.ack_every < 1 or self.retries < 1:
             raise ConfigError("backends.UDP window, ack_every and retries must be at least 1")
         if self.recv_buffer < self.mtu:

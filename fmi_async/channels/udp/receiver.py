@@ -26,6 +26,7 @@ __all__ = ["Receiver"]
 logger = logging.getLogger(__name__)
 
 _MAX_RANGES: Final = 64
+_DUPLICATE_SIZE: Final = 8  # the duplicate report's u64
 
 
 class Receiver:
@@ -36,7 +37,9 @@ class Receiver:
     retransmit), so a peer cannot make us buffer without bound.  An ack goes
     out at once for a message's last fragment, anything out of order or
     duplicated, and every ``ack_every`` fragments; otherwise after
-    ``ack_delay`` (delayed acks, RFC 5681 section 4.2).
+    ``ack_delay`` (delayed acks, RFC 5681 section 4.2).  A duplicate is
+    reported in the next ack (a D-SACK, RFC 2883), so that the sender learns
+    which of its retransmissions were spurious.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class Receiver:
         self.reader = FrameReader(self.params.limits)
         self._pending = 0
         self._ack_now = False
+        self._duplicate: int | None = None  # the latest seq received twice, until acked
         self.ack_due: float | None = None
 
     @property
@@ -87,6 +91,7 @@ class Receiver:
         seq, payload = data.seq, data.payload
         if seq < self.next or seq in self._held:
             self.counters["duplicate"] += 1
+            self._duplicate = seq
             self._ack_now = True
             return
         if seq != self.next:
@@ -142,7 +147,8 @@ class Receiver:
         if not (due or closing):
             return None
         self._ack_now, self.ack_due, self._pending = False, None, 0
-        room = (self.params.mtu - ACK_HEADER) // RANGE_SIZE
+        duplicate, self._duplicate = self._duplicate, None
+        room = (self.params.mtu - ACK_HEADER - _DUPLICATE_SIZE) // RANGE_SIZE
         ranges = [(a, b) for a, b in self._ranges[: min(room, _MAX_RANGES)]]
         return encode_ack(
             self._tag,
@@ -153,4 +159,5 @@ class Receiver:
             self.params.recv_window,
             ranges,
             closing,
+            duplicate,
         )

@@ -1,7 +1,7 @@
 """The sending half of a UDP link: fragments, window, loss detection, congestion control.
 
 Sans-IO like all of :mod:`.reliable`: the caller passes the time and takes the
-datagrams to send.
+datagrams to send.  Congestion control and pacing are in :mod:`.congestion`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from ...wire import Buffer, flat
+from .congestion import Congestion
 from .datagram import (
     Ack,
     data_header,
@@ -25,9 +26,10 @@ __all__ = ["Sender"]
 
 logger = logging.getLogger(__name__)
 
-_LOSS_THRESHOLD: Final = 3  # RFC 9002 section 6.1.1 packet threshold
-_INITIAL_CWND: Final = 10.0  # RFC 6928 initial window, in fragments
-_MIN_CWND: Final = 2.0
+_LOSS_THRESHOLD: Final = 3  # RFC 9002 section 6.1.1 packet threshold (until reordering is seen)
+_REMEMBERED: Final = 4096  # retransmitted seqs remembered for duplicate reports
+_REO_STEPS: Final = 8  # at most 8 quarter round trips added to the reordering window
+_REO_PERSIST: Final = 16  # rounds without a spurious retransmission take one step off
 
 
 class _Frag:
@@ -76,12 +78,30 @@ def _owned(view: Buffer) -> bool:
 class Sender:
     """The sending half: fragments, window, loss detection, congestion control.
 
-    Congestion control is Reno-like and counted in fragments (RFC 5681, as RFC
-    8085 section 3.1 asks of bulk transfer): slow start from 10 (RFC 6928),
-    one halving per loss episode, down to two fragments after repeated timeouts.  A
-    fragment is declared lost as RFC 9002 section 6.1 declares packets lost,
-    counting transmissions rather than sequence numbers, so that a
-    retransmission is judged by what was sent after it.
+    **Loss detection** is time-based, as RACK (RFC 8985) and RFC 9002
+    section 6.1 do it, and judges each *transmission*: a fragment is lost
+    once a fragment sent after it was acknowledged and a reordering window
+    has passed.  Unacknowledged fragments are kept in the order of their
+    latest transmission, so the scan stops at the first one not yet due.
+    The window adapts to the path:
+
+    * it is 9/8 of the *largest* recent round trip (a decaying maximum of
+      the samples), not of the mean: under jitter a fragment is late by up
+      to the spread of the delays, and the maximum covers it;
+    * a fragment declared lost that is acknowledged before its
+      retransmission left, and each retransmission the receiver reports as
+      a duplicate (D-SACK, RFC 2883), add a quarter round trip to it
+      (RFC 8985 section 6.2 grows its window on D-SACKs the same way); 16
+      rounds without one take a quarter off again;
+    * the packet threshold (three later transmissions acknowledged) counts
+      only until the first reordering is seen (RFC 8985 section 6.2).
+
+    **Spurious retransmissions** reported as duplicates are counted
+    (``stats.requests["spurious"]``) and undo the reduction they caused, as
+    RFC 3708 does with D-SACK (:meth:`Congestion.on_spurious`).
+
+    A timeout probes with the two oldest transmissions (RFC 9002 section
+    6.2.4) and backs off; pacing and the window are :class:`Congestion`'s.
     """
 
     def __init__(
@@ -98,24 +118,30 @@ class Sender:
         self.epoch = epoch
         self.counters = counters
         self.timer = RetransmitTimer(params.rto, params.rto_min, params.retries, rng)
+        self.cc = Congestion(float(params.window), params.loss_tolerance, counters)
         self._header = (tag, src, dst, epoch)
         self.una = 0  # every seq below is acknowledged
         self.next_seq = 0  # first seq not reserved by a queued message
         self._cut = 0  # first seq not yet cut from the queue
         self._queue: deque[_Message] = deque()
-        self._unacked: dict[int, _Frag] = {}  # insertion order is seq order
+        # Unacknowledged fragments in the order of their latest transmission
+        # (a retransmission moves its fragment to the end).
+        self._unacked: dict[int, _Frag] = {}
         self._lost: deque[int] = deque()
+        self._retransmitted: dict[int, None] = {}  # recent seqs sent more than once
         self._inflight = 0
         self._order = 0
         self._high_order = 0  # latest transmission acknowledged
-        self._high_seq = 0  # every acknowledged seq is below
         self._latest_rtt = 0.0
+        self._rtt_max = 0.0  # decaying maximum of the round-trip samples
+        self._reordering = False  # a fragment was overtaken by a later one
+        self._reo_steps = 0  # quarter round trips added to the reordering window
+        self._quiet_rounds = 0  # rounds since the last step
+        self._round_end = 1  # a round ends once this transmission is acknowledged
+        self._paced = False  # poll stopped for pacing, not for the window
         self.loss_time: float | None = None
         self._probes = 0  # datagrams a timeout lets out beyond the window
         self.buffered = 0  # bytes queued or unacknowledged
-        self.cwnd = min(_INITIAL_CWND, float(params.window))
-        self.ssthresh = float(params.window)
-        self._recovery = -1
         self.peer_window = params.recv_window  # what the receiver holds beyond a gap
         self.error: str | None = None
 
@@ -124,6 +150,10 @@ class Sender:
             f"<Sender epoch={self.epoch} una={self.una} cut={self._cut} next={self.next_seq} "
             f"inflight={self._inflight} cwnd={self.cwnd:.1f} {self.error or 'ok'}>"
         )
+
+    @property
+    def cwnd(self) -> float:
+        return self.cc.cwnd
 
     @property
     def idle(self) -> bool:
@@ -156,26 +186,39 @@ class Sender:
         for msg in self._queue:
             msg.views = [v if _owned(v) else memoryview(bytes(v)) for v in msg.views]
 
+    # ---------------------------------------------------------------- acknowledgements
+
     def on_ack(self, ack: Ack, now: float) -> bool:
         """Apply an acknowledgement; False if it acknowledges data never sent."""
         if ack.cumulative > self._cut or (ack.ranges and ack.ranges[-1][1] > self._cut):
             return False
+        if ack.duplicate is not None and ack.duplicate < self._cut:
+            self._on_duplicate(ack.duplicate)
         self.peer_window = max(1, ack.window)
         acked = 0
+        slowest = 0.0  # the longest round trip among fragments sent once
         newest: _Frag | None = None  # the latest transmission this ack covers
+        unacked = self._unacked
         for start, end in [(self.una, ack.cumulative), *ack.ranges]:
             for seq in range(max(start, self.una), end):
-                frag = self._unacked.pop(seq, None)
+                frag = unacked.pop(seq, None)
                 if frag is None:
                     continue
                 acked += 1
                 self.buffered -= len(frag.data)
-                if not frag.lost:
+                if frag.lost:
+                    if frag.tx == 1:  # declared lost too early: it was only late
+                        self._step_reordering()
+                        self.cc.not_lost()
+                else:
                     self._inflight -= 1
+                if frag.tx == 1:
+                    if frag.order < self._high_order:
+                        self._reordering = True  # overtaken by a later transmission
+                    slowest = max(slowest, now - frag.sent_at)
                 if newest is None or frag.order > newest.order:
                     newest = frag
         self.una = max(self.una, ack.cumulative)
-        self._high_seq = max(self._high_seq, ack.ranges[-1][1] if ack.ranges else self.una)
         if newest is not None:
             # One sample per ack, from its latest transmission, and only if that
             # is newer than any acked before and was sent once (Karn's rule;
@@ -186,49 +229,82 @@ class Sender:
                 if newest.tx == 1:
                     self._latest_rtt = now - newest.sent_at
                     self.timer.sample(self._latest_rtt)
-            grow = acked if self.cwnd < self.ssthresh else acked / self.cwnd
-            self.cwnd = min(self.cwnd + grow, float(self.params.window))
-            if self._unacked:
+            srtt = self.timer.srtt or self._latest_rtt
+            # Decays towards the mean by 1/32 per ack, jumps to any larger sample.
+            self._rtt_max = max(slowest, self._rtt_max - (self._rtt_max - srtt) / 32)
+            self.cc.on_acked(acked)
+            if newest.order >= self._round_end:
+                self._end_round()
+            if unacked:
                 self.timer.restart(now)
             else:
                 self.timer.stop()
-        if ack.ranges or self.loss_time is not None:
+        if unacked and (ack.ranges or self.loss_time is not None or self._lost):
             self._detect_losses(now)
         return True
 
+    def _end_round(self) -> None:
+        self._round_end = self._order + 1
+        self.cc.end_round()
+        self._quiet_rounds += 1
+        if self._quiet_rounds >= _REO_PERSIST and self._reo_steps:
+            self._reo_steps -= 1
+            self._quiet_rounds = 0
+
+    def _step_reordering(self) -> None:
+        """Loss was declared too early: widen the reordering window."""
+        self._reordering = True
+        self._quiet_rounds = 0
+        self._reo_steps = min(self._reo_steps + 1, _REO_STEPS)
+
+    def _on_duplicate(self, seq: int) -> None:
+        """The receiver had ``seq`` already: if we had sent it again, that was needless."""
+        frag = self._unacked.get(seq)
+        if seq in self._retransmitted or (frag is not None and frag.tx > 1):
+            self._retransmitted.pop(seq, None)
+            self.counters["spurious"] += 1
+            self._step_reordering()
+            self.cc.on_spurious()
+
     def _detect_losses(self, now: float) -> None:
-        """RFC 9002 section 6.1: a fragment is lost once a transmission three
-        later was acknowledged, or one sent later was and 9/8 of a round trip
-        has passed since it was sent; until then ``loss_time`` says when to look."""
+        """A fragment is lost once a transmission after it was acknowledged and the
+        reordering window has passed since it was sent (RFC 8985 section 6.2;
+        RFC 9002 section 6.1); until then ``loss_time`` says when to look."""
         self.loss_time = None
-        delay = 1.125 * max(self.timer.srtt or self.timer.rto, self._latest_rtt, 0.001)
-        threshold = self._high_order - _LOSS_THRESHOLD
-        first_lost: int | None = None
+        srtt = self.timer.srtt or self.timer.rto
+        delay = 1.125 * max(self._rtt_max, srtt, self._latest_rtt, 0.001)
+        delay += self._reo_steps * srtt / 4
+        threshold = -1 if self._reordering else self._high_order - _LOSS_THRESHOLD
+        high = self._high_order
+        lost = 0
         for seq, frag in self._unacked.items():
-            if seq >= self._high_seq:
-                break
-            if frag.lost or frag.order >= self._high_order:
+            if frag.lost:
                 continue
+            if frag.order >= high:
+                break  # sent after the latest acknowledged transmission: not judged yet
             if frag.order <= threshold or frag.sent_at + delay <= now:
                 frag.lost = True
                 self._inflight -= 1
                 self._lost.append(seq)
-                if first_lost is None:
-                    first_lost = seq
-            elif self.loss_time is None or frag.sent_at + delay < self.loss_time:
+                lost += 1
+            else:  # transmission order is time order: the others are later still
                 self.loss_time = frag.sent_at + delay
-        if first_lost is not None and first_lost > self._recovery:
-            self.ssthresh = max(self.cwnd / 2, _MIN_CWND)
-            self.cwnd = self.ssthresh
-            self._recovery = self._cut - 1
+                break
+        if lost:
+            self.cc.on_lost(lost)
+
+    # ---------------------------------------------------------------- sending
 
     @property
     def deadline(self) -> float | None:
         times = [t for t in (self.timer.deadline, self.loss_time) if t is not None]
+        if self._paced:
+            times.append(self.cc.pace_next)
         return min(times) if times else None
 
     def poll(self, now: float, out: list[bytes], can_send: bool = True) -> None:
-        """Handle expired timers, then append what the window allows to ``out``."""
+        """Handle expired timers, then append what the window and pacing allow to ``out``."""
+        self._paced = False
         if self.error is not None:
             return
         if self.loss_time is not None and now >= self.loss_time:
@@ -242,34 +318,39 @@ class Sender:
                 return
             self.counters["timeout"] += 1
             # Nothing acknowledged for a whole timeout: probe with the two oldest
-            # fragments beyond the window (RFC 9002 section 6.2.4) rather than
+            # transmissions beyond the window (RFC 9002 section 6.2.4) rather than
             # resending everything; twice in a row means persistent congestion
             # (RFC 5681 section 3.1): back to the smallest window.
             self._probes = 2
-            oldest = [s for s, f in itertools.islice(self._unacked.items(), 2) if not f.lost]
+            oldest = [s for s, f in itertools.islice(self._unacked.items(), 4) if not f.lost][:2]
             for seq in reversed(oldest):
                 self._unacked[seq].lost = True
                 self._inflight -= 1
                 self._lost.appendleft(seq)
-            if self.timer.expiries >= 2:
-                self.ssthresh = max(self.cwnd / 2, _MIN_CWND)
-                self.cwnd = _MIN_CWND
-                self._recovery = self._cut - 1
+            self.cc.on_timeout(self.timer.expiries)
         if not can_send:
             return
         # In flight: the congestion window (at most `window`).  Ahead of the
         # oldest gap: the receiver's window, usually larger, so new data keeps
         # flowing (and keeps loss detection going) while a gap is repaired.
-        limit = min(self.cwnd, float(self.peer_window))
-        while self._lost and (self._inflight < limit or self._probes):
+        cc = self.cc
+        limit = min(cc.cwnd, float(self.peer_window))
+        while self._lost and (self._probes or self._inflight < limit):
+            if not (self._probes or cc.may_send(now)):
+                self._paced = True
+                break
             seq = self._lost.popleft()
             again = self._unacked.get(seq)
             if again is not None and again.lost:
                 self.counters["retransmit"] += 1
+                cc.on_retransmit()
                 self._transmit(seq, again, now, out)
         edge = self.una + self.peer_window
         size = self.params.payload_size
-        while self._queue and (self._inflight < limit or self._probes) and self._cut < edge:
+        while self._queue and (self._probes or self._inflight < limit) and self._cut < edge:
+            if not (self._probes or cc.may_send(now)):
+                self._paced = True
+                break
             msg = self._queue[0]
             seq = self._cut
             self._cut += 1
@@ -283,6 +364,12 @@ class Sender:
             self.timer.arm(now)
 
     def _transmit(self, seq: int, frag: _Frag, now: float, out: list[bytes]) -> None:
+        if frag.tx:  # a retransmission: to the end of the transmission order
+            del self._unacked[seq]
+            self._unacked[seq] = frag
+            self._retransmitted[seq] = None
+            if len(self._retransmitted) > _REMEMBERED:
+                del self._retransmitted[next(iter(self._retransmitted))]
         frag.lost = False
         frag.tx += 1
         self._order += 1
@@ -291,4 +378,5 @@ class Sender:
         self._inflight += 1
         if self._probes:
             self._probes -= 1
+        self.cc.sent(now, self.timer.srtt)
         out.append(b"".join((data_header(*self._header, seq, frag.last), frag.data)))

@@ -109,6 +109,10 @@ class PairingTable:
         # TCP relay verdicts per unordered pair, until when; oldest first
         self._remembered: OrderedDict[PeerPair, float] = OrderedDict()
         self.decided: Counter[str] = Counter()  # outcomes so far, for summaries
+        # The latest outcome per transport and unordered pair of peers (a pair
+        # pairs again after a lost connection, or once per direction): what a
+        # summary counts, one entry per pair; bounded like the table.
+        self.outcomes: OrderedDict[tuple[str, PeerPair], Outcome] = OrderedDict()
         self.reused = 0  # pairings decided from a remembered relay verdict
         # UDP relays by pairing nonce, the one idle longest first: both endpoints, last use
         self._udp_relays: OrderedDict[bytes, tuple[Address, Address, float]] = OrderedDict()
@@ -225,6 +229,11 @@ class PairingTable:
             pairing.expires = now + self.keep
             self.decided[outcome] += 1
             comm, run_id, _, initiator, responder = key
+            latest = (key[2], _peer_pair(comm, run_id, initiator, responder))
+            self.outcomes[latest] = outcome
+            self.outcomes.move_to_end(latest)
+            while len(self.outcomes) > self.max_pairings:
+                self.outcomes.popitem(last=False)
             if outcome == "relay":
                 self._relays[(comm, run_id, initiator, responder)] = now + self.keep
                 self._relays.move_to_end((comm, run_id, initiator, responder))

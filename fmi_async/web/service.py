@@ -1,34 +1,28 @@
-"""Communicators in web services: one per worker process, opened and closed with the app.
+"""The collective service: request-driven collectives, run in one order on every worker.
 
-A web service served by several worker processes can make its workers one
-group of peers: every worker opens a :class:`~fmi_async.Communicator` when the
-application starts and closes it when the application stops.  A handler
-cannot simply call ``await comm.allreduce(x)``, though: a collective must be
-called by *every* worker, in the *same order*, while an HTTP request reaches
-one worker at a time, and requests on different workers run concurrently.
-:class:`CollectiveService` turns a request on one worker into a collective of
-all of them:
+A collective must be called by *every* worker, in the *same order*, while an
+HTTP request reaches one worker at a time, and requests on different
+workers run concurrently.  :class:`CollectiveService` turns a call on one
+worker into the same operation on all of them:
 
 * every worker runs one collective loop, the only task that calls collectives;
-* a handler calls ``await service.call("name", args)``; on worker 0 the call
-  joins a queue, on any other worker it is sent to worker 0 (point to point);
+* a call on worker 0 joins a queue; a call on any other worker is sent to
+  worker 0 (point to point, tag ``TAG.calls``);
 * worker 0 takes the queued calls as one batch and broadcasts it; every
   worker runs the batch's operations in that order, each its own part of the
-  same collectives, and the worker a call came from resolves its handler's
+  same collectives, and the worker a call came from resolves its caller's
   future with its result;
 * worker 0 broadcasts an empty batch after ``heartbeat`` seconds of quiet, so
   a worker that died is noticed while the service is idle.
 
-Any failure of the loop (a dead peer, a deadline, an operation that raised)
-breaks the service for good: every waiting and later call raises an
-:class:`~fmi_async.errors.FMIError` saying why, which a handler answers with
-HTTP 503.  Stopping is sequenced too: a worker that stops asks worker 0,
-which broadcasts a stop that every worker's loop ends on.  docs/web-services.md
-explains the pattern and shows an aiohttp application built on it.
-
-``serve(operations)`` is the whole life cycle as one async context manager
-(any framework's lifespan); ``aiohttp_cleanup_ctx(key, operations)`` adapts it
-to aiohttp's ``app.cleanup_ctx``.  Nothing here imports a web framework.
+A failure anywhere (a dead peer, a deadline, an operation that raised) breaks
+the service on every worker: the worker that sees it tells worker 0, worker 0
+tells the others (tag ``TAG.notices``), and a worker that loses worker 0
+finds out from its connection.  From then on every waiting and later call
+raises :class:`~fmi_async.errors.BrokenCommunicatorError` with the cause.
+Stopping is sequenced too: a worker that stops asks worker 0, which
+broadcasts a stop that every worker's loop ends on.  docs/web-services.md
+explains why and how.
 """
 
 from __future__ import annotations
@@ -37,70 +31,29 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from .communicator import Communicator
-from .config import check_timeout
-from .errors import (
-    ArgumentError,
-    BrokenCommunicatorError,
-    ClosedError,
-    CommTimeout,
-    ConfigError,
-    FMIError,
-)
-from .runner import communicator_from_env
+from ..communicator import Communicator
+from ..config import check_timeout
+from ..errors import ArgumentError, BrokenCommunicatorError, ClosedError, CommTimeout, FMIError
 
-__all__ = [
-    "REQUEST_TAG",
-    "CollectiveService",
-    "Operation",
-    "aiohttp_cleanup_ctx",
-    "communicator",
-    "serve",
-]
+__all__ = ["DEFAULT_TAG", "CollectiveService", "Operation"]
 
 logger = logging.getLogger(__name__)
 
 Operation = Callable[[Communicator, Any], Awaitable[Any]]
 """``async def op(comm, args) -> result``: run by every worker, in the same order."""
 
-REQUEST_TAG = "fmi.web.request"
-"""The point-to-point tag calls travel to worker 0 with (give another one to
-``CollectiveService(tag=...)`` if the application uses this one itself)."""
+DEFAULT_TAG = "fmi.web"
+"""The prefix of the service's point-to-point tags (``fmi.web.calls``,
+``fmi.web.notices``); give ``CollectiveService(tag=...)`` another one if the
+application's own messages use these."""
 
 _SEQUENCER = 0  # the worker that orders the calls
 _MAX_BATCH = 256  # calls per broadcast batch; the rest wait for the next one
-_RECEIVE_WINDOW = 30.0  # worker 0 re-posts an idle receive this often (a bounded wait)
-
-
-@asynccontextmanager
-async def communicator(comm: Communicator | None = None) -> AsyncIterator[Communicator]:
-    """Open ``comm``, or the communicator the environment describes, and close it on exit.
-
-    The environment is the one ``fmi run`` and ``examples/web_service/serve.py``
-    give each worker (``FMI_PEER_ID``, ``FMI_NUM_PEERS``, ``FMI_CONFIG``, ...;
-    see :func:`fmi_async.runner.communicator_from_env`).  Raises
-    :class:`~fmi_async.errors.ConfigError` when ``comm`` is None and the
-    environment describes none.
-    """
-    async with _given_or_from_env(comm) as opened:
-        yield opened
-
-
-def _given_or_from_env(comm: Communicator | None) -> Communicator:
-    if comm is not None:
-        return comm
-    found = communicator_from_env()
-    if found is None:
-        raise ConfigError(
-            "no communicator: pass one, or start the workers with FMI_PEER_ID, "
-            "FMI_NUM_PEERS and FMI_CONFIG set (as fmi run and "
-            "examples/web_service/serve.py do)"
-        )
-    return found
+_RECEIVE_WINDOW = 30.0  # an idle receive is re-posted this often (every wait is bounded)
+_NOTIFY_TIMEOUT = 2.0  # telling the others of a breakdown: best effort, this long at most
 
 
 class CollectiveService:
@@ -113,6 +66,10 @@ class CollectiveService:
     worker alone: check a request's arguments in the handler, before
     :meth:`call`.
 
+    ``tag`` prefixes the two point-to-point tags the service uses
+    (``TAG.calls`` towards worker 0, ``TAG.notices`` from it); the
+    application's own messages must not use them.
+
     Use it as an async context manager over an open communicator, or call
     :meth:`start` and :meth:`close`.
     """
@@ -123,20 +80,25 @@ class CollectiveService:
         operations: Mapping[str, Operation],
         *,
         heartbeat: float = 1.0,
-        tag: int | str = REQUEST_TAG,
+        tag: str = DEFAULT_TAG,
     ) -> None:
         if not operations:
             raise ArgumentError("CollectiveService needs at least one operation")
+        if not isinstance(tag, str) or not tag:
+            raise ArgumentError(f"tag must be a non-empty str, got {tag!r}")
         self.comm = comm
         self.operations = dict(operations)
         self.heartbeat = check_timeout(heartbeat, "heartbeat")
-        self.tag = tag
-        self._calls = itertools.count()
+        self._calls_tag = f"{tag}.calls"  # to worker 0: calls, stops, breakdowns
+        self._notices_tag = f"{tag}.notices"  # from worker 0: breakdowns
+        self._numbers = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._queue: deque[list[Any]] = deque()  # worker 0: calls not yet broadcast
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._receivers: list[asyncio.Task[None]] = []
+        self._notifying: set[asyncio.Task[None]] = set()
+        self._stopping = False  # a stop was asked for or broadcast: peers may close now
         self._failure: FMIError | None = None  # why calls fail from now on
         self.batches = 0  # batches run, empty ones included
         self.calls_run = 0  # operations run on this worker
@@ -150,16 +112,18 @@ class CollectiveService:
     @property
     def state(self) -> str:
         """``new``, ``running``, ``stopped`` or ``broken``."""
-        if self._loop_task is None:
-            return "new"
-        if not self._loop_task.done():
-            return "running"
+        if self._failure is None:
+            return "new" if self._loop_task is None else "running"
         return "stopped" if isinstance(self._failure, ClosedError) else "broken"
 
     @property
     def failure(self) -> FMIError | None:
-        """The error calls raise since the loop ended (``None`` while it runs)."""
+        """The error calls raise since the service stopped or broke (``None`` while it runs)."""
         return self._failure
+
+    @property
+    def _root(self) -> bool:
+        return self.comm.rank == _SEQUENCER
 
     # ---------------------------------------------------------------- life cycle
 
@@ -170,11 +134,15 @@ class CollectiveService:
         self.comm._usable()
         rank = self.comm.rank
         self._loop_task = asyncio.create_task(self._run_loop(), name=f"fmi-web-loop-{rank}")
-        if rank == _SEQUENCER:
+        if self._root:
             self._receivers = [
-                asyncio.create_task(self._receive(src), name=f"fmi-web-recv-{src}")
+                asyncio.create_task(self._receive_calls(src), name=f"fmi-web-calls-{src}")
                 for src in range(self.comm.size)
                 if src != _SEQUENCER
+            ]
+        else:
+            self._receivers = [
+                asyncio.create_task(self._receive_notices(), name=f"fmi-web-notices-{rank}")
             ]
 
     async def close(self, timeout: float | None = None) -> None:
@@ -185,16 +153,15 @@ class CollectiveService:
         :class:`~fmi_async.errors.ClosedError`.  Never raises an FMIError.
         """
         task = self._loop_task
-        if task is None:
-            self._fail(ClosedError(f"{self!r} was never started"))
-            return
         t = self.comm.timeout if timeout is None else check_timeout(timeout)
-        if not task.done():
+        self._stopping = True
+        if task is not None and not task.done() and self._failure is None:
             try:
-                if self.comm.rank == _SEQUENCER:
+                if self._root:
                     self._submit(["stop", _SEQUENCER])
                 else:
-                    await self.comm.send(["stop", self.comm.rank], _SEQUENCER, self.tag, timeout=t)
+                    stop = ["stop", self.comm.rank]
+                    await self.comm.send(stop, _SEQUENCER, self._calls_tag, timeout=t)
             except FMIError as exc:
                 logger.warning("worker %d: cannot ask for the stop: %s", self.comm.rank, exc)
             done, _ = await asyncio.wait({task}, timeout=t)
@@ -205,11 +172,12 @@ class CollectiveService:
                     _SEQUENCER,
                     t,
                 )
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        for receiver in self._receivers:
-            receiver.cancel()
-        await asyncio.gather(*self._receivers, return_exceptions=True)
+        for other in [task, *self._receivers]:
+            if other is not None:
+                other.cancel()
+        await asyncio.gather(*self._receivers, *self._notifying, return_exceptions=True)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
         self._fail(ClosedError(f"worker {self.comm.rank}: the collective service has stopped"))
 
     async def __aenter__(self) -> CollectiveService:
@@ -238,56 +206,32 @@ class CollectiveService:
                 f"unknown operation {name!r}; this service runs {sorted(self.operations)}"
             )
         t = self.comm.timeout if timeout is None else check_timeout(timeout)
-        self._check_running()
-        seq = next(self._calls)
+        if self._failure is not None:
+            raise self._fresh_failure()
+        if self._loop_task is None:
+            raise ClosedError(f"{self!r} is not started; use `async with` or await start()")
+        number = next(self._numbers)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = future
-        item = ["call", self.comm.rank, seq, name, args]
+        self._pending[number] = future
+        item = ["call", self.comm.rank, number, name, args]
         try:
             async with asyncio.timeout(t):
-                if self.comm.rank == _SEQUENCER:
+                if self._root:
                     self._submit(item)
                 else:
-                    await self.comm.send(item, _SEQUENCER, self.tag)
+                    await self.comm.send(item, _SEQUENCER, self._calls_tag)
                 return await future
         except TimeoutError:
             raise CommTimeout(
                 f"worker {self.comm.rank}: operation {name!r} got no result within {t}s ({self!r})"
             ) from None
         finally:
-            self._pending.pop(seq, None)
-
-    def _check_running(self) -> None:
-        if self._failure is not None:
-            raise self._fresh_failure()
-        if self._loop_task is None:
-            raise ClosedError(f"{self!r} is not started; use `async with` or await start()")
-
-    def _fresh_failure(self) -> FMIError:
-        """The failure as a new exception: one instance raised by every request
-        would grow its traceback with each."""
-        assert self._failure is not None
-        return type(self._failure)(str(self._failure))
+            self._pending.pop(number, None)
 
     def _submit(self, item: list[Any]) -> None:
         """Worker 0: queue a call or a stop for the next batch."""
         self._queue.append(item)
         self._wake.set()
-
-    async def _receive(self, src: int) -> None:
-        """Worker 0: take the calls worker ``src`` sends into the queue, until the loop ends."""
-        while self._failure is None:
-            try:
-                item = await self.comm.recv(src, self.tag, timeout=_RECEIVE_WINDOW)
-            except CommTimeout:
-                continue  # idle; the wait is re-posted (no message is lost by a timeout)
-            except FMIError as exc:
-                # A dead or closed peer: the loop finds out too, at its next
-                # batch or heartbeat, and every worker learns it from there.
-                logger.info("worker %d: no more calls from worker %d: %s", _SEQUENCER, src, exc)
-                self._wake.set()
-                return
-            self._submit(list(item))
 
     # ---------------------------------------------------------------- the loop
 
@@ -305,18 +249,20 @@ class CollectiveService:
             item = self._queue.popleft()
             batch.append(item)
             if item[0] == "stop":
-                break  # nothing runs after a stop; calls left queued fail at close
+                # Nothing runs after a stop (calls left queued fail), and from
+                # its broadcast on, a worker that closes is no breakdown.
+                self._stopping = True
+                break
         return batch
 
     async def _run_loop(self) -> None:
         comm = self.comm
-        root = comm.rank == _SEQUENCER
         # A non-root waits for the next batch at most a heartbeat plus the
         # communicator's deadline: worker 0 sends one at least every heartbeat.
         wait = self.heartbeat + comm.timeout
         try:
             while True:
-                if root:
+                if self._root:
                     batch = await self._next_batch()
                     await comm.bcast(batch, _SEQUENCER)
                 else:
@@ -329,19 +275,14 @@ class CollectiveService:
             self._fail(ClosedError(f"worker {comm.rank}: the collective service was cancelled"))
             raise
         except Exception as exc:
-            logger.error("worker %d: the collective service broke: %r", comm.rank, exc)
-            self._fail(
-                BrokenCommunicatorError(
-                    f"worker {comm.rank}: the collective service of {comm.size} workers is "
-                    f"broken ({type(exc).__name__}: {exc})"
-                )
-            )
+            self._break(f"{type(exc).__name__}: {exc}")
 
     async def _run_batch(self, batch: list[list[Any]]) -> bool:
         """Run the batch's operations in order; True when it ends with a stop."""
         comm = self.comm
         for item in batch:
             if item[0] == "stop":
+                self._stopping = True
                 self._fail(
                     ClosedError(
                         f"worker {comm.rank}: the workers are shutting down "
@@ -349,14 +290,92 @@ class CollectiveService:
                     )
                 )
                 return True
-            _, origin, seq, name, args = item
+            _, origin, number, name, args = item
             result = await self.operations[name](comm, args)
             self.calls_run += 1
             if origin == comm.rank:
-                future = self._pending.get(seq)
+                future = self._pending.get(number)
                 if future is not None and not future.done():
                     future.set_result(result)
         return False
+
+    # ---------------------------------------------------------------- breakdowns
+
+    async def _receive_calls(self, src: int) -> None:
+        """Worker 0: what worker ``src`` sends, until the service ends."""
+        while self._failure is None:
+            try:
+                item = await self.comm.recv(src, self._calls_tag, timeout=_RECEIVE_WINDOW)
+            except CommTimeout:
+                continue  # idle; the wait is re-posted (a timeout loses no message)
+            except FMIError as exc:
+                if not self._stopping:
+                    self._break(f"worker {src} is gone ({type(exc).__name__}: {exc})")
+                return
+            if item[0] == "broken":
+                self._break(str(item[2]), origin=int(item[1]))
+                return
+            self._submit(list(item))
+
+    async def _receive_notices(self) -> None:
+        """Not worker 0: wait for worker 0 to say the service broke, or to be gone."""
+        while self._failure is None:
+            try:
+                item = await self.comm.recv(_SEQUENCER, self._notices_tag, timeout=_RECEIVE_WINDOW)
+            except CommTimeout:
+                continue
+            except FMIError as exc:
+                # Worker 0 is gone -- or closed after broadcasting a stop that is
+                # still on its way here (through another worker): give that a
+                # heartbeat to arrive before calling it a breakdown.
+                if self._loop_task is not None:
+                    await asyncio.wait({self._loop_task}, timeout=self.heartbeat)
+                self._break(f"worker {_SEQUENCER} is gone ({type(exc).__name__}: {exc})")
+                return
+            self._break(str(item[2]), origin=int(item[1]))
+            return
+
+    def _break(self, reason: str, *, origin: int | None = None) -> None:
+        """The service cannot go on: fail every call now and later, end the loop,
+        and see that every other worker learns it (through worker 0)."""
+        if self._failure is not None:
+            return
+        comm = self.comm
+        logger.error("worker %d: the collective service broke: %s", comm.rank, reason)
+        self._fail(
+            BrokenCommunicatorError(
+                f"worker {comm.rank}: the collective service of {comm.size} workers is "
+                f"broken: {reason}"
+            )
+        )
+        task = self._loop_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()  # it may wait in a collective for a peer that is gone
+        if origin is None:
+            reason = f"on worker {comm.rank}, {reason}"
+        if self._root:
+            others = [p for p in range(comm.size) if p not in (_SEQUENCER, origin)]
+            message = ["broken", comm.rank, reason]
+            sends = [(message, dst, self._notices_tag) for dst in others]
+        elif origin is None:
+            sends = [(["broken", comm.rank, reason], _SEQUENCER, self._calls_tag)]
+        else:
+            sends = []  # worker 0 told us: it told the others too
+        if sends:
+            task = asyncio.get_running_loop().create_task(self._notify(sends))
+            self._notifying.add(task)
+            task.add_done_callback(self._notifying.discard)
+
+    async def _notify(self, sends: list[tuple[list[Any], int, str]]) -> None:
+        """Best effort, bounded: tell other workers that the service broke."""
+        timeout = min(self.comm.timeout, _NOTIFY_TIMEOUT)
+        results = await asyncio.gather(
+            *(self.comm.send(msg, dst, tag, timeout=timeout) for msg, dst, tag in sends),
+            return_exceptions=True,
+        )
+        for (_, dst, _), result in zip(sends, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.info("worker %d: worker %d not told: %r", self.comm.rank, dst, result)
 
     def _fail(self, exc: FMIError) -> None:
         """From now on calls raise ``exc``; those waiting raise it at once."""
@@ -368,55 +387,8 @@ class CollectiveService:
         self._queue.clear()
         self._wake.set()
 
-
-@asynccontextmanager
-async def serve(
-    operations: Mapping[str, Operation],
-    comm: Communicator | None = None,
-    *,
-    heartbeat: float = 1.0,
-    tag: int | str = REQUEST_TAG,
-) -> AsyncIterator[CollectiveService]:
-    """Open the communicator (see :func:`communicator`) and run a :class:`CollectiveService`.
-
-    One line in any framework's lifespan: ``async with fmi.web.serve(OPS) as
-    service: ...``.  On exit the service stops with the other workers, then
-    the communicator closes (without the final barrier when the service
-    broke: its peers are not all there to meet).
-    """
-    comm = _given_or_from_env(comm)
-    await comm.open()
-    service: CollectiveService | None = None
-    clean = False
-    try:
-        service = CollectiveService(comm, operations, heartbeat=heartbeat, tag=tag)
-        await service.start()
-        try:
-            yield service
-            clean = True
-        finally:
-            await service.close()
-    finally:
-        healthy = service is not None and service.state == "stopped"
-        await comm.close(synchronize=clean and healthy)
-
-
-def aiohttp_cleanup_ctx(
-    key: Any,
-    operations: Mapping[str, Operation],
-    comm: Communicator | None = None,
-    **options: Any,
-) -> Callable[[MutableMapping[Any, Any]], AsyncIterator[None]]:
-    """:func:`serve` as an aiohttp ``cleanup_ctx``: the service is ``app[key]`` while it runs.
-
-    ``app.cleanup_ctx.append(aiohttp_cleanup_ctx(SERVICE, OPERATIONS))``, with
-    ``SERVICE = web.AppKey("service", CollectiveService)``.  ``options`` go
-    to :func:`serve` (``heartbeat=``, ``tag=``).
-    """
-
-    async def context(app: MutableMapping[Any, Any]) -> AsyncIterator[None]:
-        async with serve(operations, comm, **options) as service:
-            app[key] = service
-            yield
-
-    return context
+    def _fresh_failure(self) -> FMIError:
+        """The failure as a new exception: one instance raised by every request
+        would grow its traceback with each."""
+        assert self._failure is not None
+        return type(self._failure)(str(self._failure))

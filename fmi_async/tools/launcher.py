@@ -75,7 +75,8 @@ def merge_config(user: Mapping[str, Any], host: str, port: int, secret: str) -> 
     """The user's config with the launcher's rendezvous server and secret filled in.
 
     Options the user gave the TCP backend (under ``TCP`` or FMI's ``Direct``)
-    are kept; only its address and ``enabled`` are replaced.  A UDP backend
+    are kept; only its address is replaced, and a TCP backend the user
+    disabled (``"enabled": false``) stays disabled.  A UDP backend
     the user configured gets the same server's address (it registers and
     punches over the server's UDP port, the same number); a config that names
     UDP and not TCP runs over UDP alone.  Raises
@@ -95,7 +96,10 @@ def merge_config(user: Mapping[str, Any], host: str, port: int, secret: str) -> 
         current = backends.get(key) or {}
         if not isinstance(current, dict):
             raise ConfigError(f"config: backends.{key} must be an object")
-        backends[key] = {**current, "enabled": True, "host": host, "port": port}
+        # A backend the user disabled stays disabled: the run then uses the
+        # channels the config enables (its address is filled in all the same).
+        enabled = current.get("enabled", True)
+        backends[key] = {**current, "enabled": enabled, "host": host, "port": port}
     for key in udp:
         current = backends.get(key) or {}
         if not isinstance(current, dict):

@@ -21,10 +21,12 @@ from fmi_async.holepunch import protocol as p
 from fmi_async.holepunch.client import RendezvousClient
 from fmi_async.holepunch.net import HostNetwork, close_socket, read_message, send_message
 from fmi_async.holepunch.pairing import PairingTable
+from fmi_async.holepunch.proofs import stream_key, take_handshake
 from fmi_async.holepunch.punch import Membership, _punch, _relay, authenticate, pair_tcp
 from fmi_async.holepunch.server import RendezvousServer
 from fmi_async.natsim import NATBox
 from fmi_async.wire import dumps, encode_frame
+from fmi_async.wire.seal import StreamSealer
 from tests.helpers import nat_tcp_group, recv
 
 SECRET = "punch-secret"
@@ -282,7 +284,10 @@ async def test_impostor_on_punched_port_is_dropped_and_relay_carries_the_pair() 
         relayed = await _relay(net, srv.address, member, 0, 0, 1, 5.0, "server")
         try:
             frame = b"".join(bytes(b) for b in encode_frame(("u", 0), dumps("legit")))
-            await loop.sock_sendall(relayed, frame)
+            handshake = take_handshake(relayed)  # sealed end to end, as peer 0's channel would
+            assert handshake is not None
+            key = stream_key(SECRET.encode(), "W", chan.run_id, handshake)
+            await loop.sock_sendall(relayed, StreamSealer(key).seal(frame))
             assert await recv(chan, 0) == "legit"  # the first and only frame from peer 0
             with pytest.raises(CommTimeout):
                 await recv(chan, 0, timeout=0.2)

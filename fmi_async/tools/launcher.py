@@ -178,15 +178,35 @@ class LaunchSession:
         }
 
     def nat_summary(self, nat: str) -> str | None:
-        """How the pairs met (direct or relayed), once the peers are done; None without NAT."""
-        server, boxes = self.server, self.boxes
-        decided = server.pairings.decided
-        if boxes and decided:
-            return (
-                f"NAT {nat}: {decided['direct']} pairs direct, {decided['relay']} relayed "
-                f"({sum(b.dropped for b in boxes)} packets filtered by the NATs)"
+        """How the pairs met (direct or relayed), once the peers are done; None without NAT.
+
+        Each of the P(P-1)/2 pairs of peers counts once, by its latest
+        outcome: a pair that paired again (a lost connection), once in each
+        direction, or on several communicators is still one pair; pairs that
+        never exchanged a message are counted as such.  One part per transport.
+        """
+        if not self.boxes:
+            return None
+        latest: dict[str, dict[tuple[int, int], str]] = {}
+        for (transport, (_comm, _run, a, b)), outcome in self.server.pairings.outcomes.items():
+            latest.setdefault(transport, {})[(a, b)] = outcome  # oldest first: the latest wins
+        if not latest:
+            return None
+        peers = len(self.boxes)
+        pairs = peers * (peers - 1) // 2
+        parts = []
+        for transport, by_pair in sorted(latest.items()):
+            direct = sum(1 for o in by_pair.values() if o == "direct")
+            relayed = sum(1 for o in by_pair.values() if o == "relay")
+            parts.append(
+                f"{transport}: {direct} direct, {relayed} relayed, "
+                f"{pairs - direct - relayed} never connected"
             )
-        return None
+        dropped = sum(b.dropped for b in self.boxes)
+        return (
+            f"NAT {nat}: {pairs} pairs of {peers} peers; {'; '.join(parts)} "
+            f"({dropped} packets filtered by the NATs)"
+        )
 
 
 @contextlib.asynccontextmanager

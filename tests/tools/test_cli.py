@@ -378,21 +378,27 @@ def test_run_behind_simulated_nat_reports_pairs(
 
         async def main(comm):
             total = await comm.allreduce(comm.peer_id + 1)
+            await comm.alltoall(list(range(comm.size)))  # every pair meets, both ways
             pairs = comm.stats()["channels"]["tcp"]["pairs"]
             print("total", total, sorted(set(pairs.values())))
 
         fmi.run(main)
         """,
     )
-    assert main(["run", "-n", "3", "--nat", nat, "--timeout", "60", peer]) == 0
+    assert main(["run", "-n", "4", "--nat", nat, "--timeout", "60", peer]) == 0
     out, err = capsys.readouterr()
     lines = sorted(line.partition("] ")[2] for line in out.splitlines())
-    assert lines == [f"total 6 ['{how}']"] * 3
+    assert lines == [f"total 10 ['{how}']"] * 4
     (summary,) = [line for line in err.splitlines() if line.startswith("[fmi] NAT")]
-    found = re.match(rf"\[fmi\] NAT {nat}: (\d+) pairs direct, (\d+) relayed", summary)
+    # Each of the 4 * 3 / 2 pairs counted once, whichever side connected first.
+    found = re.match(
+        rf"\[fmi\] NAT {nat}: 6 pairs of 4 peers; tcp: (\d+) direct, (\d+) relayed, "
+        r"(\d+) never connected",
+        summary,
+    )
     assert found is not None, summary
-    direct, relayed = int(found[1]), int(found[2])
-    assert (direct > 0, relayed > 0) == (how == "direct", how == "relayed")
+    counts = {"direct": int(found[1]), "relayed": int(found[2]), "never": int(found[3])}
+    assert counts == {"direct": 0, "relayed": 0, "never": 0} | {how: 6}, summary
 
 
 def test_merge_config_fills_udp_and_runs_udp_alone_when_only_udp_is_named() -> None:

@@ -97,12 +97,15 @@ def load_handler(spec: str) -> Any:
 
 
 def error_payload(
-    exc: BaseException, request_id: str, error_type: str | None = None
+    exc: BaseException,
+    request_id: str,
+    error_type: str | None = None,
+    message: str | None = None,
 ) -> dict[str, Any]:
     """The error payload Lambda's Python runtime returns for ``exc``."""
     frames = traceback.extract_tb(exc.__traceback__)
     return {
-        "errorMessage": str(exc),
+        "errorMessage": str(exc) if message is None else message,
         "errorType": error_type or type(exc).__name__,
         "requestId": request_id,
         "stackTrace": [line for line in traceback.format_list(frames)],
@@ -142,8 +145,10 @@ def run_invocation(request: Mapping[str, Any], out: TextIO) -> int:
         handler = load_handler(str(request["handler"]))
     except (ImportError, SyntaxError) as exc:
         module = str(request["handler"]).rpartition(".")[0]
-        exc.args = (f"Unable to import module '{module}': {exc}",)
-        _report(out, {"error": error_payload(exc, request_id, "Runtime.ImportModuleError")})
+        message = f"Unable to import module '{module}': {exc}"
+        _report(
+            out, {"error": error_payload(exc, request_id, "Runtime.ImportModuleError", message)}
+        )
         return 1
     except Exception as exc:
         _report(out, {"error": error_payload(exc, request_id, "Runtime.HandlerNotFound")})
@@ -171,10 +176,9 @@ def run_invocation(request: Mapping[str, Any], out: TextIO) -> int:
     try:
         json.dumps(result)
     except (TypeError, ValueError) as exc:
-        exc.args = (f"Unable to marshal response: {exc}",)
-        _report(
-            out, {"error": error_payload(exc, request_id, "Runtime.MarshalError"), **_usage(start)}
-        )
+        message = f"Unable to marshal response: {exc}"
+        error = error_payload(exc, request_id, "Runtime.MarshalError", message)
+        _report(out, {"error": error, **_usage(start)})
         return 1
     _report(out, {"result": result, **_usage(start)})
     return 0

@@ -1,0 +1,348 @@
+"""Serverless: ``fmi invoke``, the Lambda example and what docs/deploy-lambda.md tells.
+
+``fmi invoke`` runs each invocation as a process of its own, so these tests
+run it as a user does (``python -m fmi_async invoke ...``) and read the JSON
+line it prints per invocation.  The example invoker for real AWS Lambda is run
+against a recording stand-in of boto3's Lambda client (no AWS here), and the
+events it sends are then run through the example's handler over Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fmi_async.config import Config
+from fmi_async.errors import ConfigError
+from fmi_async.tools.cli import main
+from fmi_async.tools.invoke_events import EVENT_KEYS, event_config, job_events
+from fmi_async.tools.invoke_runtime import LambdaContext, run_invocation
+from tests.helpers import REPO
+
+EXAMPLE = REPO / "examples" / "lambda"
+HANDLER = EXAMPLE / "handler.py"
+DOC = REPO / "docs" / "deploy-lambda.md"
+
+
+def load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load(HANDLER, "lambda_handler_example")
+invoker = load(EXAMPLE / "invoke.py", "lambda_invoke_example")
+
+
+def fmi_invoke(
+    capsys: pytest.CaptureFixture[str], *argv: str
+) -> tuple[int, list[dict[str, Any]], str]:
+    """``fmi invoke ARGV`` (the command's entry point, in this process; each invocation is
+    a process of its own): exit status, the JSON records in peer order, all output."""
+    code = main(["invoke", "--init-timeout", "60", *argv])
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return code, records, out + err
+
+
+def expected(seed: int, rows: int, peers: int) -> tuple[float, float]:
+    """Mean and standard deviation of the example's whole data set, computed in one place."""
+    data = np.concatenate([example.shard(seed, p, rows) for p in range(peers)])
+    return float(data.mean()), float(data.std())
+
+
+def check_job(
+    records: list[dict[str, Any]], seed: int, rows: int, peers: int, channel: str
+) -> None:
+    assert [r["peer_id"] for r in records] == list(range(peers))
+    assert len({r["request_id"] for r in records}) == peers
+    mean, std = expected(seed, rows, peers)
+    results = [r["result"] for r in records]
+    assert all(r["status"] == "succeeded" for r in records), records
+    # One allreduce: every peer holds the very same numbers.
+    assert len({(r["mean"], r["std"], r["count"]) for r in results}) == 1
+    assert results[0]["mean"] == pytest.approx(mean, rel=1e-12)
+    assert results[0]["std"] == pytest.approx(std, rel=1e-9)
+    assert results[0]["count"] == rows * peers
+    assert [r["num_peers"] for r in results] == [peers] * peers
+    assert all(set(r["messages_sent"]) == {channel} for r in results), results
+
+
+# ---------------------------------------------------------------- fmi invoke, end to end
+
+
+def test_sync_handler_over_tcp_through_simulated_nat(capsys: pytest.CaptureFixture[str]) -> None:
+    event = {"rows": 500, "seed": 7, "label": "nat"}
+    code, records, output = fmi_invoke(
+        capsys, "-n", "4", str(HANDLER), "--event", json.dumps(event)
+    )
+    assert code == 0, output
+    check_job(records, 7, 500, 4, "tcp")
+    assert {r["result"]["label"] for r in records} == {"nat"}  # peer 0's bcast
+    for record in records:
+        assert record["init_ms"] > 0 and record["duration_ms"] > 0
+        assert f"[fmi] peer {record['peer_id']} REPORT RequestId: {record['request_id']}" in output
+    found = re.search(r"\[fmi\] NAT port-restricted: .*tcp: (\d+) direct, (\d+) relayed", output)
+    assert found is not None, output
+    assert int(found[1]) > 0 and int(found[2]) == 0  # the pairs that met punched through
+
+
+def test_async_handler_over_redis(
+    tmp_path: Path, redis_server: tuple[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    host, port = redis_server
+    config = tmp_path / "redis.json"
+    config.write_text(
+        json.dumps(
+            {
+                "backends": {
+                    "Redis": {"enabled": True, "host": host, "port": port},
+                    "TCP": {"enabled": False},
+                },
+            }
+        )
+    )
+    argv = ["-n", "4", str(HANDLER), "--handler", "handler.async_handler", "--nat", "none"]
+    event = {"rows": 300, "seed": 11}
+    code, records, output = fmi_invoke(
+        capsys, *argv, "--config", str(config), "--event", json.dumps(event)
+    )
+    assert code == 0, output
+    check_job(records, 11, 300, 4, "redis")
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+def test_time_limit_and_a_failing_invocations_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    handler = tmp_path / "limits.py"
+    handler.write_text(
+        f"""
+import os, subprocess, sys, time
+
+def handler(event, context):
+    print("remaining", context.get_remaining_time_in_millis(), context.memory_limit_in_mb)
+    if event["peer_id"] == 1:
+        raise ValueError("peer 1 refuses")
+    child = subprocess.Popen(["sleep", "300"])
+    with open({str(tmp_path)!r} + "/pids", "w") as out:
+        out.write(f"{{os.getpid()}} {{child.pid}}")
+    time.sleep(300)
+"""
+    )
+    started = time.monotonic()
+    code, records, output = fmi_invoke(
+        capsys, "-n", "2", str(handler), "--timeout", "1.5", "--memory", "256", "--nat", "none"
+    )
+    assert time.monotonic() - started < 60
+    assert code == 1, output
+    timed_out, failed = records
+    assert timed_out["status"] == "timed out"
+    assert timed_out["error"]["errorType"] == "Sandbox.Timedout"
+    assert timed_out["error"]["errorMessage"].endswith("Task timed out after 1.50 seconds")
+    assert "[fmi] peer 0 timed out" in output
+    # Killed at the limit, with what it started.
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+    # A handler that raises: Lambda's error payload, and the error in the function's log.
+    assert failed["status"] == "failed"
+    error = failed["error"]
+    assert (error["errorType"], error["errorMessage"]) == ("ValueError", "peer 1 refuses")
+    assert error["requestId"] == failed["request_id"]
+    assert "limits.py" in error["stackTrace"][-1] and "raise ValueError" in error["stackTrace"][-1]
+    assert "[peer 1] [ERROR] ValueError: peer 1 refuses" in output
+    assert "[fmi] peer 1 failed: peer 1 refuses" in output
+    remaining, memory = re.search(r"\[peer 1\] remaining (\d+) (\d+)", output).groups()  # type: ignore[union-attr]
+    assert 0 < int(remaining) <= 1500 and memory == "256"
+
+
+def test_the_communicators_deadline_comes_before_the_functions_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A peer that never joins: the others' communicators give up before Lambda's limit,
+    so each reports why (CommTimeout naming the missing peer) instead of "Task timed out"."""
+    handler = tmp_path / "absent.py"
+    handler.write_text(
+        f"""
+import sys
+sys.path.insert(0, {str(EXAMPLE)!r})
+import handler as example
+
+def handler(event, context):
+    if event["peer_id"] == 1:
+        return "absent"
+    return example.handler(event, context)
+"""
+    )
+    code, records, output = fmi_invoke(
+        capsys, "-n", "2", str(handler), "--timeout", "3", "--nat", "none"
+    )
+    assert code == 1, output
+    waited, absent = records
+    assert absent["status"] == "succeeded" and absent["result"] == "absent"
+    assert waited["status"] == "failed", waited
+    assert waited["error"]["errorType"] == "CommTimeout"
+    assert "peers [1]" in waited["error"]["errorMessage"]
+    assert waited["duration_ms"] < 3000
+
+
+def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, message in [  # refused before any process starts
+        (["-n", "2", str(tmp_path / "nope.py")], "not found"),
+        (["-n", "0", str(HANDLER)], "-n must be at least 1"),
+        (["-n", "2", str(HANDLER), "--event", "[1]"], "must be a JSON object"),
+        (["-n", "2", str(HANDLER), "--event", '{"peer_id": 3}'], "may not set peer_id"),
+        (["-n", "2", str(HANDLER), "--timeout", "0"], "--timeout must be a positive"),
+    ]:
+        code, records, output = fmi_invoke(capsys, *argv)
+        assert code == 2 and records == [] and message in output, (argv, output)
+
+
+def run_runtime(tmp_path: Path, handler: str, event: Any = None) -> list[dict[str, Any]]:
+    """One invocation through the runtime's own function, in this process."""
+    out = io.StringIO()
+    request = {
+        "request_id": "req-1",
+        "task_root": str(tmp_path),
+        "handler": handler,
+        "event": event or {},
+        "timeout": 5,
+        "memory": 512,
+        "function_name": "fn",
+    }
+    status = run_invocation(request, out)
+    reports = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert status == (0 if "result" in reports[-1] else 1)
+    return reports
+
+
+def test_the_runtime_reports_as_lambda_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "rt_broken.py").write_text("import no_such_module_here\n")
+    (tmp_path / "rt_plain.py").write_text(
+        "import asyncio\n"
+        "def handler(event, context):\n"
+        "    left = context.get_remaining_time_in_millis()\n"
+        "    return {'left': left, 'mb': context.memory_limit_in_mb}\n"
+        "async def later(event, context):\n"
+        "    await asyncio.sleep(0)\n"
+        "    return event['x'] * 2\n"
+        "def unsendable(event, context):\n"
+        "    return object()\n"
+    )
+    try:
+        (error,) = run_runtime(tmp_path, "rt_broken.handler")
+        assert error["error"]["errorType"] == "Runtime.ImportModuleError"
+        assert error["error"]["errorMessage"] == (
+            "Unable to import module 'rt_broken': No module named 'no_such_module_here'"
+        )
+        (error,) = run_runtime(tmp_path, "rt_plain.nothing")
+        assert error["error"]["errorType"] == "Runtime.HandlerNotFound"
+        assert error["error"]["errorMessage"] == "Handler 'nothing' missing on module 'rt_plain'"
+        ready, done = run_runtime(tmp_path, "rt_plain.handler")
+        assert ready["ready"] > 0 and 4000 < done["result"]["left"] <= 5000
+        assert done["result"]["mb"] == "512"  # a string, as Lambda's Python runtime has it
+        assert run_runtime(tmp_path, "rt_plain.later", {"x": 21})[1]["result"] == 42
+        _, failed = run_runtime(tmp_path, "rt_plain.unsendable")
+        assert failed["error"]["errorType"] == "Runtime.MarshalError"
+    finally:
+        for name in ("rt_broken", "rt_plain", "no_such_module_here"):
+            sys.modules.pop(name, None)
+
+
+# ---------------------------------------------------------------- events and the real invoker
+
+
+def test_job_events() -> None:
+    config = {"backends": {"TCP": {"host": "10.0.0.5", "port": 10000}}}
+    events = job_events({"rows": 5}, 3, "JOB", "r1", config)
+    assert events == [
+        {
+            "rows": 5,
+            "peer_id": i,
+            "num_peers": 3,
+            "comm_name": "JOB",
+            "run_id": "r1",
+            "config": config,
+        }
+        for i in range(3)
+    ]
+    events[0]["config"]["backends"]["TCP"]["port"] = 1
+    assert events[1]["config"]["backends"]["TCP"]["port"] == 10000  # a copy each
+    for key in EVENT_KEYS:
+        with pytest.raises(ConfigError, match=f"may not set {key}"):
+            job_events({key: 1}, 2, "JOB", "r1", {})
+    with pytest.raises(ConfigError, match=r"security\.secret"):
+        job_events({}, 2, "JOB", "r1", {"security": {"secret": "s"}})
+    with pytest.raises(ConfigError, match="at least 1"):
+        job_events({}, 0, "JOB", "r1", {})
+    assert event_config({"security": {"secret": "s"}, "timeout": 5}) == {"timeout": 5}
+    assert event_config({"security": {"secret": "s", "handshake_timeout": 2}}) == {
+        "security": {"handshake_timeout": 2}
+    }
+
+
+class RecordingLambda:
+    """Stands in for ``boto3.client("lambda")``: records each invoke, answers as Lambda does."""
+
+    def __init__(self, status: int = 202) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.status = status
+
+    def invoke(self, **request: Any) -> dict[str, Any]:
+        self.calls.append(request)
+        return {"StatusCode": self.status, "Payload": b""}
+
+
+def context(seconds: float) -> LambdaContext:
+    deadline = time.time_ns() // 1_000_000 + int(seconds * 1000)
+    return LambdaContext("fmi-job", "1024", f"req-{time.monotonic_ns()}", deadline)
+
+
+async def test_the_real_invokers_events_run_the_example(redis_config: Config) -> None:
+    client = RecordingLambda()
+    config = redis_config.to_dict()
+    run_id = invoker.invoke_job(
+        client, "fmi-job", 3, {"rows": 200, "seed": 5}, config, "lambda-test"
+    )
+    assert {c["FunctionName"] for c in client.calls} == {"fmi-job"}
+    assert {c["InvocationType"] for c in client.calls} == {"Event"}
+    payloads = sorted((json.loads(c["Payload"]) for c in client.calls), key=lambda e: e["peer_id"])
+    assert payloads == job_events({"rows": 200, "seed": 5}, 3, "lambda-test", run_id, config)
+    # What the three functions would do with these events (in one loop here).
+    results = await asyncio.gather(*(example.async_handler(e, context(60)) for e in payloads))
+    records = [
+        {"peer_id": i, "request_id": str(i), "status": "succeeded", "result": r}
+        for i, r in enumerate(results)
+    ]
+    check_job(records, 5, 200, 3, "redis")
+    refused = RecordingLambda(status=500)
+    with pytest.raises(RuntimeError, match="did not accept"):
+        invoker.invoke_job(refused, "fmi-job", 2, {}, config)

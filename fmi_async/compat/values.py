@@ -144,10 +144,16 @@ class Spec:
     def from_array(self, value: Any, what: str) -> Any:
         """A value that arrived (or a result) as the Python value FMI returns."""
         if isinstance(value, np.ndarray):
-            if value.dtype != self.dtype or value.shape != (self.length,):
-                raise DatatypeError(
-                    f"{what}: received an array of {value.shape[0] if value.ndim else 0} "
-                    f"{value.dtype} elements{_dims(value)}, which does not match {self}"
+            if value.shape != (self.length,) or value.dtype != self.dtype:
+                count = value.shape[0] if value.ndim else 0
+                wrong = (
+                    LengthMismatchError
+                    if self.is_list and value.dtype == self.dtype and value.ndim == 1
+                    else DatatypeError
+                )
+                raise wrong(
+                    f"{what}: received {count} {value.dtype} elements{_dims(value)}, which "
+                    f"do not match {self}"
                 )
             out: list[Any] = value.tolist()
             return out if self.is_list else out[0]

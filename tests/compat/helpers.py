@@ -143,3 +143,20 @@ def bracketings(f: Callable[[Any, Any], Any], xs: list[Any]) -> list[Any]:
 
 def one_of(value: Any, choices: list[Any]) -> bool:
     return any(math.isclose(value, c, rel_tol=1e-12) for c in choices)
+
+
+@contextlib.contextmanager
+def threaded_rendezvous() -> Iterator[tuple[str, int]]:
+    """A rendezvous server on its own loop thread, for peers in threads of this process;
+    yields its address."""
+    from fmi_async.compat.loop import LoopThread
+
+    loop = LoopThread("test-rendezvous", use_uvloop=False)
+    server = RendezvousServer(secret=SECRET.encode())
+    try:
+        loop.call(server.start("127.0.0.1", 0), "starting the rendezvous server", 30)
+        yield server.address
+    finally:
+        with contextlib.suppress(Exception):
+            loop.call(server.close(), "closing the rendezvous server", 30)
+        loop.stop()

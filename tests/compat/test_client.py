@@ -1,11 +1,11 @@
 """FMI's own Python test client (spcl/fmi python/tests/client.py) through fmi_async.compat.
 
-The cases run at P = 2 and 4: over the direct channel with every peer its own
-process, started as FMI starts them (``python client.py NUM_NODES NODE_ID
-CONFIG``) against a rendezvous server in the test, and once under ``fmi
-run`` with FMI's config file unchanged; over Redis with every peer in its
-own thread of this process.  Every result is checked against a reference
-computed here.
+The cases run at P = 2 and 4: over the direct channel (TCP) with every peer
+its own process, started as FMI starts them (``python client.py NUM_NODES
+NODE_ID CONFIG``) against a rendezvous server in the test, once under ``fmi
+run`` with FMI's config file unchanged, and with every peer in its own thread
+of this process; over Redis in threads.  Every result is checked against a
+reference computed here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tests.compat.helpers import (
     rendezvous,
     results_of,
     run_processes,
+    threaded_rendezvous,
 )
 from tests.example_runs import fmi_run
 from tests.helpers import REPO
@@ -141,9 +142,11 @@ def test_reference_matches_fmi_client_at_two_peers() -> None:
     assert zero["reduce_max_int"] == 43  # node 0 passes 42, node 1 passes 43
 
 
-@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("size", [2, pytest.param(4, marks=pytest.mark.slow)])
 async def test_client_direct_processes(size: int, tmp_path: Path) -> None:
-    """Every peer a process started with FMI's command line, over TCP."""
+    """Every peer a process started with FMI's command line, over TCP (four processes
+    importing numpy take seconds on a shared machine: P = 4 runs here with --slow, and
+    in threads by default, below)."""
     async with rendezvous() as server:
         host, port = server.address
         config = fmi_config_file(tmp_path, Direct={"enabled": True, "host": host, "port": port})
@@ -160,6 +163,20 @@ def test_client_under_fmi_run_with_fmi_config_unchanged(tmp_path: Path) -> None:
     proc = fmi_run("-n", "2", "--config", str(config), str(CLIENT), str(config), timeout=90)
     results = dict(results_of(line) for line in proc.stdout.splitlines() if '{"peer"' in line)
     check([results[0], results[1]])
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_client_direct_threads(size: int, tmp_path: Path) -> None:
+    """Every peer a thread of this process (no event loop there), over TCP."""
+    with threaded_rendezvous() as (host, port):
+        config = fmi_config_file(tmp_path, Direct={"enabled": True, "host": host, "port": port})
+        run = uuid.uuid4().hex[:12]
+
+        def peer(rank: int) -> dict[str, Any]:
+            with fmi.Communicator(rank, size, str(config), "Test", 512, run_id=run) as comm:
+                return run_cases(comm, rank, size)
+
+        check(in_threads(size, peer))
 
 
 @pytest.mark.parametrize("size", [2, 4])

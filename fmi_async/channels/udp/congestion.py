@@ -50,6 +50,7 @@ class Congestion:
         "_round_acked",
         "_round_lost",
         "_round_retrans",
+        "_round_spurious",
         "_undo_retrans",
         "counters",
         "cwnd",
@@ -69,6 +70,7 @@ class Congestion:
         self._round_acked = 0
         self._round_lost = 0
         self._round_retrans = 0  # retransmissions sent in this round
+        self._round_spurious = 0  # ... and reported needless
         self._prior: tuple[float, float] | None = None  # (cwnd, ssthresh) before a reduction
         self._prior_age = 0  # rounds since that reduction
         self._undo_retrans = 0  # retransmissions since it not yet known spurious
@@ -106,8 +108,10 @@ class Congestion:
         total = self._round_acked + self._round_lost
         if total < _MIN_ROUND:
             return  # too few fragments to tell random loss from congestion: keep counting
-        lost, retrans = self._round_lost, self._round_retrans
-        self._round_acked = self._round_lost = self._round_retrans = 0
+        # A loss whose retransmission proved needless was no loss.
+        lost = self._round_lost - self._round_spurious
+        retrans = self._round_retrans - self._round_spurious
+        self._round_acked = self._round_lost = self._round_retrans = self._round_spurious = 0
         if lost > self.loss_tolerance * total:
             self.counters["congestion"] += 1
             self._reduce(max(self.cwnd / 2, MIN_CWND), retrans)
@@ -115,7 +119,7 @@ class Congestion:
     def on_timeout(self, expiries: int) -> None:
         """A retransmission timeout; the second in a row means persistent congestion."""
         if expiries >= 2:
-            self._reduce(MIN_CWND, self._round_retrans)
+            self._reduce(MIN_CWND, self._round_retrans - self._round_spurious)
 
     def _reduce(self, cwnd: float, retrans: int) -> None:
         """Reduce the window; the retransmissions of this round are what undo waits for."""
@@ -135,6 +139,7 @@ class Congestion:
 
     def on_spurious(self) -> None:
         """A retransmission was needless (the original had arrived)."""
+        self._round_spurious += 1
         if self._prior is None:
             return
         self._undo_retrans -= 1

@@ -128,7 +128,7 @@ class Sender:
         # (a retransmission moves its fragment to the end).
         self._unacked: dict[int, _Frag] = {}
         self._lost: deque[int] = deque()
-        self._retransmitted: dict[int, None] = {}  # recent seqs sent more than once
+        self._retransmitted: dict[int, int] = {}  # recent seqs sent again: how often
         self._inflight = 0
         self._order = 0
         self._high_order = 0  # latest transmission acknowledged
@@ -259,9 +259,12 @@ class Sender:
 
     def _on_duplicate(self, seq: int) -> None:
         """The receiver had ``seq`` already: if we had sent it again, that was needless."""
-        frag = self._unacked.get(seq)
-        if seq in self._retransmitted or (frag is not None and frag.tx > 1):
-            self._retransmitted.pop(seq, None)
+        again = self._retransmitted.get(seq, 0)
+        if again:  # (else a duplicate made by the network)
+            if again > 1:
+                self._retransmitted[seq] = again - 1
+            else:
+                del self._retransmitted[seq]
             self.counters["spurious"] += 1
             self._step_reordering()
             self.cc.on_spurious()
@@ -367,7 +370,7 @@ class Sender:
         if frag.tx:  # a retransmission: to the end of the transmission order
             del self._unacked[seq]
             self._unacked[seq] = frag
-            self._retransmitted[seq] = None
+            self._retransmitted[seq] = self._retransmitted.get(seq, 0) + 1
             if len(self._retransmitted) > _REMEMBERED:
                 del self._retransmitted[next(iter(self._retransmitted))]
         frag.lost = False

@@ -45,6 +45,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Prices and speeds the default models use (see selection/model.py for units).
+# aiobotocore's own CPU per request (signing, HTTP, parsing the answer): 2.4-2.6 ms
+# of process time per GetObject on the 2-core development VM.  One peer's
+# concurrent requests do not overlap it (see ChannelModel.request_gap).
+_AWS_REQUEST_GAP = 2e-3
 _S3_TIER1 = 0.005 / 1000  # PUT, COPY, POST, LIST: $0.005 per 1,000 (aws.amazon.com/s3/pricing)
 _S3_TIER2 = 0.0004 / 1000  # GET, SELECT and all other requests: $0.0004 per 1,000
 # DynamoDB on-demand after the November 2024 reduction: $0.625 per million write
@@ -202,6 +206,8 @@ _CHANNELS: dict[str, ChannelSpec] = {
                 "put_requests": {"SET": 1},
                 "get_requests": {"GET": 1},
                 "infra_per_hour": 0.016,
+                # redis-py's own CPU per command: 60-180 us on the 2-core development VM.
+                "request_gap": 100e-6,
                 "source": "FMI ICS'23 Redis; ElastiCache t4g.micro price",
             },
         ),
@@ -223,6 +229,7 @@ _CHANNELS: dict[str, ChannelSpec] = {
                 "get_requests": {"GetItem": 1},
                 "write_unit": 1024,
                 "read_unit": 4096,
+                "request_gap": _AWS_REQUEST_GAP,
                 "source": "DynamoDB on-demand list prices; latency from AWS documentation",
             },
         ),
@@ -251,6 +258,7 @@ _CHANNELS: dict[str, ChannelSpec] = {
                 "message_requests": {"PutObject": 1, "GetObject": 1, "DeleteObjects": 1},
                 "put_requests": {"PutObject": 1},
                 "get_requests": {"GetObject": 1},
+                "request_gap": _AWS_REQUEST_GAP,
                 "source": "FMI ICS'23 S3; S3 Standard list prices",
             },
         ),

@@ -18,7 +18,12 @@ A channel's model has
   messages or requests of the whole workload (FMI's ``requests_per_hour``;
   our default assumes a busy node, 100 000 an hour, about 28 a second);
 * ``concurrency`` -- how much of the group's work proceeds at once (see the
-  field's comment): a plan takes at least its total work divided by it.
+  field's comment): a plan takes at least its total work divided by it;
+* ``request_gap`` -- seconds between the starts of two requests one peer
+  has in flight at once (storage): the client's own work per request
+  (signing, HTTP, parsing), which concurrent requests of one peer do not
+  overlap.  A peer that issues ``k`` requests at once has the last one
+  answered ``(k - 1) * request_gap`` after the first.
 
 The function itself costs ``faas_gb_second`` dollars per GB-second of its
 memory for the time it runs, on every peer.
@@ -88,6 +93,11 @@ class ChannelModel:
     # local test of any channel): about 1, and a plan's time is at least all
     # of its work done one piece after another.  `fmi calibrate` measures it.
     concurrency: float = math.inf
+    # Seconds one peer spends issuing one request that its other requests in
+    # flight cannot overlap (the client's CPU per request): a fan-out of k
+    # requests ends (k - 1) * request_gap after a single one.  0 for direct
+    # channels, whose per-message cost is in overhead and concurrency.
+    request_gap: float = 0.0
     # Request kinds billed per started unit of bytes (DynamoDB's capacity
     # units: "write_units" per KB written, "read_units" per 4 KB read); 0: none.
     write_unit: int = 0
@@ -95,7 +105,13 @@ class ChannelModel:
     source: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("overhead", "bandwidth", "aggregate_bandwidth", "requests_per_hour"):
+        for name in (
+            "overhead",
+            "bandwidth",
+            "aggregate_bandwidth",
+            "requests_per_hour",
+            "request_gap",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"model.{name} must be a finite number >= 0, got {value!r}")
@@ -109,6 +125,11 @@ class ChannelModel:
     def time(self, nbytes: float) -> float:
         """Seconds for one message or request of ``nbytes`` on one stream."""
         return self.overhead + nbytes / self.bandwidth
+
+    def fan_out(self, requests: float) -> float:
+        """Seconds after a single request that the last of ``requests`` issued at
+        once by one peer is answered (``(requests - 1) * request_gap``)."""
+        return max(requests - 1.0, 0.0) * self.request_gap
 
     def shared_time(self, nbytes: float, readers: int) -> float:
         """Seconds for ``readers`` peers each reading ``nbytes`` at once."""
@@ -198,7 +219,8 @@ def from_fmi(name: str, section: Mapping[str, Any], base: ChannelModel) -> Chann
     """Convert one backend of FMI's ``model`` section (or ours) to a :class:`ChannelModel`.
 
     Our own keys (``overhead_s``, ``bandwidth_Bps``, ``aggregate_bandwidth_Bps``,
-    ``request_prices``, ``price_per_gb``, ``infra_per_hour``, ``requests_per_hour``)
+    ``request_gap_s``, ``concurrency``, ``request_prices``, ``price_per_gb``,
+    ``infra_per_hour``, ``requests_per_hour``)
     take precedence over FMI's (``overhead`` ms, ``bandwidth``/``bandwidth_single``/
     ``bandwidth_multiple`` MB/s, ``transfer_price`` $/GB, ``instance_price``/
     ``vm_price`` $/h, ``download_price``/``upload_price`` $ per request,
@@ -249,6 +271,7 @@ def from_fmi(name: str, section: Mapping[str, Any], base: ChannelModel) -> Chann
         ("price_per_gb", "price_per_gb"),
         ("infra_per_hour", "infra_per_hour"),
         ("concurrency", "concurrency"),
+        ("request_gap_s", "request_gap"),
     ):
         value = num(ours)
         if value is not None:

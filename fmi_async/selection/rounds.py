@@ -27,9 +27,19 @@ reduce_scatter pairwise           (P-1) o + (P-1) (n/P) / b
 scan/exscan    recursive_doubling L t(n);   chain: (P-1) t(n)
 barrier        dissemination      L t(0)
 bcast          put_get (storage)  put(n) + get(n) shared by P-1 readers
-gather/reduce  fetch (storage)    put(n) + o + (P-1) n / b
-allreduce      root / split       gather + put + shared get / parts of n/P
+gather/reduce  fetch (storage)    put(n) + o + (P-1) n / b + F(P-1)
+allreduce      root               gather + put + shared get: 4 o + F(P-1) + bytes
+allreduce      split              exchange of parts n/P (F(2(P-1))), put, get of
+                                  P-1 parts (F(P-1)): 4 o + F(2(P-1)) + F(P-1) + bytes
 ============== ================== ==========================================
+
+``F(k) = (k - 1) request_gap`` is a peer's fan-out: the last of ``k``
+requests one peer issues at once is answered that much after a single one
+(the client's own CPU per request, which its concurrent requests do not
+overlap).  Storage-native formulas charge it to the peer with the widest
+fan-out of each round: it is why the split allreduce, whose peers each make
+3(P-1)+1 requests, loses to the root allreduce (at most P on one peer) for
+small arrays although both take four request times.
 """
 
 from __future__ import annotations
@@ -282,7 +292,7 @@ def _put_get(s: Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
         return m.time(n) + m.shared_time(n, p - 1), p * n
     if s.op == "allgather":
         t.objs(p, n, p - 1)
-        return m.time(n) + o + (p - 1) * n * b, p * p * n
+        return m.time(n) + o + m.fan_out(p - 1) + (p - 1) * n * b, p * p * n
     raise _no_formula("put_get", s)
 
 
@@ -290,10 +300,10 @@ def _store(s: Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
     p, n, o, b = s.peers, s.nbytes, m.overhead, 1.0 / m.bandwidth
     if s.op == "scatter":
         t.msgs(p - 1, n)
-        return o + (p - 1) * n * b + m.time(n), 2 * (p - 1) * n
-    if s.op == "alltoall":
+        return o + m.fan_out(p - 1) + (p - 1) * n * b + m.time(n), 2 * (p - 1) * n
+    if s.op == "alltoall":  # every peer's P-1 puts and P-1 gets at once
         t.msgs(p * (p - 1), n)
-        return 2 * (o + (p - 1) * n * b), 2 * p * (p - 1) * n
+        return 2 * (o + (p - 1) * n * b) + m.fan_out(2 * (p - 1)), 2 * p * (p - 1) * n
     raise _no_formula("store", s)
 
 
@@ -302,14 +312,14 @@ def _fetch(s: Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
     if s.op not in ("gather", "reduce"):
         raise _no_formula("fetch", s)
     t.msgs(p - 1, n)
-    return m.time(n) + o + (p - 1) * n * b, 2 * (p - 1) * n
+    return m.time(n) + o + m.fan_out(p - 1) + (p - 1) * n * b, 2 * (p - 1) * n
 
 
 def _fetch_fold(s: Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
     p, n, o, b = s.peers, s.nbytes, m.overhead, 1.0 / m.bandwidth
     if s.op == "reduce_scatter":
         t.msgs(p * (p - 1), n / p)
-        return 2 * (o + (p - 1) * (n / p) * b), 2 * (p - 1) * n
+        return 2 * (o + (p - 1) * (n / p) * b) + m.fan_out(2 * (p - 1)), 2 * (p - 1) * n
     return _fetch(s, m, t)
 
 
@@ -319,7 +329,8 @@ def _root(s: Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
         raise _no_formula("root", s)
     t.msgs(p - 1, n)
     t.objs(1, n, p - 1)
-    secs = m.time(n) + o + (p - 1) * n * b + m.time(n) + m.shared_time(n, p - 1)
+    # Rank 0 fetches the P-1 values at once (its fan-out), stores the result once.
+    secs = m.time(n) + o + m.fan_out(p - 1) + (p - 1) * n * b + m.time(n) + m.shared_time(n, p - 1)
     return secs, 2 * (p - 1) * n + p * n
 
 
@@ -330,7 +341,10 @@ def _split(s: Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
     part = s.nbytes / p
     t.msgs(p * (p - 1), part)
     t.objs(p, part, p - 1)
-    secs = 2 * (o + (p - 1) * part * b) + m.time(part) + o + (p - 1) * part * b
+    # Every peer sends P-1 parts and receives P-1 at once, then reads P-1
+    # reduced parts at once: two fan-outs on every peer.
+    exchange = 2 * (o + (p - 1) * part * b) + m.fan_out(2 * (p - 1))
+    secs = exchange + m.time(part) + o + m.fan_out(p - 1) + (p - 1) * part * b
     return secs, 2 * p * (p - 1) * part + p * p * part
 
 
@@ -339,7 +353,7 @@ def _gather_release(s: Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]
         raise _no_formula("gather_release", s)
     t.msgs(s.peers - 1, 0)
     t.objs(1, 0, s.peers - 1)
-    return 4 * m.overhead, 0.0
+    return 4 * m.overhead + m.fan_out(s.peers - 1), 0.0
 
 
 def _tree(s: Shape, m: ChannelModel, t: _Tally) -> tuple[float, float]:
@@ -401,13 +415,17 @@ def estimate(
             secs, count, moved = native_rounds(s, a, b)
         else:
             secs, count, moved = direct_rounds(entry.cost, s, a, b)
-        work = count * a + moved * b
         req: dict[str, float] = {}
         if kind == "mediated":
             _add(req, message_requests(name, m, s.nbytes), count)
+            calls = sum(v for k, v in req.items() if not k.endswith("_units"))
+            # Every request a message makes is work (the reader's delete too),
+            # counted as the storage-native family counts it.
+            work = calls * m.overhead + moved * b
         else:
             req["messages"] = count
-        calls = sum(req.values())
+            calls = count
+            work = count * a + moved * b
     else:
         secs, req, moved = mediated_rounds(name, m, entry.cost, s)
         calls = sum(v for k, v in req.items() if not k.endswith("_units"))

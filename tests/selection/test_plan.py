@@ -287,3 +287,63 @@ def test_one_event_loop_two_peers_allreduce_folds_once() -> None:
         hint=Hint.FAST,
     )
     assert chosen.algorithm == "linear", chosen
+
+
+def _allreduce(models: CostModel, channel: str, nbytes: int, peers: int = 8) -> str:
+    chosen = plan(
+        "allreduce",
+        nbytes=nbytes,
+        num_peers=peers,
+        channels=[(channel, "mediated")],
+        models=models,
+        operator=fmi.SUM,
+        is_array=True,
+        elements=nbytes // 8,
+    )
+    return f"{chosen.family}:{chosen.algorithm}"
+
+
+@pytest.mark.parametrize("channel", ["redis", "s3", "dynamodb"])
+def test_small_storage_allreduce_is_not_split(channel: str) -> None:
+    # A k-means iteration over storage (8 peers, k x d sums and k counts):
+    # both storage-native allreduces take four request times, but the split
+    # one makes 3(P-1)+1 requests on every peer against at most P on one, and
+    # a peer's requests in flight do not overlap their own client work.
+    for nbytes in (64, 1024):
+        assert _allreduce(MODELS, channel, nbytes) == "mediated:root"
+    # Large arrays still split (each peer moves about twice the array).
+    assert _allreduce(MODELS, channel, 8 << 20) == "mediated:split"
+
+
+def test_fan_out_is_what_separates_root_from_split() -> None:
+    models = load_cost_model({"s3": {"request_gap_s": 0.0}})
+    assert models.channel("s3").request_gap == 0.0
+    m = MODELS.channel("s3")
+    assert m.request_gap > 0 and m.fan_out(1) == 0 and m.fan_out(8) == 7 * m.request_gap
+    shape = {"nbytes": 1024, "num_peers": 8, "channels": [("s3", "mediated")]}
+    kw = {"operator": fmi.SUM, "is_array": True, "elements": 128}
+    with_gap = {p.algorithm: p.seconds for p in plans("allreduce", models=MODELS, **shape, **kw)}
+    without = {p.algorithm: p.seconds for p in plans("allreduce", models=models, **shape, **kw)}
+    # Rank 0 fetches P-1 values at once; every split peer fans out 2(P-1), then P-1.
+    assert with_gap["root"] - without["root"] == pytest.approx(6 * m.request_gap)
+    assert with_gap["split"] - without["split"] == pytest.approx((13 + 6) * m.request_gap)
+
+
+def test_calibrated_storage_on_one_machine_keeps_the_root_allreduce() -> None:
+    # What `fmi calibrate` wrote for S3 on a moto server (peers of the
+    # measurement in one process): a request costs 13.7 ms and the work of the
+    # whole group is done one request at a time.  A direct allreduce over storage
+    # then pays every request a message makes (put, get and the reader's delete),
+    # as the storage-native one does: it was counted at two, and direct:linear won.
+    calibrated = load_cost_model(
+        {
+            "s3": {
+                "overhead_s": 0.0137186,
+                "bandwidth_Bps": 3.38906e8,
+                "aggregate_bandwidth_Bps": 7.08389e7,
+                "concurrency": 1.0,
+            }
+        }
+    )
+    for nbytes in (64, 1024):
+        assert _allreduce(calibrated, "s3", nbytes) == "mediated:root"

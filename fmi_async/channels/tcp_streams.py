@@ -232,8 +232,7 @@ class Receiver(asyncio.BufferedProtocol):
             if self.opener is None:
                 frames = self.reader.received(nbytes)
             else:
-                self.opener.received(nbytes, self.reader)
-                frames = self.reader.pop_frames()
+                frames = self.opener.received(nbytes, self.reader)
         except ProtocolError as exc:
             self._fail(f"peer {self.src}: {exc}")
             return

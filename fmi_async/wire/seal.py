@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Final, Protocol
+from typing import Final
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -50,6 +50,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import AuthenticationError, ProtocolError
 from .buffers import Buffer
+from .framing import FrameReader, Key
+from .serialize import Payload
 
 __all__ = [
     "AEAD_NAME",
@@ -61,7 +63,6 @@ __all__ = [
     "DatagramOpener",
     "DatagramSealer",
     "ReplayWindow",
-    "PlainSink",
     "StreamOpener",
     "StreamSealer",
     "derive_key",
@@ -141,8 +142,8 @@ class StreamSealer:
         if not 0 < n <= SEGMENT:
             raise ValueError(f"a record holds 1..{SEGMENT} bytes, not {n}")
         out = bytearray(RECORD_HEADER + n + TAG_LEN)
-        _RECORD.pack_into(out, 0, n)
-        aad = bytes(out[:RECORD_HEADER])
+        aad = _RECORD.pack(n)
+        out[:RECORD_HEADER] = aad
         self._aead.encrypt_into(self._counter.take(), view, aad, memoryview(out)[RECORD_HEADER:])
         return out
 
@@ -156,8 +157,9 @@ class StreamOpener:
     """Opens the records of one direction of a stream, for ``BufferedProtocol``.
 
     The kernel writes ciphertext into :meth:`get_buffer`; :meth:`received`
-    opens every whole record and hands each plaintext to ``sink`` (a view
-    valid only during the call).  A record that fails authentication raises
+    opens every whole record into a :class:`~fmi_async.wire.FrameReader`,
+    straight into the received array where a record fits in it.  A record
+    that fails authentication raises
     :class:`~fmi_async.errors.AuthenticationError`, a malformed length
     :class:`~fmi_async.errors.ProtocolError`: a stream cannot skip a record,
     so either ends it.
@@ -193,8 +195,10 @@ class StreamOpener:
             self._r, self._w = 0, rest
         return memoryview(self._staging)[self._w :]
 
-    def received(self, nbytes: int, into: PlainSink) -> None:
-        """``nbytes`` were written to the last :meth:`get_buffer`; open whole records."""
+    def received(self, nbytes: int, into: FrameReader) -> list[tuple[Key, Payload]]:
+        """``nbytes`` were written to the last :meth:`get_buffer`; open whole records
+        into ``into``; the messages they completed."""
+        frames: list[tuple[Key, Payload]] = []
         self._w += nbytes
         staging = self._staging
         view = memoryview(staging)
@@ -205,19 +209,19 @@ class StreamOpener:
                 raise ProtocolError(f"sealed record of {n} bytes (1..{SEGMENT} allowed)")
             end = r + RECORD_HEADER + n + TAG_LEN
             if self._w < end:
-                return
+                break
             nonce = self._counter.take()
             aad = view[r : r + RECORD_HEADER]
             sealed = view[r + RECORD_HEADER : end]
             dest = into.get_buffer()
             try:
-                if dest.nbytes >= n:  # straight into the message's memory
+                if dest.nbytes >= n:  # straight into the message's (or reader's) memory
                     self._aead.decrypt_into(nonce, sealed, aad, dest[:n])
-                    into.buffer_updated(n)
+                    frames += into.received(n)
                 else:
                     plain = memoryview(self._plain)[:n]
                     self._aead.decrypt_into(nonce, sealed, aad, plain)
-                    _copy_into(into, plain)
+                    frames += _copy_into(into, plain)
             except InvalidTag:
                 raise AuthenticationError(
                     f"record {self._counter.next - 1} of the stream failed authentication "
@@ -225,24 +229,19 @@ class StreamOpener:
                     "another key)"
                 ) from None
             self._r = end
+        return frames
 
 
-class PlainSink(Protocol):
-    """What a :class:`StreamOpener` writes plaintext into (a FrameReader fits)."""
-
-    def get_buffer(self) -> memoryview: ...
-
-    def buffer_updated(self, nbytes: int) -> None: ...
-
-
-def _copy_into(sink: PlainSink, plain: memoryview) -> None:
+def _copy_into(reader: FrameReader, plain: memoryview) -> list[tuple[Key, Payload]]:
+    frames: list[tuple[Key, Payload]] = []
     off, n = 0, plain.nbytes
     while off < n:
-        dest = sink.get_buffer()
+        dest = reader.get_buffer()
         k = min(dest.nbytes, n - off)
         dest[:k] = plain[off : off + k]
-        sink.buffer_updated(k)
+        frames += reader.received(k)
         off += k
+    return frames
 
 
 class ReplayWindow:

@@ -85,8 +85,7 @@ def _open_stream(opener: StreamOpener, data: bytes, rng: random.Random) -> list[
         n = min(dest.nbytes, rng.randint(1, 3 * SEGMENT // 2), len(data) - pos)
         dest[:n] = data[pos : pos + n]
         pos += n
-        opener.received(n, reader)
-        values += [loads(payload) for _, payload in reader.pop_frames()]
+        values += [loads(payload) for _, payload in opener.received(n, reader)]
     return values
 
 

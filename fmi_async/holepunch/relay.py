@@ -4,7 +4,9 @@ When a pair cannot be punched (RFC 5128 section 2.3: relaying always works,
 at the price of the relay's bandwidth), both peers connect to the rendezvous
 server, which joins their connections with :func:`splice`.  The peers run
 their membership handshake end to end across it, and the TCP channel sends
-frames over it as over any other connection.
+frames over it as over any other connection: sealed with a key derived from
+that handshake (``security.encrypt``), so the relay moves records it can
+neither read nor alter undetected; it sees their sizes and timing only.
 
 Memory is bounded per direction: a read takes at most ``_CHUNK`` bytes, and
 the next read waits until the writer's buffer has drained below its high-water

@@ -66,8 +66,10 @@ _OPEN: weakref.WeakSet[Communicator] = weakref.WeakSet()
 
 def _guard(timeout: float) -> float:
     """How long a blocking call may wait before it is taken for a hang: every call is
-    bounded by the communicator's deadline, opening and closing by a few of them."""
-    return 4 * timeout + 30
+    bounded by the communicator's deadline, opening and closing by a few of them.  (A
+    timeout the communicator will refuse counts as the default, 60 s.)"""
+    valid = isinstance(timeout, (int, float)) and 0 < timeout < float("inf")
+    return 4 * (timeout if valid else 60.0) + 30
 
 
 class Communicator:

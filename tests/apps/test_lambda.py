@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fmi_async.channels.dynamodb import TABLE_SCHEMA, TTL_ATTRIBUTE
 from fmi_async.config import Config
 from fmi_async.errors import ConfigError
 from fmi_async.tools.cli import main
@@ -346,3 +348,158 @@ async def test_the_real_invokers_events_run_the_example(redis_config: Config) ->
     refused = RecordingLambda(status=500)
     with pytest.raises(RuntimeError, match="did not accept"):
         invoker.invoke_job(refused, "fmi-job", 2, {}, config)
+
+
+# ---------------------------------------------------------------- what docs/deploy-lambda.md tells
+
+
+def doc_json_blocks() -> list[dict[str, Any]]:
+    return [json.loads(b) for b in re.findall(r"```json\n(.*?)```", DOC.read_text(), re.S)]
+
+
+def doc_configs() -> dict[str, dict[str, Any]]:
+    """The doc's configs, by the backend each enables."""
+    configs = [b for b in doc_json_blocks() if "backends" in b]
+    return {next(iter(c["backends"])): c for c in configs}
+
+
+def test_the_docs_configs_load() -> None:
+    configs = doc_configs()
+    assert set(configs) == {"TCP", "Redis", "S3", "DynamoDB"}
+    for name, config in configs.items():
+        loaded = Config.from_dict(config, origin=f"deploy-lambda.md {name}")
+        assert loaded.timeout == 60
+
+
+# Every S3 and DynamoDB client call of the channels and the job lease, and the IAM
+# action it needs; SETUP calls run only with create_bucket/create_table or fmi clean.
+IAM_ACTIONS = {
+    "head_bucket": "s3:ListBucket",
+    "put_object": "s3:PutObject",
+    "create_multipart_upload": "s3:PutObject",
+    "upload_part": "s3:PutObject",
+    "complete_multipart_upload": "s3:PutObject",
+    "abort_multipart_upload": "s3:AbortMultipartUpload",
+    "head_object": "s3:GetObject",
+    "get_object": "s3:GetObject",
+    "delete_objects": "s3:DeleteObject",
+    "delete_object": "s3:DeleteObject",
+    "get_bucket_lifecycle_configuration": "s3:GetLifecycleConfiguration",
+    "create_bucket": "s3:CreateBucket",
+    "put_bucket_lifecycle_configuration": "s3:PutLifecycleConfiguration",
+    "list_objects_v2": "s3:ListBucket",
+    "list_multipart_uploads": "s3:ListBucketMultipartUploads",
+    "describe_table": "dynamodb:DescribeTable",
+    "describe_time_to_live": "dynamodb:DescribeTimeToLive",
+    "get_item": "dynamodb:GetItem",
+    "put_item": "dynamodb:PutItem",
+    "delete_item": "dynamodb:DeleteItem",
+    "batch_get_item": "dynamodb:BatchGetItem",
+    "batch_write_item": "dynamodb:BatchWriteItem",
+    "query": "dynamodb:Query",
+    "create_table": "dynamodb:CreateTable",
+    "update_time_to_live": "dynamodb:UpdateTimeToLive",
+    "scan": "dynamodb:Scan",
+}
+SETUP = {
+    "create_bucket",
+    "put_bucket_lifecycle_configuration",
+    "list_objects_v2",
+    "list_multipart_uploads",
+    "create_table",
+    "update_time_to_live",
+    "scan",
+}
+NOT_AWS = {"get", "set", "register_script", "aclose", "meta"}  # the Redis lease store's client
+AWS_SOURCES = ["channels/s3.py", "channels/s3_bucket.py", "channels/dynamodb.py", "jobs/stores.py"]
+
+
+def test_the_docs_iam_policy_covers_every_call_the_channels_make() -> None:
+    calls: set[str] = set()
+    for source in AWS_SOURCES:
+        text = (REPO / "fmi_async" / source).read_text()
+        calls |= set(re.findall(r"\b(?:self\._client|client)\.([a-z_0-9]+)\b", text)) - NOT_AWS
+    unknown = calls - set(IAM_ACTIONS)
+    assert not unknown, f"map these client calls to IAM actions (and the doc's policy): {unknown}"
+    runtime, setup = (b for b in doc_json_blocks() if b.get("Version") == "2012-10-17")
+
+    def actions(policy: dict[str, Any]) -> set[str]:
+        return {a for s in policy["Statement"] for a in s["Action"] if s["Effect"] == "Allow"}
+
+    needed = {IAM_ACTIONS[c] for c in calls - SETUP}
+    assert needed == actions(runtime)  # all that the functions need, and nothing more
+    assert {IAM_ACTIONS[c] for c in calls & SETUP} <= actions(setup)
+    text = DOC.read_text()
+    for key in TABLE_SCHEMA["KeySchema"]:
+        assert f"AttributeName={key['AttributeName']},KeyType={key['KeyType']}" in text
+    for attr in TABLE_SCHEMA["AttributeDefinitions"]:
+        assert (
+            f"AttributeName={attr['AttributeName']},AttributeType={attr['AttributeType']}" in text
+        )
+    assert f"AttributeName={TTL_ATTRIBUTE}" in text
+
+
+@pytest.fixture
+def rendezvous_vm(tmp_path: Path) -> Any:
+    """``fmi rendezvous --secret-file`` as section 4 starts it (on loopback, any port)."""
+    secret = tmp_path / "secret"
+    secret.write_text("a secret of this test only\n")
+    argv = ["rendezvous", "--host", "127.0.0.1", "--port", "0", "--secret-file", str(secret)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fmi_async", *argv], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "rendezvous server listening on HOST:PORT ..."
+        found = re.search(r"listening on ([\d.]+):(\d+)", line)
+        assert found is not None, line
+        yield found[1], int(found[2]), "a secret of this test only"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.mark.parametrize(
+    "backend",
+    # S3 and DynamoDB through the moto server take seconds each: --slow runs them.
+    [
+        "TCP",
+        "Redis",
+        pytest.param("S3", marks=pytest.mark.slow),
+        pytest.param("DynamoDB", marks=pytest.mark.slow),
+    ],
+)
+async def test_the_docs_configs_run_the_example(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each config of sections 4 and 5, pointed at this test's servers, runs the handler
+    (two peers in one loop, with the events of the real invoker)."""
+    config = doc_configs()[backend]
+    options = config["backends"][backend]
+    if backend == "TCP":
+        host, port, secret = request.getfixturevalue("rendezvous_vm")
+        options.update(host=host, port=port)
+        monkeypatch.setenv("FMI_SECRET", secret)
+    elif backend == "Redis":
+        host, port = request.getfixturevalue("redis_server")
+        options["url"] = f"redis://{host}:{port}"
+    else:
+        served: Config = request.getfixturevalue(f"{backend.lower()}_config")
+        ours = served.to_dict()["backends"]
+        (mine,) = ours.values()
+        for key in ("endpoint_url", "bucket_name", "table_name", "create_bucket", "create_table"):
+            if key in mine:
+                options[key] = mine[key]
+        options.update({k: v for k, v in mine.items() if k.startswith("backoff")})
+    client = RecordingLambda()
+    invoker.invoke_job(client, "fmi-job", 2, {"rows": 50, "seed": 2}, config, f"doc-{backend}")
+    events = sorted((json.loads(c["Payload"]) for c in client.calls), key=lambda e: e["peer_id"])
+    results = await asyncio.gather(*(example.async_handler(e, context(60)) for e in events))
+    records = [
+        {"peer_id": i, "request_id": str(i), "status": "succeeded", "result": r}
+        for i, r in enumerate(results)
+    ]
+    channel = {"TCP": "tcp", "Redis": "redis", "S3": "s3", "DynamoDB": "dynamodb"}[backend]
+    check_job(records, 2, 50, 2, channel)

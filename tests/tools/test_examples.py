@@ -66,3 +66,43 @@ def test_example_runs_alone_as_one_peer() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "on 1 peers" in proc.stdout
+
+
+def readme_tour() -> str:
+    """The code block of the README's "A short tour" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## A short tour\n", 1)[1].split("\n## ", 1)[0]
+    found = re.search(r"```python\n(.*?)```", section, re.S)
+    assert found, "the README's tour has no python block"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_readme_tour_runs(tmp_path: Path, n: int) -> None:
+    # As the README says: alone as a one-peer job, and under `fmi run -n N`.
+    tour = tmp_path / "tour.py"
+    tour.write_text(readme_tour())
+    if n == 1:
+        proc = subprocess.run(
+            [sys.executable, str(tour)], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
+    else:
+        out = _run_tour(n, tour)
+    for peer in range(n):
+        prefix = "" if n == 1 else f"[peer {peer}] "
+        assert f"{prefix}{{'peer': {peer}, 'num_peers': {n}," in out, out
+        assert "'reduce_scatter/" in out, out  # it got to the last collective
+
+
+def _run_tour(n: int, tour: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmi_async", "run", "-n", str(n), "--nat", "none", str(tour)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout

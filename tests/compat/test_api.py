@@ -206,17 +206,19 @@ def test_one_peer_job_and_life_cycle(redis_file: Path) -> None:
 
 
 def test_context_manager_and_garbage_collection_close(redis_file: Path) -> None:
-    with fmi.Communicator(0, 1, str(redis_file), "With", run_id=uuid.uuid4().hex) as comm:
-        comm.barrier()
+    run = uuid.uuid4().hex
+    with fmi.Communicator(0, 1, str(redis_file), "With", run_id=run, use_uvloop=False) as comm:
+        assert comm.scan(2.5, f(o.prod), t(d.double)) == 2.5  # on asyncio's own loop
     assert "closed" in repr(comm)
     dropped = fmi.Communicator(0, 1, str(redis_file), "Dropped", run_id=uuid.uuid4().hex)
     thread = next(th for th in threading.enumerate() if th.name == "fmi-compat-Dropped-0")
-    ref = weakref.ref(dropped)
+    ref, inner = weakref.ref(dropped), dropped.comm
     del dropped
     gc.collect()
     assert ref() is None
     thread.join(10)
     assert not thread.is_alive()
+    assert repr(inner).endswith("closed>")
 
 
 async def test_blocking_calls_refused_inside_a_running_loop(redis_file: Path) -> None:
@@ -233,6 +235,17 @@ async def test_blocking_calls_refused_inside_a_running_loop(redis_file: Path) ->
         assert await asyncio.to_thread(comm.bcast, 1, 0, t(d.int)) == 1
     finally:
         await asyncio.to_thread(comm.close)
+    # collected inside a running loop, where it cannot wait: it closes in the background
+    dropped = await asyncio.to_thread(
+        fmi.Communicator, 0, 1, str(redis_file), "Collected", run_id=uuid.uuid4().hex
+    )
+    thread = next(th for th in threading.enumerate() if th.name == "fmi-compat-Collected-0")
+    inner = dropped.comm
+    del dropped
+    gc.collect()
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive()
+    assert repr(inner).endswith("closed>")
 
 
 def test_program_that_never_closes_cleans_up_at_exit(

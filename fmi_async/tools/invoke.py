@@ -255,9 +255,12 @@ async def _run_interruptibly(jobs: list[Any]) -> bool:
     tasks = [asyncio.create_task(job) for job in jobs]
     stopper = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        while not stop.is_set() and not all(t.done() for t in tasks):
-            await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        pending = set(tasks)
+        while pending and not stop.is_set():  # each round ends an invocation, or all of them
+            _, pending = await asyncio.wait(
+                pending | {stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(stopper)
         return stop.is_set()
     finally:
         stopper.cancel()
@@ -319,6 +322,10 @@ async def _invoke(call: Invocation, settings: _Settings, env: dict[str, str]) ->
             await proc.stdin.drain()
         proc.stdin.close()
         await _supervise(call, settings, proc, reports)
+    except Exception as exc:  # a report that is not JSON, or one past the size limit
+        logger.debug("invocation of peer %d", call.peer_id, exc_info=True)
+        call.status = "failed"
+        call.error = {"errorType": "Runtime.InvalidReport", "errorMessage": str(exc)}
     finally:
         if proc.returncode is None:
             # Stopped from outside (Ctrl-C): a moment to close, as the launcher gives.

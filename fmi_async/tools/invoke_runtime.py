@@ -47,6 +47,7 @@ __all__ = ["LambdaContext", "error_payload", "load_handler", "main"]
 logger = logging.getLogger(__name__)
 
 REPORT_FD_VARIABLE = "FMI_INVOKE_REPORT_FD"
+RESPONSE_LIMIT = 6 * 1024 * 1024  # Lambda's limit of a synchronous invocation's response
 
 
 def _now_ms() -> int:
@@ -174,10 +175,18 @@ def run_invocation(request: Mapping[str, Any], out: TextIO) -> int:
         _report(out, {"error": error_payload(exc, request_id), **_usage(start)})
         return 1
     try:
-        json.dumps(result)
+        size = len(json.dumps(result).encode())
     except (TypeError, ValueError) as exc:
         message = f"Unable to marshal response: {exc}"
         error = error_payload(exc, request_id, "Runtime.MarshalError", message)
+        _report(out, {"error": error, **_usage(start)})
+        return 1
+    if size > RESPONSE_LIMIT:
+        error = {
+            "errorType": "Function.ResponseSizeTooLarge",
+            "errorMessage": f"Response payload size ({size} bytes) exceeded maximum allowed "
+            f"payload size ({RESPONSE_LIMIT} bytes).",
+        }
         _report(out, {"error": error, **_usage(start)})
         return 1
     _report(out, {"result": result, **_usage(start)})

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -183,6 +184,38 @@ def handler(event, context):
     assert 0 < int(remaining) <= 1500 and memory == "256"
 
 
+def test_interrupting_fmi_invoke_stops_every_invocation(tmp_path: Path) -> None:
+    handler = tmp_path / "sleepy.py"
+    handler.write_text(
+        f"""
+import os, subprocess, time
+
+def handler(event, context):
+    child = subprocess.Popen(["sleep", "300"])
+    with open({str(tmp_path)!r} + f"/pids-{{event['peer_id']}}", "w") as out:
+        out.write(f"{{os.getpid()}} {{child.pid}}")
+    time.sleep(300)
+"""
+    )
+    argv = ["invoke", "-n", "2", str(handler), "--nat", "none", "--init-timeout", "60"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fmi_async", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    files = [tmp_path / f"pids-{peer}" for peer in range(2)]
+    deadline = time.monotonic() + 60
+    while not all(f.exists() and f.read_text() for f in files) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = [int(p) for f in files for p in f.read_text().split()]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted; every invocation was stopped" in err
+    assert not any(alive(p) for p in pids)
+
+
 def test_the_communicators_deadline_comes_before_the_functions_limit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -258,6 +291,8 @@ def test_the_runtime_reports_as_lambda_does(
         "    return event['x'] * 2\n"
         "def unsendable(event, context):\n"
         "    return object()\n"
+        "def large(event, context):\n"
+        "    return 'x' * (6 * 1024 * 1024)\n"
     )
     try:
         (error,) = run_runtime(tmp_path, "rt_broken.handler")
@@ -274,6 +309,8 @@ def test_the_runtime_reports_as_lambda_does(
         assert run_runtime(tmp_path, "rt_plain.later", {"x": 21})[1]["result"] == 42
         _, failed = run_runtime(tmp_path, "rt_plain.unsendable")
         assert failed["error"]["errorType"] == "Runtime.MarshalError"
+        _, failed = run_runtime(tmp_path, "rt_plain.large")
+        assert failed["error"]["errorType"] == "Function.ResponseSizeTooLarge"
     finally:
         for name in ("rt_broken", "rt_plain", "no_such_module_here"):
             sys.modules.pop(name, None)

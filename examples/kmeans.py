@@ -57,11 +57,14 @@ Reduce = Callable[[np.ndarray], Awaitable[np.ndarray]]
 @dataclass
 class Trace:
     """One peer's run of :func:`lloyd`: its final centroids and, per epoch, the
-    seconds of the whole epoch and of its reduction."""
+    seconds of the whole epoch and of its reduction, and when (``perf_counter``,
+    the same clock in every process of a machine) the reduction began and ended."""
 
     centroids: np.ndarray
     epoch_seconds: list[float] = field(default_factory=list)
     reduce_seconds: list[float] = field(default_factory=list)
+    reduce_began: list[float] = field(default_factory=list)
+    reduce_ended: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -153,7 +156,10 @@ async def lloyd(mine: np.ndarray, centroids: np.ndarray, iterations: int, reduce
         sums, counts = assign(mine, trace.centroids)
         t0 = time.perf_counter()
         total = await reduce(np.concatenate([sums.ravel(), counts]))
-        trace.reduce_seconds.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        trace.reduce_seconds.append(t1 - t0)
+        trace.reduce_began.append(t0)
+        trace.reduce_ended.append(t1)
         sums, counts = total[: k * dim].reshape(k, dim), total[k * dim :]
         # The same arithmetic on the same totals: every peer gets the same centroids.
         filled = counts > 0

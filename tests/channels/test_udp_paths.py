@@ -158,6 +158,23 @@ def test_pacing_spaces_fragments_by_a_share_of_the_round_trip() -> None:
     assert cc.pace_next == pytest.approx(1.0 - 0.002 + 50 * 0.1 / 200)  # 2 ms of credit
 
 
+def test_a_sender_spreads_its_window_over_the_round_trip() -> None:
+    end = Endpoint(0, 2, TAG, WAN)
+    sender = end.link(1).sender
+    sender.queue([bytes(WAN.payload_size * 400)], copy=True)
+    sender.timer.sample(0.02)
+    sender.cc.cwnd = 100.0  # slow start, gain 2: a fragment every 0.1 ms
+    bursts = []
+    for ms in range(5):
+        out: list[bytes] = []
+        sender.poll(1.0 + ms / 1000, out)
+        bursts.append(len(out))
+        assert sender.deadline is not None and sender.deadline <= 1.0 + ms / 1000 + 0.0002
+    # 2 ms of credit at first, then what each millisecond allows (not all 100 at once)
+    assert bursts[0] in (20, 21) and all(b in (10, 11) for b in bursts[1:])
+    assert sender._inflight == sum(bursts) < 100
+
+
 def test_jitter_without_loss_costs_no_congestion_and_few_retransmissions() -> None:
     net = JitterNet(WAN, seed=11, jitter=0.01, delay=0.01)
     blob = bytes(range(256)) * 8192  # 2 MiB

@@ -15,9 +15,10 @@ the k counts), run two ways on the same data, start and seeds:
 
 Each pattern and channel runs ``--rounds`` times (2), the rounds interleaved
 (the machine's load changes); medians are over the epochs of all rounds,
-requests and dollars the mean per run.  Every run is ``--peers`` worker processes (this script with ``--worker``),
-on one machine: a private redis-server and a moto server (S3 and DynamoDB's
-HTTP protocols, in its own process) on loopback, from benchmarks/servers.py.
+requests and dollars the mean per run.  Every run is ``--peers`` worker
+processes (this script with ``--worker``) on one machine: a private
+redis-server and a moto server (S3 and DynamoDB's HTTP protocols, in its own
+process) on loopback, from benchmarks/servers.py.
 The k-means arithmetic is examples/kmeans.py's ``lloyd`` in both.  The
 data's sums are exact in float64 (examples/kmeans.py), so the final
 centroids of every run must be equal bit for bit; the script checks it.
@@ -370,6 +371,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     parser.add_argument(
+        "--from-json", type=Path, help="no runs: report (and --write-docs) a --json file's rows"
+    )
+    parser.add_argument(
         "--write-docs", action="store_true", help="rewrite docs/evaluation.md and .png"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -389,6 +393,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.worker:
         print(json.dumps({"result": run_loop(args.loop, worker(args))}), flush=True)
+        return
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        print_report(saved["rows"], saved["setting"])
+        if args.write_docs:
+            write_docs(saved["rows"], ratios(saved["rows"]), saved["setting"])
         return
     runs = [("lambdaml", s, args.poll, f"LambdaML {s}") for s in STORES]
     if args.fast_poll > 0:

@@ -71,7 +71,7 @@ def tables(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], setting: st
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Two panels: an epoch's time split into compute and reduction; a run's dollars."""
+    """Two panels: an epoch's time and the part in the reduction; a run's dollars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,15 +82,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     colours = [palette.get(r["pattern"], "#888888") for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
     y = list(range(len(rows)))
-    compute = [max(r["epoch_s"] - r["comm_s"], 1e-6) * 1e3 for r in rows]
+    epoch = [r["epoch_s"] * 1e3 for r in rows]
     reduce = [r["comm_s"] * 1e3 for r in rows]
-    left.barh(y, reduce, color=colours, label="reduction")
-    left.barh(y, compute, left=reduce, color="#bbbbbb", label="compute (assign)")
+    left.barh(y, epoch, height=0.8, color="#cccccc", label="epoch")
+    left.barh(y, reduce, height=0.45, color=colours, label="in the reduction")
+    left.set_xlim(min(reduce + epoch) / 2, max(epoch) * 1.5)
     left.set_xscale("log")
-    left.set_xlabel("time per epoch, ms (median; log scale)")
+    left.set_xlabel("ms per epoch: whole (grey), in the reduction (median; log scale)")
     left.set_yticks(y, names)
     left.invert_yaxis()
-    left.legend(loc="upper left", bbox_to_anchor=(0, -0.18), ncol=2, frameon=False)
     right.barh(y, [max(r["comm_usd"], 1e-12) for r in rows], color=colours)
     right.set_xscale("log")
     right.set_xlabel("communication dollars per run (list prices; log scale)")

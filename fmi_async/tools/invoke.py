@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,7 +243,7 @@ def _function_env(settings: _Settings, secret: str) -> dict[str, str]:
     return env
 
 
-async def _run_interruptibly(jobs: list[Any]) -> bool:
+async def _run_interruptibly(jobs: list[Coroutine[Any, Any, None]]) -> bool:
     """Run the invocations to their end; True when Ctrl-C or SIGTERM stopped them."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -255,7 +255,7 @@ async def _run_interruptibly(jobs: list[Coroutine[Any, Any, None]]) -> bool:
     tasks = [asyncio.create_task(job) for job in jobs]
     stopper = asyncio.create_task(stop.wait())
     try:
-        pending = set(tasks)
+        pending: set[asyncio.Task[Any]] = set(tasks)
         while pending and not stop.is_set():  # each round ends an invocation, or all of them
             _, pending = await asyncio.wait(
                 pending | {stopper}, return_when=asyncio.FIRST_COMPLETED

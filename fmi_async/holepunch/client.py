@@ -11,6 +11,11 @@ server goes away (a restarted server learns the peer again that way).
 Every connection is opened through a :class:`~fmi_async.holepunch.net.Network`,
 so behind a simulated NAT the server observes the NAT's mapping.
 
+A server that cannot be reached for a moment (it restarts, say) is asked
+again within the caller's deadline (:mod:`~fmi_async.holepunch.retry`):
+lookups and registers, and an initiator's pairing
+(:func:`~fmi_async.holepunch.retry.retry_pairing`).
+
 Every step has a deadline, and failures are mapped onto the library's errors
 with messages that say what to check: the server's error answers through the
 one table of :mod:`~fmi_async.holepunch.error_codes` (for example
@@ -42,6 +47,7 @@ from ..errors import (
 from . import protocol as p
 from .error_codes import server_error
 from .net import Address, Network
+from .retry import retry_unreachable
 
 __all__ = ["RendezvousClient", "ControlConnection"]
 
@@ -100,7 +106,7 @@ class RendezvousClient:
         request = p.Register(
             comm, run_id, peer, (addr[0], int(addr[1])), id=next(self._ids), local=local
         )
-        answer = await self._request(request, self.timeout)
+        answer = await self._retrying(request, self.timeout, f"registering peer {peer}")
         if isinstance(answer, p.Ok):
             return answer
         raise self._error(answer, f"registering peer {peer}")
@@ -129,8 +135,16 @@ class RendezvousClient:
     ) -> p.PeerInfo:
         """Like :meth:`lookup`, with whether the peer is behind NAT; raises the same."""
         wait = self.timeout if timeout is None else timeout
-        request = p.Lookup(comm, run_id, peer, wait, id=next(self._ids))
-        answer = await self._request(request, wait + self.timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+
+        async def attempt() -> p.Message:
+            # Asked again after a failure: wait only for what is left.
+            left = max(0.0, deadline - loop.time())
+            request = p.Lookup(comm, run_id, peer, left, id=next(self._ids))
+            return await self._request(request, left + self.timeout)
+
+        answer = await retry_unreachable(attempt, deadline, self._where, f"looking up peer {peer}")
         if isinstance(answer, p.PeerInfo) and answer.peer == peer:
             return answer
         raise self._error(answer, f"looking up peer {peer}")
@@ -222,6 +236,14 @@ class RendezvousClient:
         return reader, writer, local
 
     # ---------------------------------------------------------------- internals
+
+    async def _retrying(self, request: _Request, deadline_s: float, what: str) -> p.Message:
+        """:meth:`_request` of a request harmless to repeat, again while the server is
+        unreachable, for up to ``deadline_s`` seconds."""
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        return await retry_unreachable(
+            lambda: self._request(request, deadline_s), deadline, self._where, what
+        )
 
     async def _request(self, request: _Request, deadline_s: float) -> p.Message:
         signed = p.sign(request, self.secret)

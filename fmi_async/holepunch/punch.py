@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import secrets
@@ -52,9 +53,11 @@ from ..errors import (
     ProtocolError,
 )
 from . import protocol as p
+from .client import RendezvousClient
 from .error_codes import server_error
 from .net import Address, Listener, Network, close_socket, read_message, send_message
 from .proofs import Handshake, remember_handshake
+from .retry import retry_pairing
 
 __all__ = ["Membership", "PairResult", "authenticate", "pair_tcp"]
 
@@ -228,7 +231,34 @@ async def pair_tcp(
     reached, what :mod:`~fmi_async.holepunch.error_codes` maps a refusal to
     (:class:`~fmi_async.errors.CommTimeout` when the other side never
     joins), and the membership handshake's errors.
+
+    The initiator pairs again while the server cannot be reached (see
+    :func:`~fmi_async.holepunch.retry.retry_pairing`); the responder does
+    not: the initiator's new join invites it again.
     """
+    once = functools.partial(_pair_tcp_once, net, server, member, me, initiator, responder)
+    if me != initiator:
+        return await once(join_timeout, punch_timeout, step_timeout)
+    client = RendezvousClient(server[0], server[1], member.secret, timeout=step_timeout, net=net)
+    return await retry_pairing(
+        client, member.comm, member.run_id, responder,
+        lambda join: once(join, punch_timeout, step_timeout),
+        join_timeout, join_timeout + punch_timeout,
+    )  # fmt: skip
+
+
+async def _pair_tcp_once(
+    net: Network,
+    server: Address,
+    member: Membership,
+    me: int,
+    initiator: int,
+    responder: int,
+    join_timeout: float,
+    punch_timeout: float,
+    step_timeout: float,
+) -> PairResult:
+    """One attempt of :func:`pair_tcp`; raises the same."""
     other = responder if me == initiator else initiator
     committer = me == initiator
     where = f"the rendezvous server at {server[0]}:{server[1]}"

@@ -21,6 +21,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import redis.asyncio
 
 import fmi_async as fmi
 from tests.example_runs import fmi_run, load_example
@@ -120,6 +121,11 @@ async def test_lambdaml_pattern_and_library_agree_bitwise(
     # Worker 0 wrote every epoch's sum once and the others read it.
     assert stores[0].requests["HSET"] == 2 * epochs + 1  # its updates, the sums, "ready"
     assert stores[1].requests["HSET"] == epochs + 2  # its updates, "ready", "left"
+    check = redis.asyncio.Redis(host=host, port=port)
+    try:  # the cleanup left nothing behind
+        assert await check.exists(f"{prefix}:tmp", f"{prefix}:merged") == 0
+    finally:
+        await check.aclose()
 
     async with storage_group(redis_config)(peers, timeout=20) as comms:
         library = await asyncio.gather(

@@ -113,7 +113,7 @@ def test_heavy_loss_halves_the_window_once_per_round_and_spurious_ones_are_undon
     cc = Congestion(256.0, 0.1, counters)
     cc.on_acked(190)  # slow start: 10 + 190
     assert cc.cwnd == 200.0
-    cc.on_lost(60)
+    cc.on_lost(80)
     for _ in range(3):
         cc.on_retransmit()
     cc.end_round()
@@ -128,7 +128,7 @@ def test_heavy_loss_halves_the_window_once_per_round_and_spurious_ones_are_undon
 def test_a_real_loss_among_the_retransmissions_keeps_the_reduction() -> None:
     cc = Congestion(256.0, 0.1, Counter())
     cc.on_acked(190)
-    cc.on_lost(60)
+    cc.on_lost(80)
     cc.on_retransmit()
     cc.on_retransmit()
     cc.end_round()

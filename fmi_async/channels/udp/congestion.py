@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 INITIAL_CWND: Final = 10.0  # RFC 6928 initial window, in fragments
 MIN_CWND: Final = 2.0
-_MIN_ROUND: Final = 128  # fragments a loss rate is judged on at least
+_MIN_ROUND: Final = 256  # fragments a loss rate is judged on at least
 _UNDO_ROUNDS: Final = 4  # rounds after a reduction in which it may be undone
 _BURST: Final = 0.002  # seconds of pacing credit a late timer may catch up
 

@@ -35,9 +35,13 @@ class Receiver:
     Fragments beyond a gap are kept only within the advertised window and
     ``recv_buffer`` bytes; anything further is dropped (the sender will
     retransmit), so a peer cannot make us buffer without bound.  An ack goes
-    out at once for a message's last fragment, anything out of order or
-    duplicated, and every ``ack_every`` fragments; otherwise after
-    ``ack_delay`` (delayed acks, RFC 5681 section 4.2).  A duplicate is
+    out at once for a message's last fragment, a duplicate, the first gap,
+    a fragment dropped over a bound, and every ``ack_every`` fragments, in
+    order or not; otherwise after ``ack_delay`` (delayed acks, RFC 5681
+    section 4.2).  Not every fragment out of order is acknowledged at once:
+    under jitter nearly every one is, and an ack with dozens of selective
+    ranges per fragment cost both ends more than the sender's time-based
+    loss detection gains from it.  A duplicate is
     reported in the next ack (a D-SACK, RFC 2883), so that the sender learns
     which of its retransmissions were spurious.
     """
@@ -100,11 +104,14 @@ class Receiver:
                 or self._held_bytes + payload.nbytes > self.params.recv_buffer
             ):
                 self.counters["dropped"] += 1
-            else:
-                self._held[seq] = payload
-                self._held_bytes += payload.nbytes
-                self._add_range(seq)
-            self._ack_now = True
+                self._ack_now = True
+                return
+            if not self._ranges:
+                self._ack_now = True  # a first gap: the sender should know soon
+            self._held[seq] = payload
+            self._held_bytes += payload.nbytes
+            self._add_range(seq)
+            self._count(now, data.last)
             return
         self._feed(payload)
         while self.next in self._held:
@@ -113,9 +120,12 @@ class Receiver:
             self._feed(held)
         while self._ranges and self._ranges[0][1] <= self.next:
             self._ranges.pop(0)
-            self._ack_now = True  # a gap was filled: tell the sender at once
+        self._count(now, data.last)
+
+    def _count(self, now: float, last: bool) -> None:
+        """One more fragment to acknowledge: now, or after ``ack_delay``."""
         self._pending += 1
-        if data.last or self._ranges or self._pending >= self.params.ack_every:
+        if last or self._pending >= self.params.ack_every:
             self._ack_now = True
         elif self.ack_due is None:
             self.ack_due = now + self.params.ack_delay

@@ -128,6 +128,7 @@ class Sender:
         # (a retransmission moves its fragment to the end).
         self._unacked: dict[int, _Frag] = {}
         self._lost: deque[int] = deque()
+        self._sacked: dict[int, int] = {}  # the previous ack's ranges, start -> end
         self._retransmitted: dict[int, int] = {}  # recent seqs sent again: how often
         self._inflight = 0
         self._order = 0
@@ -199,7 +200,18 @@ class Sender:
         slowest = 0.0  # the longest round trip among fragments sent once
         newest: _Frag | None = None  # the latest transmission this ack covers
         unacked = self._unacked
-        for start, end in [(self.una, ack.cumulative), *ack.ranges]:
+        # Consecutive acks repeat most ranges: only what is new in each is looked at
+        # (an acknowledged fragment is never sent again, so nothing is missed).
+        todo = [(self.una, ack.cumulative)]
+        seen = self._sacked
+        for start, end in ack.ranges:
+            done = seen.get(start)
+            if done is None:
+                todo.append((start, end))
+            elif done < end:
+                todo.append((done, end))
+        self._sacked = dict(ack.ranges)
+        for start, end in todo:
             for seq in range(max(start, self.una), end):
                 frag = unacked.pop(seq, None)
                 if frag is None:

@@ -4,8 +4,8 @@ For one group size and message size it shows every valid plan of every
 collective with its predicted seconds and dollars, and marks the one
 :func:`~fmi_async.selection.plan.plan` picks under each hint, so a user can
 see *why* a channel was chosen before paying for a run.  ``--plot`` draws the
-chosen plans over message sizes from 8 B to 64 MiB (:mod:`fmi_async.tools.plot`,
-matplotlib, optional).
+chosen plans over message sizes from 8 B to 64 MiB and at ``--size``, one panel
+per family of collectives (:mod:`fmi_async.tools.plot`, matplotlib, optional).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..errors import ArgumentError
 from ..ops import SUM
 from ..selection.model import CostModel, load_cost_model
 from ..selection.plan import OPERATIONS, Hint, Plan, plan, plans
-from .plot import PLOT_SIZES, plot_plans
+from .plot import PLOT_SIZES, plot_plans, plot_sizes
 from .tables import render_table
 from .units import fmt_bytes, fmt_seconds, fmt_usd, parse_size
 
@@ -218,8 +218,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"\nchosen under {hint.name}:")
     print(render_table(["collective", "plan", "time", "cost"], summary))
     if args.plot is not None:
-        chosen_by_op = chosen_plans(args.peers, channels, models, hint, ops, arrays=arrays)
+        sizes = plot_sizes(size)
+        chosen_by_op = chosen_plans(
+            args.peers, channels, models, hint, ops, arrays=arrays, sizes=sizes
+        )
         title = f"the plan chosen under {hint.name}, {args.peers} peers"
-        plot_plans(args.plot, PLOT_SIZES, chosen_by_op, registry.names(), title)
+        plot_plans(args.plot, sizes, chosen_by_op, registry.names(), title, size=size)
         print(f"\nplot written to {args.plot}")
     return 0

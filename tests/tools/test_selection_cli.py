@@ -20,6 +20,7 @@ from fmi_async.selection.model import CostModel, load_models
 from fmi_async.selection.plan import OPERATIONS, Hint, plan
 from fmi_async.tools.cli import main
 from fmi_async.tools.cost_report import cost_report, load_stats
+from fmi_async.tools.plot import FAMILIES
 from fmi_async.tools.units import parse_size
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,13 +103,44 @@ def test_plan_errors_say_what_to_fix(
     assert message in capsys.readouterr().err
 
 
-def test_plot_is_a_png(tmp_path: Path) -> None:
+def test_plot_is_a_png_with_a_panel_per_family_legends_outside_and_the_size_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib is optional; the test extra installs it")
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    save = Figure.savefig
+
+    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
+        drawn.append(fig)
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
     out = tmp_path / "plans.png"
-    assert main(["plan", "--peers", "4", "--size", "64KiB", "--plot", str(out)]) == 0
+    assert main(["plan", "--peers", "8", "--size", "1000", "--plot", str(out)]) == 0
     data = out.read_bytes()
     assert data[:8] == PNG_MAGIC
-    assert len(data) > 10_000  # two panels with lines, not an empty canvas
+    assert len(data) > 10_000  # panels with lines, not an empty canvas
+    (fig,) = drawn
+    axes = fig.get_axes()
+    assert len(axes) == 2 * len(FAMILIES)  # time and cost of each family
+    assert sorted(op for _, ops in FAMILIES for op in ops) == sorted(OPERATIONS)
+    drawn_ops = []
+    for ax in axes:
+        curves = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+        assert 1 <= len(curves) <= 4  # a few lines per panel, not eleven
+        # --size is drawn (a dashed vertical line) and is one of the plotted sizes.
+        (marker,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert list(marker.get_xdata()) == [1000, 1000]
+        assert all(1000 in list(c.get_xdata()) for c in curves)
+        legend = ax.get_legend()
+        if legend is not None:  # under the panel, not over the curves
+            anchor = legend.get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+            assert anchor.y0 < 0
+            drawn_ops += [t.get_text() for t in legend.get_texts()]
+    assert sorted(drawn_ops) == sorted(OPERATIONS)
+    assert len(fig.legends) == 1  # the channels' markers, above the panels
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(

@@ -36,6 +36,12 @@ import fmi_async as fmi
 from fmi_async.web import CollectiveService, aiohttp_cleanup_ctx
 
 
+def say(line: str) -> None:
+    """One line to stdout in one write: the workers share serve.py's stdout."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 @dataclass
 class WorkerStats:
     """What one worker holds: the values POSTed to it."""
@@ -150,12 +156,12 @@ def make_app(heartbeat: float = 1.0) -> web.Application:
 
 async def _announce(app: web.Application) -> None:
     service = app[SERVICE]
-    print(f"[worker {service.comm.rank}] ready, pid {os.getpid()}: {service!r}", flush=True)
+    say(f"[worker {service.comm.rank}] ready, pid {os.getpid()}: {service!r}")
 
 
 async def _farewell(app: web.Application) -> None:
     service = app[SERVICE]
-    print(f"[worker {service.comm.rank}] closed: {service!r}", flush=True)
+    say(f"[worker {service.comm.rank}] closed: {service!r}")
 
 
 def _rank() -> int:

@@ -40,6 +40,12 @@ from fmi_async.tools.launcher import merge_config
 APP = Path(__file__).with_name("app.py")
 
 
+def say(line: str) -> None:
+    """One line to stdout in one write: the workers write to the same stdout."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def bind(host: str, port: int, workers: int, shared: bool) -> list[socket.socket]:
     """The listening sockets: one shared, or one per worker on consecutive ports."""
     if shared:
@@ -86,7 +92,7 @@ async def supervise(args: argparse.Namespace, sockets: list[socket.socket]) -> i
             )
             procs.append(proc)
             addr, bound = sock.getsockname()[:2]
-            print(f"[serve] worker {i}: pid {proc.pid}, http://{addr}:{bound}", flush=True)
+            say(f"[serve] worker {i}: pid {proc.pid}, http://{addr}:{bound}")
         for sock in sockets:
             sock.close()  # the workers hold them now
         return await _wait(procs, args.grace)
@@ -116,10 +122,10 @@ async def _wait(procs: list[asyncio.subprocess.Process], grace: float) -> int:
             i = waits.pop(fut)
             codes[i] = exit_code(fut.result())
             note = "" if stop.is_set() else " on its own; the others answer 503 for aggregates"
-            print(f"[serve] worker {i} exited with code {codes[i]}{note}", flush=True)
+            say(f"[serve] worker {i} exited with code {codes[i]}{note}")
         if stopper in done:
             stopper = asyncio.ensure_future(asyncio.Event().wait())  # stop once
-            print(f"[serve] stopping {len(waits)} workers", flush=True)
+            say(f"[serve] stopping {len(waits)} workers")
             await _stop([procs[i] for i in waits.values()], grace)
     stopper.cancel()
     failed = [codes[i] for i in sorted(codes) if codes[i] != 0]
@@ -133,7 +139,7 @@ async def _stop(procs: list[asyncio.subprocess.Process], grace: float) -> None:
     await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=grace)
     for proc in procs:
         if proc.returncode is None:
-            print(f"[serve] worker pid {proc.pid} still running after {grace}s: SIGKILL")
+            say(f"[serve] worker pid {proc.pid} still running after {grace}s: SIGKILL")
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 

@@ -219,7 +219,7 @@ class CollectiveService:
                 if self._root:
                     self._submit(item)
                 else:
-                    await self.comm.send(item, _SEQUENCER, self._calls_tag)
+                    await self._send_call(item)  # a failure to send fails the future
                 return await future
         except TimeoutError:
             raise CommTimeout(
@@ -227,6 +227,14 @@ class CollectiveService:
             ) from None
         finally:
             self._pending.pop(number, None)
+
+    async def _send_call(self, item: list[Any]) -> None:
+        """Not worker 0: send a call to worker 0; not reaching it breaks the service
+        (which fails every waiting call, this one too)."""
+        try:
+            await self.comm.send(item, _SEQUENCER, self._calls_tag)
+        except FMIError as exc:
+            self._break(f"cannot reach worker {_SEQUENCER} ({type(exc).__name__}: {exc})")
 
     def _submit(self, item: list[Any]) -> None:
         """Worker 0: queue a call or a stop for the next batch."""

@@ -42,6 +42,7 @@ from fmi_async.wire.seal import (
     StreamOpener,
     StreamSealer,
     derive_key,
+    subkey,
 )
 from tests.helpers import recv, same, send
 
@@ -122,12 +123,34 @@ def test_a_dropped_repeated_or_reordered_record_fails_the_stream() -> None:
     assert _open_stream(StreamOpener(key), first + second + third, random.Random(0)) == [0, 1, 2]
 
 
-def test_a_key_refuses_to_reuse_a_nonce() -> None:
-    sealer = StreamSealer(b"k" * 32, limit=2)
-    sealer.seal(b"a")
-    sealer.seal(b"b")
-    with pytest.raises(AuthenticationError, match="must be replaced"):
-        sealer.seal(b"c")
+def test_both_ends_move_to_the_next_key_at_the_same_record() -> None:
+    """Keys are used for a bounded number of blocks, then replaced (no counter wraps)."""
+    key = b"k" * 32
+    values = [np.arange(i * 37) for i in range(30)]
+    sealer = StreamSealer(key, rekey_blocks=200)
+    wire = b"".join(bytes(r) for v in values for r in sealer.seal_all(_frame(v)))
+    assert sealer._keys.index >= 10  # many keys used
+    got = _open_stream(StreamOpener(key, rekey_blocks=200), wire, random.Random(4))
+    assert all(same(a, b) for a, b in zip(got, values, strict=True))
+    with pytest.raises(AuthenticationError):  # an end that kept the first key fails
+        _open_stream(StreamOpener(key), wire, random.Random(4))
+    assert subkey(key, 0) == key and len({subkey(key, i) for i in range(5)}) == 5
+
+
+def test_datagram_keys_change_with_the_counter_and_reordering_across_them_works() -> None:
+    key = b"d" * 32
+    sealer, opener = DatagramSealer(key, key_bits=2), DatagramOpener(key, key_bits=2)
+    sent = [(c, sealer.seal(c.to_bytes(8, "big"), b"%d" % c)) for c in range(24)]
+    tail = list(range(4, 24))
+    random.Random(6).shuffle(tail)  # reordered within the window, across key changes
+    order = [0, 1, 2, 3, *tail]
+    assert order != sorted(order)
+    for c in order:
+        data = memoryview(sent[c][1])
+        assert opener.open(data[:8], c, data[8:]) == b"%d" % c
+    late = memoryview(sent[5][1])
+    with pytest.raises(AuthenticationError, match=r"^replayed"):
+        opener.open(late[:8], 5, late[8:])
 
 
 # ---------------------------------------------------------------- sans-IO: datagrams

@@ -52,13 +52,22 @@ from botocore.exceptions import (
 )
 
 from ..errors import BackendError, BackendUnavailable, BrokenChannelError, ConfigError, FMIError
+from .backoff import RetryPolicy
 from .base import ChannelStats
 
 if TYPE_CHECKING:
     from .options import AWSOptions
     from .storage import StorageChannel
 
-__all__ = ["aws_client", "aws_request", "error_code", "map_aws_errors", "transient_aws_error"]
+__all__ = [
+    "aws_client",
+    "aws_open_request",
+    "aws_request",
+    "error_code",
+    "map_aws_errors",
+    "throttled_aws_error",
+    "transient_aws_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +148,31 @@ def aws_client(service: str, options: AWSOptions, backend: str, *, retries: int 
             f"the {backend} channel needs aioboto3: pip install 'fmi-async[aws]'"
         ) from exc
     region = options.region if options.region is not None else options.s3_region
-    attempts = options.max_attempts if options.max_attempts is not None else retries
+    mode = "standard" if options.retry_mode == "fmi" else options.retry_mode
+    if options.max_attempts is not None:
+        attempts = options.max_attempts
+    elif options.retry_mode == "fmi":
+        attempts = retries
+    else:
+        attempts = _BOTO_ATTEMPTS  # botocore's mode retries, as it would by default
     # A plain botocore Config: aiobotocore converts it to its own subclass.
     config = BotoConfig(
         max_pool_connections=options.max_pool_connections,
         connect_timeout=options.connect_timeout,
         read_timeout=options.read_timeout,
         # botocore counts the first attempt in total_max_attempts only.
-        retries={"mode": "standard", "total_max_attempts": 1 + attempts},
+        retries={"mode": mode, "total_max_attempts": 1 + attempts},
     )
+    extra: dict[str, Any] = {}
+    if options.verify is not None:
+        extra["verify"] = options.verify
     return _session(aioboto3, options.profile).client(
-        service, region_name=region, endpoint_url=options.endpoint_url, config=config
+        service, region_name=region, endpoint_url=options.endpoint_url, config=config, **extra
     )
+
+
+_BOTO_ATTEMPTS = 2
+"""Resends botocore makes in its "standard" or "adaptive" retry mode (its default)."""
 
 
 def transient_aws_error(exc: BaseException) -> bool:
@@ -166,6 +188,39 @@ def transient_aws_error(exc: BaseException) -> bool:
         status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return int(status) >= 500 or error_code(cause) in _TRANSIENT_CODES
     return False
+
+
+def throttled_aws_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (as :func:`map_aws_errors` raised it) is the service throttling."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, BackendError)
+        and isinstance(cause, ClientError)
+        and error_code(cause) in _THROTTLE_CODES
+    )
+
+
+async def aws_open_request(
+    channel: StorageChannel, operation: str, where: str, call: Callable[[], Awaitable[T]]
+) -> T:
+    """One request while ``channel`` opens (describe or create its table, say).
+
+    Counted and mapped like every request.  Throttling is retried with the
+    channel's retry backoff until the open's deadline (the config's
+    timeout): a busy table is no reason to fail a job.  Anything else is
+    raised at once: an endpoint that cannot be reached or a missing table
+    is a configuration to fix, reported when the job starts.
+    """
+    loop = asyncio.get_running_loop()
+    policy = RetryPolicy(channel.retry.backoff, throttled_aws_error, channel.retry.on_retry)
+
+    async def attempt() -> T:
+        with map_aws_errors(channel.stats, operation, where):
+            return await call()
+
+    return await policy.run(
+        attempt, loop.time() + channel.config.timeout, f"{operation} on {where}"
+    )
 
 
 async def aws_request(

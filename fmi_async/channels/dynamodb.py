@@ -55,7 +55,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -63,7 +63,7 @@ from botocore.exceptions import ClientError
 
 from ..errors import BackendError, ConfigError
 from ..wire.buffers import Buffer
-from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
+from .aws import aws_client, aws_open_request, aws_request, error_code, transient_aws_error
 from .backoff import poll_until
 from .base import ChannelContext
 from .options import AWSOptions, option
@@ -134,11 +134,9 @@ class DynamoDBChannel(StorageChannel):
     def _transient(self, exc: BaseException) -> bool:
         return transient_aws_error(exc)
 
-    @contextlib.contextmanager
-    def _call(self, operation: str) -> Iterator[None]:
-        """One request while opening: counted and mapped, not retried (fail fast)."""
-        with map_aws_errors(self.stats, operation, f"table {self.table!r}"):
-            yield
+    async def _setup(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One request while opening: throttling retried, the rest fails fast."""
+        return await aws_open_request(self, operation, f"table {self.table!r}", call)
 
     async def _request(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         return await aws_request(self, operation, f"table {self.table!r}", call)
@@ -161,15 +159,17 @@ class DynamoDBChannel(StorageChannel):
         logger.debug("%r opened", self)
 
     async def _describe(self) -> dict[str, Any] | None:
-        with self._call("DescribeTable"):
+        async def call() -> dict[str, Any] | None:
             try:
                 reply = await self._client.describe_table(TableName=self.table)
             except ClientError as exc:
                 if error_code(exc) == "ResourceNotFoundException":
                     return None
                 raise
-        table: dict[str, Any] = reply["Table"]
-        return table
+            table: dict[str, Any] = reply["Table"]
+            return table
+
+        return await self._setup("DescribeTable", call)
 
     async def _prepare_table(self) -> None:
         created = False
@@ -191,14 +191,16 @@ class DynamoDBChannel(StorageChannel):
         if table is None:
             raise ConfigError(f"DynamoDB table {self.table!r} did not become ACTIVE in time")
         self._check_schema(table)
-        with self._call("DescribeTimeToLive"):
-            ttl = await self._client.describe_time_to_live(TableName=self.table)
+        ttl = await self._setup(
+            "DescribeTimeToLive", lambda: self._client.describe_time_to_live(TableName=self.table)
+        )
         desc = ttl.get("TimeToLiveDescription", {})
         enabled = desc.get("TimeToLiveStatus") in ("ENABLED", "ENABLING")
         if enabled and desc.get("AttributeName") == TTL_ATTRIBUTE:
             return
         if created or (self.create_table and not enabled):
-            with self._call("UpdateTimeToLive"):
+
+            async def update() -> None:
                 try:
                     await self._client.update_time_to_live(
                         TableName=self.table,
@@ -207,6 +209,8 @@ class DynamoDBChannel(StorageChannel):
                 except ClientError as exc:  # another peer enabled it first
                     if error_code(exc) != "ValidationException":
                         raise
+
+            await self._setup("UpdateTimeToLive", update)
             return
         logger.warning(
             "DynamoDB table %r has no Time to Live on %r: items of peers that die before "
@@ -217,7 +221,8 @@ class DynamoDBChannel(StorageChannel):
 
     async def _create(self) -> bool:
         """Create the table; False when another peer created it first."""
-        with self._call("CreateTable"):
+
+        async def create() -> bool:
             try:
                 await self._client.create_table(
                     TableName=self.table, BillingMode="PAY_PER_REQUEST", **TABLE_SCHEMA
@@ -226,8 +231,12 @@ class DynamoDBChannel(StorageChannel):
                 if error_code(exc) == "ResourceInUseException":
                     return False
                 raise
-        logger.info("created DynamoDB table %r", self.table)
-        return True
+            return True
+
+        created = await self._setup("CreateTable", create)
+        if created:
+            logger.info("created DynamoDB table %r", self.table)
+        return created
 
     def _check_schema(self, table: dict[str, Any]) -> None:
         keys = {k["AttributeName"]: k["KeyType"] for k in table.get("KeySchema", ())}

@@ -123,6 +123,14 @@ class AWSOptions(StorageOptions):
     read_timeout: float = option(60.0, ge=0.1, doc="seconds to read a reply, per request")
     max_attempts: int | None = option(None, ge=0, doc="botocore's own resends of a request")
     max_concurrency: int = option(8, ge=1, doc="requests of one transfer in flight at once")
+    retry_mode: str = option(
+        "fmi",
+        choices=("fmi", "standard", "adaptive"),
+        doc="who retries throttled and failed requests: the channel (fmi) or botocore's mode",
+    )
+    verify: bool | str | None = option(
+        None, doc="HTTPS certificate check: false skips it, a path names the CA bundle"
+    )
 
 
 TRAVERSAL = ("auto", "punch", "off")

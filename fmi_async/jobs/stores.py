@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..channels.base import ChannelStats
 from ..channels.storage import storage_prefix
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
     from ..channels.dynamodb import DynamoDBOptions
@@ -193,10 +193,16 @@ class _AWSStore:
 
     @contextlib.contextmanager
     def _call(self, operation: str) -> Iterator[None]:
-        from ..channels.aws import map_aws_errors
+        from ..channels.aws import map_aws_errors, throttled_aws_error
 
-        with map_aws_errors(self.stats, operation, self.where):
-            yield
+        try:
+            with map_aws_errors(self.stats, operation, self.where):
+                yield
+        except BackendError as exc:
+            if not throttled_aws_error(exc):
+                raise
+            # Busy, not broken: asked again within the lease's deadline, like a reset.
+            raise BackendUnavailable(str(exc)) from exc
 
     async def close(self) -> None:
         await self._stack.aclose()

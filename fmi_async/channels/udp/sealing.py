@@ -8,7 +8,7 @@ included -- travels inside an envelope, network byte order::
     src      u32  sending peer (picks the key; authenticated)
     session  u64  the sender's random session id, drawn when its channel is built
     counter  u64  the nonce: 0, 1, 2, ... per destination, never reused
-    sealed   the inner datagram, ChaCha20-Poly1305 with the 21 bytes above as AAD,
+    sealed   the inner datagram, AES-256-GCM with the 21 bytes above as AAD,
              then its 16-byte tag
 
 The key of ``src -> dst`` is HKDF(secret; salt = the sender's session id;

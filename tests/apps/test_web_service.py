@@ -108,13 +108,14 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served(workers: int) -> AsyncIterator[Served]:
+async def served(workers: int, *extra: str) -> AsyncIterator[Served]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(SERVE),
         "--workers",
         str(workers),
         *SERVE_ARGS,
+        *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=REPO,
@@ -273,6 +274,30 @@ async def test_a_killed_worker_makes_the_others_answer_503(victim: int) -> None:
     for w in survivors:
         assert f"[serve] worker {w} exited with code 0" in server.lines, server.output()
         assert server.count(f"[worker {w}] closed: <CollectiveService worker={w}/3 state=broken")
+
+
+async def test_workers_sharing_one_port_answer_alike() -> None:
+    workers = 3
+    async with served(workers, "--shared-port") as server, client() as http:
+        assert len(set(server.urls.values())) == 1, server.output()
+        url = server.urls[0]
+        added = await asyncio.gather(*(post(http, f"{url}/add", v) for v in range(1, 61)))
+        assert all(status == 200 for status, _ in added), added
+        totals = await asyncio.gather(*(get(http, f"{url}/total") for _ in range(30)))
+        for status, body in totals:
+            assert (status, body["count"], body["sum"]) == (200, 60, float(sum(range(1, 61))))
+        status, body = await get(http, f"{url}/workers")
+        assert status == 200
+        assert sum(w["count"] for w in body["workers"]) == 60
+        assert [w["pid"] for w in body["workers"]] == [server.pids[w] for w in range(workers)]
+
+        os.kill(server.pids[1], signal.SIGKILL)
+        await server.wait_for("[serve] worker 1 exited with code 137 on its own", 1, 5.0)
+        for status, body in await asyncio.gather(*(get(http, f"{url}/total") for _ in range(6))):
+            assert status == 503, body  # whichever survivor accepted it
+            assert "peer 1" in body["error"], body
+        code = await server.stop()
+    assert code == 137, server.output()
 
 
 # ---------------------------------------------------------------------- the service in-process

@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 
 import fmi_async as fmi
-from fmi_async.web import CollectiveService, serve
+from fmi_async.web import CollectiveService, communicator, serve
 from tests.helpers import REPO
 
 SERVE = REPO / "examples" / "web_service" / "serve.py"
@@ -40,7 +40,9 @@ ANSWER_BOUND = 15.0
 """Seconds any one HTTP request may take (the client's timeout): an answer, or a failure."""
 STOP_BOUND = 30.0
 """Seconds for serve.py and its workers to exit after SIGTERM."""
-SERVE_ARGS = ("--port", "0", "--heartbeat", "0.5", "--timeout", "5", "--grace", "10")
+SERVE_ARGS = ("--port", "0", "--heartbeat", "0.5", "--grace", "10")
+"""The collectives' deadline stays serve.py's 10 s: it also bounds the workers' opening
+together, and on a loaded machine the last worker may start seconds after the first."""
 
 _WORKER_LINE = re.compile(r"\[serve\] worker (\d+): pid (\d+), (http://\S+)")
 
@@ -380,8 +382,16 @@ async def test_bad_calls_and_a_missing_communicator_are_refused(
             with pytest.raises(fmi.ArgumentError, match="unknown operation 'nope'"):
                 await service.call("nope")
             assert await service.call("sum", 3) == 3
+    async with fmi.local_peers(2) as comms:  # already open: communicator() closes it
+        async with communicator(comms[0]) as opened:
+            assert opened is comms[0]
+            assert repr(opened).endswith(" open>")
+        assert repr(comms[0]).endswith(" closed>")
     for name in ("FMI_PEER_ID", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "FMI_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(fmi.ConfigError, match="no communicator"):
         async with serve(OPS):
+            pass
+    with pytest.raises(fmi.ConfigError, match="no communicator"):
+        async with communicator():
             pass

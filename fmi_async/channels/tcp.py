@@ -268,7 +268,7 @@ class TCPChannel(DirectChannel):
                 assert sender is not None and sender.transport is not None
                 data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
                 sealer = sender.sealer
-                sender.transport.write(data if sealer is None else sealer.seal(data))
+                sender.transport.write(data if sealer is None else sealer.seal_small(bytes(data)))
             else:
                 # Frames to one destination never interleave, nor overtake each other.
                 self._queued[dst] = self._queued.get(dst, 0) + 1

@@ -167,7 +167,7 @@ class Sender(asyncio.Protocol):
         sealer = self.sealer
         if nbytes <= SMALL:  # SMALL <= SEGMENT: one record
             data = b"".join(buffers)
-            transport.write(data if sealer is None else sealer.seal(data))
+            transport.write(data if sealer is None else sealer.seal_small(data))
             return
         try:
             if sealer is not None:

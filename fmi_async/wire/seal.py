@@ -87,7 +87,6 @@ REKEY_BLOCKS: Final = 2**32  # AES blocks (16 bytes, and 2 per record for tag an
 DATAGRAM_KEY_BITS: Final = 22  # a datagram key serves 2**22 counters: <= 2**34 blocks
 _RECORD = struct.Struct("!I")
 RECORD_HEADER: Final = _RECORD.size
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
 _U64 = struct.Struct("!Q")
 
 
@@ -113,8 +112,7 @@ def subkey(key: bytes, index: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=info).derive(key)
 
 
-def _nonce(counter: int) -> bytes:
-    return _NONCE_PREFIX + _U64.pack(counter)
+_nonce = struct.Struct("!4xQ").pack  # the 12-byte nonce of a counter: 4 zero bytes, u64
 
 
 class _Schedule:
@@ -165,8 +163,18 @@ class StreamSealer:
     def records(self) -> int:
         return self._keys.records
 
+    def seal_small(self, data: bytes) -> bytes:
+        """One record of ``data`` (1..SEGMENT bytes), the fast path of a small frame."""
+        n = len(data)
+        if not 0 < n <= SEGMENT:
+            raise ValueError(f"a record holds 1..{SEGMENT} bytes, not {n}")
+        keys = self._keys
+        nonce = keys.take(n)  # first: it may move to the next key
+        aad = _RECORD.pack(n)
+        return aad + keys.aead.encrypt(nonce, data, aad)
+
     def seal(self, data: Buffer) -> bytearray:
-        """One record of ``data`` (1..SEGMENT bytes)."""
+        """One record of ``data`` (1..SEGMENT bytes), written into one new buffer."""
         view = memoryview(data).cast("B")
         n = view.nbytes
         if not 0 < n <= SEGMENT:
@@ -197,7 +205,7 @@ class StreamOpener:
     so either ends it.
     """
 
-    __slots__ = ("_keys", "_plain", "_r", "_staging", "_w")
+    __slots__ = ("_keys", "_plain", "_plain_view", "_r", "_staging", "_w")
 
     _RECORD_MAX = RECORD_HEADER + SEGMENT + TAG_LEN
 
@@ -205,6 +213,7 @@ class StreamOpener:
         self._keys = _Schedule(key, rekey_blocks)
         self._staging = bytearray(2 * self._RECORD_MAX)
         self._plain = bytearray(SEGMENT)
+        self._plain_view = memoryview(self._plain)
         self._r = 0
         self._w = 0
 
@@ -232,39 +241,53 @@ class StreamOpener:
 
     def received(self, nbytes: int, into: FrameReader) -> list[tuple[Key, Payload]]:
         """``nbytes`` were written to the last :meth:`get_buffer`; open whole records
-        into ``into``; the messages they completed."""
+        into ``into``; the messages they completed.
+
+        Records are opened one after the other straight into the reader's
+        memory (its staging buffer, or the received array) and handed over
+        in one call where they fit, so a read of many small frames is parsed
+        by the reader's small-frame path at once; only a record that spans
+        the end of a received array goes through a scratch buffer.
+        """
         frames: list[tuple[Key, Payload]] = []
         self._w += nbytes
         staging = self._staging
         view = memoryview(staging)
         keys = self._keys
-        while self._w - self._r >= RECORD_HEADER:
-            r = self._r
-            (n,) = _RECORD.unpack_from(staging, r)
-            if not 0 < n <= SEGMENT:
-                raise ProtocolError(f"sealed record of {n} bytes (1..{SEGMENT} allowed)")
-            end = r + RECORD_HEADER + n + TAG_LEN
-            if self._w < end:
-                break
-            nonce = keys.take(n)
-            aad = view[r : r + RECORD_HEADER]
-            sealed = view[r + RECORD_HEADER : end]
-            dest = into.get_buffer()
-            try:
-                if dest.nbytes >= n:  # straight into the message's (or reader's) memory
-                    keys.aead.decrypt_into(nonce, sealed, aad, dest[:n])
-                    frames += into.received(n)
-                else:
-                    plain = memoryview(self._plain)[:n]
+        dest = into.get_buffer()
+        used = 0  # bytes opened into ``dest``, not yet handed to the reader
+        try:
+            while self._w - self._r >= RECORD_HEADER:
+                r = self._r
+                (n,) = _RECORD.unpack_from(staging, r)
+                if not 0 < n <= SEGMENT:
+                    raise ProtocolError(f"sealed record of {n} bytes (1..{SEGMENT} allowed)")
+                end = r + RECORD_HEADER + n + TAG_LEN
+                if self._w < end:
+                    break
+                nonce = keys.take(n)
+                aad = view[r : r + RECORD_HEADER]
+                sealed = view[r + RECORD_HEADER : end]
+                if used + n > dest.nbytes and used:  # hand over what fits, then look again
+                    frames += into.received(used)
+                    dest, used = into.get_buffer(), 0
+                if used + n <= dest.nbytes:
+                    keys.aead.decrypt_into(nonce, sealed, aad, dest[used : used + n])
+                    used += n
+                else:  # spans the end of a received array
+                    plain = self._plain_view[:n]
                     keys.aead.decrypt_into(nonce, sealed, aad, plain)
                     frames += _copy_into(into, plain)
-            except InvalidTag:
-                raise AuthenticationError(
-                    f"record {keys.records - 1} of the stream failed authentication "
-                    "(forged, altered, dropped or reordered on the way, or sealed with "
-                    "another key)"
-                ) from None
-            self._r = end
+                    dest = into.get_buffer()
+                self._r = end
+        except InvalidTag:
+            raise AuthenticationError(
+                f"record {keys.records - 1} of the stream failed authentication "
+                "(forged, altered, dropped or reordered on the way, or sealed with "
+                "another key)"
+            ) from None
+        if used:
+            frames += into.received(used)
         return frames
 
 

@@ -128,7 +128,8 @@ def test_both_ends_move_to_the_next_key_at_the_same_record() -> None:
     key = b"k" * 32
     values = [np.arange(i * 37) for i in range(30)]
     sealer = StreamSealer(key, rekey_blocks=200)
-    wire = b"".join(bytes(r) for v in values for r in sealer.seal_all(_frame(v)))
+    wire = b"".join(bytes(r) for v in values[:20] for r in sealer.seal_all(_frame(v)))
+    wire += b"".join(sealer.seal_small(_frame(v)) for v in values[20:])  # the small-frame path
     assert sealer._keys.index >= 10  # many keys used
     got = _open_stream(StreamOpener(key, rekey_blocks=200), wire, random.Random(4))
     assert all(same(a, b) for a, b in zip(got, values, strict=True))

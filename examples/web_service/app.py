@@ -95,8 +95,9 @@ async def aggregate(request: web.Request, name: str, args: Any = None) -> Any:
     try:
         return await service.call(name, args)
     except fmi.FMIError as exc:
+        body = {"error": str(exc), "type": type(exc).__name__, "worker": _rank(request)}
         raise web.HTTPServiceUnavailable(
-            text=json.dumps({"error": str(exc), "type": type(exc).__name__, "worker": _rank()}),
+            text=json.dumps(body),
             content_type="application/json",
         ) from exc
 
@@ -110,16 +111,17 @@ async def add(request: web.Request) -> web.Response:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise web.HTTPBadRequest(text=f"value must be a finite number, got {value!r}")
     STATS.values.append(float(value))
-    return web.json_response({"worker": _rank(), "count": STATS.count, "sum": STATS.total})
+    return web.json_response({"worker": _rank(request), "count": STATS.count, "sum": STATS.total})
 
 
 async def local(request: web.Request) -> web.Response:
-    return web.json_response({"worker": _rank(), "count": STATS.count, "sum": STATS.total})
+    return web.json_response({"worker": _rank(request), "count": STATS.count, "sum": STATS.total})
 
 
 async def total(request: web.Request) -> web.Response:
     result = await aggregate(request, "total")
-    return web.json_response({"worker": _rank(), "workers": _size(), **result})
+    size = request.app[SERVICE].comm.size
+    return web.json_response({"worker": _rank(request), "workers": size, **result})
 
 
 async def above(request: web.Request) -> web.Response:
@@ -132,12 +134,12 @@ async def above(request: web.Request) -> web.Response:
     if not math.isfinite(threshold):
         raise web.HTTPBadRequest(text="threshold must be finite")
     count = await aggregate(request, "above", threshold)
-    return web.json_response({"worker": _rank(), "threshold": threshold, "count": count})
+    return web.json_response({"worker": _rank(request), "threshold": threshold, "count": count})
 
 
 async def workers(request: web.Request) -> web.Response:
     everyone = await aggregate(request, "workers")
-    return web.json_response({"worker": _rank(), "workers": everyone})
+    return web.json_response({"worker": _rank(request), "workers": everyone})
 
 
 def make_app(heartbeat: float = 1.0) -> web.Application:
@@ -164,12 +166,8 @@ async def _farewell(app: web.Application) -> None:
     say(f"[worker {service.comm.rank}] closed: {service!r}")
 
 
-def _rank() -> int:
-    return int(os.environ["FMI_PEER_ID"])
-
-
-def _size() -> int:
-    return int(os.environ["FMI_NUM_PEERS"])
+def _rank(request: web.Request) -> int:
+    return request.app[SERVICE].comm.rank
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,4 +186,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -166,6 +166,11 @@ async def test_concurrent_requests_on_every_worker_get_exact_answers() -> None:
         added = await asyncio.gather(*(post(http, f"{urls[w]}/add", v) for w, v in adds))
         assert all(status == 200 for status, _ in added), added
         assert [body["worker"] for _, body in added] == [w for w, _ in adds]
+        # Refused by the handler, before any collective: nothing changes.
+        async with http.post(f"{urls[1]}/add", json={"value": "7"}) as response:
+            assert response.status == 400
+        async with http.get(f"{urls[2]}/above?threshold=nan") as response:
+            assert response.status == 400
         for w in range(workers):
             assert await get(http, f"{urls[w]}/local") == (
                 200,

@@ -188,20 +188,22 @@ class _AWSStore:
 
         if self._client is None:
             self._client = await self._stack.enter_async_context(
-                aws_client(self.service, self.options, self.label)
+                # The lease retries itself, within its deadline (botocore's own
+                # retries wait up to seconds after a throttle).
+                aws_client(self.service, self.options, self.label, retries=0)
             )
 
     @contextlib.contextmanager
     def _call(self, operation: str) -> Iterator[None]:
-        from ..channels.aws import map_aws_errors, throttled_aws_error
+        from ..channels.aws import map_aws_errors, transient_aws_error
 
         try:
             with map_aws_errors(self.stats, operation, self.where):
                 yield
         except BackendError as exc:
-            if not throttled_aws_error(exc):
+            if not transient_aws_error(exc):
                 raise
-            # Busy, not broken: asked again within the lease's deadline, like a reset.
+            # Throttled or a 5xx: asked again within the lease's deadline, like a reset.
             raise BackendUnavailable(str(exc)) from exc
 
     async def close(self) -> None:

@@ -14,6 +14,17 @@ file never holds secrets.  Backend options read here:
     the HTTP pool size, per-request deadlines (seconds) and how often
     botocore itself resends a failed request ("standard" retry mode; the
     channels default to 0, since they retry themselves, see below).
+``retry_mode``
+    ``fmi`` (the default: the channel retries, as below), or botocore's
+    ``standard`` or ``adaptive`` mode (botocore resends twice first, then
+    the channel).  Chosen by measurement (``benchmarks/transport_aws.py``,
+    10 % of DynamoDB requests throttled): botocore's waits after a throttle
+    are drawn up to 1 s, 2 s, 4 s..., and its adaptive mode also slows
+    every later request; the channel's 20 ms doubling to 1 s lost next to
+    nothing (see docs/storage-channels.md for the table).
+``verify``
+    HTTPS certificate check of ``endpoint_url``: a CA bundle's path, or
+    false to skip it (test endpoints only); default the system's CAs.
 
 :func:`map_aws_errors` is the one place where botocore and transport errors
 become fmi errors; :func:`aws_request` is the one place a request is sent:

@@ -107,7 +107,11 @@ def dumps(value: Any, serializer: str = "msgpack", limits: Limits | None = None)
         payload = _dumps_pickle(value)
     else:
         raise SerializationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
-    if limits is not None:
+    if limits is not None and (
+        len(payload.header) > limits.max_header
+        or len(payload.buffers) > limits.max_buffers
+        or payload.nbytes > limits.max_total
+    ):  # over a limit: check_payload says which
         limits.check_payload(
             len(payload.header), [buflen(b) for b in payload.buffers], sending=True
         )
@@ -190,17 +194,20 @@ class _Walk:
                 "(limits.max_items); send large collections as numpy arrays"
             )
         depth += 1
-        mark = self.mark
+        mark, leaves = self.mark, _LEAVES  # scalars need no call
         if isinstance(value, list):
-            items = [mark(v, depth) for v in value]
+            items = [v if type(v) in leaves else mark(v, depth) for v in value]
             return items if any(a is not b for a, b in zip(items, value, strict=False)) else value
         if isinstance(value, tuple):
-            items = [mark(v, depth) for v in value]
+            items = [v if type(v) in leaves else mark(v, depth) for v in value]
             if any(a is not b for a, b in zip(items, value, strict=False)):
                 return tuple(items)
             return value
-        pairs = {k: mark(v, depth) for k, v in value.items()}
+        pairs = {k: v if type(v) in leaves else mark(v, depth) for k, v in value.items()}
         return pairs if any(pairs[k] is not v for k, v in value.items()) else value
+
+
+_LEAVES: Final = frozenset({int, float, str, bool, type(None)})
 
 
 def _plain(value: Any) -> bool:
@@ -227,13 +234,14 @@ def _dumps_msgpack(value: Any, limits: Limits | None) -> Payload:
             return Payload(pack_plain(value), (), "msgpack")
         except ValueError:  # a lone surrogate in a str: the long way explains it
             pass
-    if limits is None:
-        walk = _Walk(MAX_DEPTH_CEILING, _NO_ITEM_LIMIT)
-    else:
-        walk = _Walk(limits.max_depth, limits.max_items)
     encoder = _ExtEncoder()
     try:
-        value = walk.mark(value, 0)
+        if isinstance(value, _WALKED):  # an array or a scalar has nothing to walk
+            if limits is None:
+                walk = _Walk(MAX_DEPTH_CEILING, _NO_ITEM_LIMIT)
+            else:
+                walk = _Walk(limits.max_depth, limits.max_items)
+            value = walk.mark(value, 0)
         header = encoder.pack(value)
     except SerializationError:
         raise
@@ -247,6 +255,7 @@ def _dumps_msgpack(value: Any, limits: Limits | None) -> Payload:
 
 
 _NO_ITEM_LIMIT: Final = 1 << 62
+_WALKED: Final = (list, tuple, dict, bytes, bytearray, memoryview)
 
 _HEADER_BUF: Final = 1024
 """First buffer of a header's packer, in bytes (see :meth:`_ExtEncoder.pack`)."""

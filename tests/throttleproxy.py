@@ -39,7 +39,8 @@ THROTTLE_TYPE = "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededE
 
 
 class ThrottleProxy:
-    """Throttle ``rate`` of the DynamoDB requests (``operations``: only these, e.g. GetItem)."""
+    """Throttle ``rate`` of the DynamoDB requests (``operations``: only these, e.g. GetItem;
+    ``limit``: at most that many)."""
 
     def __init__(
         self,
@@ -49,12 +50,14 @@ class ThrottleProxy:
         *,
         seed: int = 1,
         operations: frozenset[str] | None = None,
+        limit: int | None = None,
     ) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"rate must be in [0, 1], got {rate}")
         self.upstream = (upstream_host, upstream_port)
         self.rate = rate
         self.operations = operations
+        self.limit = limit  # throttle at most this many (rate 1.0: exactly the first ones)
         self.rng = random.Random(seed)
         self.forwarded = 0
         self.throttled = 0
@@ -103,6 +106,8 @@ class ThrottleProxy:
             return False
         operation = target[len(DYNAMODB) :]
         if self.operations is not None and operation not in self.operations:
+            return False
+        if self.limit is not None and self.throttled >= self.limit:
             return False
         if self.rng.random() >= self.rate:
             return False

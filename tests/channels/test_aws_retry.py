@@ -82,9 +82,22 @@ async def test_a_job_under_throttling_is_right_and_retries(moto_server: str) -> 
                 assert data == [b"x" * 500] * P
             retried = sum(sum(c._channels["dynamodb"].retried.values()) for c in comms)
         assert proxy.throttled > 10 and retried > 0, (proxy, retried)
-        assert {"DescribeTable", "GetItem", "PutItem"} <= set(proxy.by_operation), (
-            proxy.by_operation
-        )
+        assert {"GetItem", "PutItem"} <= set(proxy.by_operation), proxy.by_operation
+
+
+async def test_throttled_table_checks_while_opening_are_asked_again(moto_server: str) -> None:
+    """The table checks of open are throttled (the first four): the channel opens."""
+    table = f"throttled-{uuid.uuid4().hex[:8]}"
+    checks = frozenset({"DescribeTable", "DescribeTimeToLive", "CreateTable"})
+    async with ThrottleProxy(*upstream(moto_server), 1.0, operations=checks, limit=4) as proxy:
+        chan = channel(dynamodb_config(proxy.url, table))
+        await asyncio.wait_for(chan.open(), 30)
+        try:
+            await chan.put(("k", 0), dumps("opened"))
+            assert loads(await chan.get(("k", 0), 5.0)) == "opened"
+        finally:
+            await chan.close()
+        assert proxy.throttled == 4 and sum(chan.retried.values()) >= 4, (proxy, chan.retried)
 
 
 async def test_throttled_until_the_deadline_names_throttling(moto_server: str) -> None:

@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "aws_client",
+    "busy_aws_error",
     "aws_open_request",
     "aws_request",
     "error_code",
@@ -201,6 +202,12 @@ def transient_aws_error(exc: BaseException) -> bool:
     return False
 
 
+def busy_aws_error(exc: BaseException) -> bool:
+    """Whether the service answered ``exc`` and asks to be tried again: throttling or
+    an HTTP 5xx (not a connection that failed: that is :func:`transient_aws_error`'s)."""
+    return isinstance(exc, BackendError) and transient_aws_error(exc)
+
+
 def throttled_aws_error(exc: BaseException) -> bool:
     """Whether ``exc`` (as :func:`map_aws_errors` raised it) is the service throttling."""
     cause = exc.__cause__
@@ -216,14 +223,15 @@ async def aws_open_request(
 ) -> T:
     """One request while ``channel`` opens (describe or create its table, say).
 
-    Counted and mapped like every request.  Throttling is retried with the
-    channel's retry backoff until the open's deadline (the config's
-    timeout): a busy table is no reason to fail a job.  Anything else is
-    raised at once: an endpoint that cannot be reached or a missing table
-    is a configuration to fix, reported when the job starts.
+    Counted and mapped like every request.  Throttling and 5xx answers
+    (:func:`busy_aws_error`) are retried with the channel's retry backoff
+    until the open's deadline (the config's timeout): a busy service is no
+    reason to fail a job.  Anything else is raised at once: an endpoint that
+    cannot be reached or a missing table is a configuration to fix, reported
+    when the job starts.
     """
     loop = asyncio.get_running_loop()
-    policy = RetryPolicy(channel.retry.backoff, throttled_aws_error, channel.retry.on_retry)
+    policy = RetryPolicy(channel.retry.backoff, busy_aws_error, channel.retry.on_retry)
 
     async def attempt() -> T:
         with map_aws_errors(channel.stats, operation, where):

@@ -44,6 +44,7 @@ reads as "access denied" instead of "not there yet", and polling fails.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -57,7 +58,16 @@ from botocore.exceptions import ClientError
 
 from ..errors import BackendError, ConfigError, ProtocolError
 from ..wire.buffers import Buffer
-from .aws import aws_client, aws_request, error_code, map_aws_errors, transient_aws_error
+from .aws import (
+    aws_client,
+    aws_open_request,
+    aws_request,
+    busy_aws_error,
+    error_code,
+    map_aws_errors,
+    transient_aws_error,
+)
+from .backoff import RetryPolicy
 from .base import ChannelContext
 from .options import AWSOptions, option
 from .s3_bucket import check_lifecycle, ensure_bucket, lifecycle_rule
@@ -154,8 +164,16 @@ class S3Channel(StorageChannel):
         await super().open()
         logger.debug("%r opened", self)
 
+    def _opening(self) -> dict[str, Any]:
+        """``retry`` and ``deadline`` for the bucket checks while opening: throttling
+        (``SlowDown``) and 5xx answers are asked again until the open's deadline, the
+        rest fails fast."""
+        loop = asyncio.get_running_loop()
+        retry = RetryPolicy(self.retry.backoff, busy_aws_error, self.retry.on_retry)
+        return {"retry": retry, "deadline": loop.time() + self.config.timeout}
+
     async def _check_bucket(self) -> None:
-        with self._call("HeadBucket"):
+        async def head() -> None:
             try:
                 await self._client.head_bucket(Bucket=self.bucket)
             except ClientError as exc:
@@ -173,13 +191,17 @@ class S3Channel(StorageChannel):
                     ) from exc
                 raise
 
+        await aws_open_request(self, "HeadBucket", f"bucket {self.bucket!r}", head)
+
     async def _check_lifecycle(self) -> None:
         """Warn (once per bucket) when no enabled rule expires what crashed runs leave."""
-        await check_lifecycle(self._client, self.bucket, self._call)
+        await check_lifecycle(self._client, self.bucket, self._call, **self._opening())
 
     async def _ensure_bucket(self) -> bool:
         """Create the bucket with its lifecycle rule; False when it existed (left as it is)."""
-        return await ensure_bucket(self._client, self.bucket, self.lifecycle_days, self._call)
+        return await ensure_bucket(
+            self._client, self.bucket, self.lifecycle_days, self._call, **self._opening()
+        )
 
     async def _shutdown(self) -> None:
         await self._stack.aclose()

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
 from .aws import error_code
+from .backoff import RetryPolicy
+
+T = TypeVar("T")
 
 __all__ = ["check_lifecycle", "ensure_bucket", "expires", "lifecycle_rule"]
 
@@ -32,39 +35,75 @@ async def ensure_bucket(
     bucket: str,
     lifecycle_days: int,
     call: Callable[[str], contextlib.AbstractContextManager[None]],
+    *,
+    retry: RetryPolicy | None = None,
+    deadline: float = 0.0,
 ) -> bool:
     """Create ``bucket`` with the lifecycle rule of :func:`lifecycle_rule`; False when
     it existed (its lifecycle is then left as it is).  ``call(operation)`` maps
-    each request's errors (the channel's and the job lease's own helpers).
+    each request's errors (the channel's and the job lease's own helpers);
+    with ``retry``, each request is asked again as it says, until
+    ``deadline`` (loop time).
 
     Asks first: in us-east-1, CreateBucket of a bucket one owns answers 200,
     and its lifecycle rules must not be replaced.
     """
-    with call("HeadBucket"):
+
+    async def head() -> bool:
         try:
             await client.head_bucket(Bucket=bucket)
-            return False
+            return True
         except ClientError as exc:
             if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
                 raise
+            return False
+
+    if await _request(call, retry, deadline, "HeadBucket", head):
+        return False
     kwargs: dict[str, Any] = {"Bucket": bucket}
     region = client.meta.region_name
     if region and region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    with call("CreateBucket"):
+
+    async def create() -> bool:
         try:
             await client.create_bucket(**kwargs)
             logger.info("created S3 bucket %r", bucket)
+            return True
         except ClientError as exc:
             if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
             return False
-    with call("PutBucketLifecycleConfiguration"):
+
+    if not await _request(call, retry, deadline, "CreateBucket", create):
+        return False
+
+    async def rule() -> None:
         await client.put_bucket_lifecycle_configuration(
             Bucket=bucket,
             LifecycleConfiguration={"Rules": [lifecycle_rule(lifecycle_days)]},
         )
+
+    await _request(call, retry, deadline, "PutBucketLifecycleConfiguration", rule)
     return True
+
+
+async def _request(
+    call: Callable[[str], contextlib.AbstractContextManager[None]],
+    retry: RetryPolicy | None,
+    deadline: float,
+    operation: str,
+    request: Callable[[], Awaitable[T]],
+) -> T:
+    """``request()`` under ``call(operation)``, asked again as ``retry`` says (if given)."""
+
+    async def attempt() -> T:
+        with call(operation):
+            return await request()
+
+    if retry is None:
+        return await attempt()
+    return await retry.run(attempt, deadline, operation)
 
 
 def lifecycle_rule(days: int = 1, prefix: str = "fmi/") -> dict[str, Any]:
@@ -85,23 +124,34 @@ def lifecycle_rule(days: int = 1, prefix: str = "fmi/") -> dict[str, Any]:
 
 
 async def check_lifecycle(
-    client: Any, bucket: str, call: Callable[[str], contextlib.AbstractContextManager[None]]
+    client: Any,
+    bucket: str,
+    call: Callable[[str], contextlib.AbstractContextManager[None]],
+    *,
+    retry: RetryPolicy | None = None,
+    deadline: float = 0.0,
 ) -> None:
     """Warn (once per bucket and process) when no enabled rule expires what crashed runs leave.
 
-    ``call(operation)`` maps the request's errors, as for :func:`ensure_bucket`.
+    ``call(operation)``, ``retry`` and ``deadline`` as for :func:`ensure_bucket`.
     """
     if bucket in LIFECYCLE_CHECKED:
         return
-    rules: list[dict[str, Any]] = []
-    with call("GetBucketLifecycleConfiguration"):
+
+    async def read() -> list[dict[str, Any]] | None:
         try:
             reply = await client.get_bucket_lifecycle_configuration(Bucket=bucket)
-            rules = reply.get("Rules", [])
+            found: list[dict[str, Any]] = reply.get("Rules", [])
+            return found
         except ClientError as exc:
             if error_code(exc) != "NoSuchLifecycleConfiguration":
                 logger.debug("cannot read the lifecycle of bucket %r: %s", bucket, exc)
-                return
+                return None
+            return []
+
+    rules = await _request(call, retry, deadline, "GetBucketLifecycleConfiguration", read)
+    if rules is None:
+        return
     LIFECYCLE_CHECKED.add(bucket)
     if any(expires(rule, "fmi/") for rule in rules):
         return

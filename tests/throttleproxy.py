@@ -51,6 +51,7 @@ class ThrottleProxy:
         seed: int = 1,
         operations: frozenset[str] | None = None,
         limit: int | None = None,
+        s3: bool = False,
     ) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"rate must be in [0, 1], got {rate}")
@@ -58,6 +59,7 @@ class ThrottleProxy:
         self.rate = rate
         self.operations = operations
         self.limit = limit  # throttle at most this many (rate 1.0: exactly the first ones)
+        self.s3 = s3  # throttle S3's requests instead (503 SlowDown; operations: HTTP methods)
         self.rng = random.Random(seed)
         self.forwarded = 0
         self.throttled = 0
@@ -101,10 +103,15 @@ class ThrottleProxy:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _throttle(self, target: str) -> bool:
-        if not target.startswith(DYNAMODB):
+    def _throttle(self, target: str, method: str) -> bool:
+        if self.s3:
+            if target:
+                return False
+            operation = method
+        elif not target.startswith(DYNAMODB):
             return False
-        operation = target[len(DYNAMODB) :]
+        else:
+            operation = target[len(DYNAMODB) :]
         if self.operations is not None and operation not in self.operations:
             return False
         if self.limit is not None and self.throttled >= self.limit:
@@ -114,6 +121,26 @@ class ThrottleProxy:
         self.throttled += 1
         self.by_operation[operation] += 1
         return True
+
+    def _answer(self, method: str) -> bytes:
+        """DynamoDB's 400 ProvisionedThroughputExceededException, or S3's 503 SlowDown."""
+        if self.s3:
+            xml = (
+                b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                b"<Message>throttled by the test proxy</Message></Error>"
+            )
+            body = b"" if method == "HEAD" else xml
+            return (
+                b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                + f"Content-Length: {len(xml)}\r\n\r\n".encode()
+                + body
+            )
+        body = json.dumps({"__type": THROTTLE_TYPE, "message": "throttled by the test proxy"})
+        return (
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.0\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body.encode()
+        )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -144,17 +171,10 @@ class ThrottleProxy:
                 return
             method, _, headers = _parse_head(head)
             continue_100 = headers.get("expect", "").lower() == "100-continue"
-            if self._throttle(headers.get("x-amz-target", "")):
+            if self._throttle(headers.get("x-amz-target", ""), method):
                 if not continue_100:
                     await _pump_body(reader, _Sink(), headers, None, None)
-                body = json.dumps(
-                    {"__type": THROTTLE_TYPE, "message": "throttled by the test proxy"}
-                ).encode()
-                writer.write(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.0\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
+                writer.write(self._answer(method))
                 await writer.drain()
                 if continue_100:
                     return  # the body was never sent: this connection cannot go on

@@ -117,6 +117,32 @@ async def test_throttled_until_the_deadline_names_throttling(moto_server: str) -
             await chan.close()
 
 
+async def test_throttled_bucket_checks_while_opening_are_asked_again(moto_server: str) -> None:
+    """S3 answers the first three requests of open with 503 SlowDown: the channel opens,
+    creates the bucket and its lifecycle rule."""
+    bucket = f"throttled-{uuid.uuid4().hex[:8]}"
+    options = {
+        "enabled": True,
+        "bucket_name": bucket,
+        "s3_region": REGION,
+        "create_bucket": True,
+        "ttl": 600,
+    }
+    async with ThrottleProxy(*upstream(moto_server), 1.0, s3=True, limit=3) as proxy:
+        options["endpoint_url"] = proxy.url
+        config = Config.from_dict({"backends": {"S3": options}, "timeout": 30})
+        chan = S3Channel(ChannelContext(0, 1, "W", uuid.uuid4().hex[:12], config, Mailbox(0)))
+        await asyncio.wait_for(chan.open(), 30)
+        try:
+            await chan.put(("k", 0), dumps("opened"))
+            assert loads(await chan.get(("k", 0), 5.0)) == "opened"
+            rules = await chan._client.get_bucket_lifecycle_configuration(Bucket=bucket)
+            assert rules["Rules"][0]["ID"] == "fmi-async-expire"
+        finally:
+            await chan.close()
+        assert proxy.throttled == 3 and sum(chan.retried.values()) >= 3, (proxy, chan.retried)
+
+
 @pytest.mark.parametrize("mode", ["fmi", "standard", "adaptive"])
 async def test_retry_modes_configure_the_client(mode: str) -> None:
     config = dynamodb_config("http://127.0.0.1:9", "t", retry_mode=mode)

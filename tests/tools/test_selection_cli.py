@@ -259,3 +259,24 @@ def test_cost_rejects_what_is_not_stats(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="neither JSON nor JSON lines"):
         load_stats(path)
+
+
+def _doc_samples(text: str) -> list[tuple[str, str]]:
+    """``(command, output)`` of every code block that starts with ``$ fmi plan``."""
+    blocks = re.findall(r"^```\n\$ (fmi plan [^\n]*)\n(.*?)^```$", text, re.S | re.M)
+    return [(command, output) for command, output in blocks]
+
+
+def test_the_docs_sample_plan_output_is_the_commands_output(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "selection.md"
+    samples = _doc_samples(doc.read_text())
+    assert len(samples) >= 2, "docs/selection.md lost its `$ fmi plan` samples"
+    for command, documented in samples:
+        capsys.readouterr()
+        assert main(command.split()[1:]) == 0
+        fresh = capsys.readouterr().out
+        assert fresh == documented, (
+            f"docs/selection.md is stale: paste the output of `{command}` under it:\n{fresh}"
+        )

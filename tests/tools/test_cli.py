@@ -121,7 +121,8 @@ def test_user_config_and_name_merged(tmp_path: Path, capsys: pytest.CaptureFixtu
     data = json.loads(config_json)
     assert list(data["backends"]) == ["Direct"]  # merged into the user's key, not duplicated
     direct = data["backends"]["Direct"]
-    assert direct["enabled"] is True and direct["max_timeout"] == 1234 and "host" in direct
+    # The user's options are kept, a disabled backend too (it gets the address all the same).
+    assert direct["enabled"] is False and direct["max_timeout"] == 1234 and "host" in direct
     config = Config.load(config_json)
     assert config.timeout == 7 and config.model == {"tcp": {"bandwidth": 1}}
 

@@ -255,10 +255,14 @@ def shared_seconds(
         p.op, float(kw["nbytes"]), peers, 0, kw.get("operator"), kw["is_array"], kw.get("elements")
     )
     if p.family == "direct":
-        scale = 2.0 if registry.spec(p.channel).kind == "mediated" else 1.0
+        stored = registry.spec(p.channel).kind == "mediated"
+        scale = 2.0 if stored else 1.0
         a, b = scale * m.overhead, scale / m.bandwidth
         _, count, moved = round_model.direct_rounds(p.algorithm, shape, a, b)
         work = count * a + moved * b
+        if stored:  # every request of a message, the reader's delete too (as plan() counts)
+            requests = sum(v for k, v in m.message_requests.items()) * count
+            work = requests * m.overhead + moved * b
     else:
         _, req, moved = round_model.mediated_rounds(p.channel, m, p.algorithm, shape)
         calls = sum(v for k, v in req.items() if not k.endswith("_units"))

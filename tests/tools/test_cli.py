@@ -368,9 +368,12 @@ def test_rendezvous_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "cannot read the secret file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("nat", "how"), [("port-restricted", "direct"), ("symmetric", "relayed")])
+# The relayed case runs 3 peers: each relayed pair waits out its punch first.
+@pytest.mark.parametrize(
+    ("nat", "how", "n"), [("port-restricted", "direct", 4), ("symmetric", "relayed", 3)]
+)
 def test_run_behind_simulated_nat_reports_pairs(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], nat: str, how: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nat: str, how: str, n: int
 ) -> None:
     peer = script(
         tmp_path,
@@ -386,20 +389,21 @@ def test_run_behind_simulated_nat_reports_pairs(
         fmi.run(main)
         """,
     )
-    assert main(["run", "-n", "4", "--nat", nat, "--timeout", "60", peer]) == 0
+    assert main(["run", "-n", str(n), "--nat", nat, "--timeout", "60", peer]) == 0
     out, err = capsys.readouterr()
     lines = sorted(line.partition("] ")[2] for line in out.splitlines())
-    assert lines == [f"total 10 ['{how}']"] * 4
+    assert lines == [f"total {n * (n + 1) // 2} ['{how}']"] * n
     (summary,) = [line for line in err.splitlines() if line.startswith("[fmi] NAT")]
-    # Each of the 4 * 3 / 2 pairs counted once, whichever side connected first.
+    # Each of the n (n - 1) / 2 pairs counted once, whichever side connected first.
+    pairs = n * (n - 1) // 2
     found = re.match(
-        rf"\[fmi\] NAT {nat}: 6 pairs of 4 peers; tcp: (\d+) direct, (\d+) relayed, "
+        rf"\[fmi\] NAT {nat}: {pairs} pairs of {n} peers; tcp: (\d+) direct, (\d+) relayed, "
         r"(\d+) never connected",
         summary,
     )
     assert found is not None, summary
     counts = {"direct": int(found[1]), "relayed": int(found[2]), "never": int(found[3])}
-    assert counts == {"direct": 0, "relayed": 0, "never": 0} | {how: 6}, summary
+    assert counts == {"direct": 0, "relayed": 0, "never": 0} | {how: pairs}, summary
 
 
 def test_merge_config_fills_udp_and_runs_udp_alone_when_only_udp_is_named() -> None:

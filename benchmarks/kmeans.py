@@ -36,7 +36,7 @@ transfer and the share of infrastructure per request or message) and the
 functions' GB-seconds (2048 MB each) for the epochs.  Then the ratios:
 LambdaML on a store over the library on the same store, and over tcp and udp.
 
-    python benchmarks/kmeans.py                 # 8 workers, 10 epochs, 2 rounds (~15 min)
+    python benchmarks/kmeans.py                 # 8 workers, 10 epochs, 2 rounds (3-10 min)
     python benchmarks/kmeans.py --quick         # 4 workers, 3 epochs, fewer points, 1 round
     python benchmarks/kmeans.py --write-docs    # and rewrite docs/evaluation.md's
                                                 # results and docs/evaluation.png

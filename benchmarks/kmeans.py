@@ -169,7 +169,8 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
             before = comm.stats()
 
             async def allreduce(vector: np.ndarray) -> np.ndarray:
-                return await comm.allreduce(vector, fmi.SUM)
+                total: np.ndarray = await comm.allreduce(vector, fmi.SUM)
+                return total
 
             trace = await example.lloyd(mine, start, args.epochs, allreduce)
             out["stats"] = stats_delta(before, comm.stats())

@@ -89,22 +89,22 @@ class RedisStore(Store):
     async def put(self, bucket: str, key: str, data: bytes) -> None:
         self.requests["HSET"] += 1
         self.bytes_sent += len(data)
-        await self.client.hset(self._name(bucket), key, data)  # type: ignore[misc]
+        await self.client.hset(self._name(bucket), key, data)
 
     async def get(self, bucket: str, key: str) -> bytes | None:
         self.requests["HGET"] += 1
-        data: bytes | None = await self.client.hget(self._name(bucket), key)  # type: ignore[misc]
-        return data
+        data: Any = await self.client.hget(self._name(bucket), key)
+        return None if data is None else bytes(data)
 
     async def list(self, bucket: str) -> dict[str, bytes | None]:
         self.requests["HKEYS"] += 1
-        keys: list[bytes] = await self.client.hkeys(self._name(bucket))  # type: ignore[misc]
-        return {k.decode(): None for k in keys}
+        keys: Any = await self.client.hkeys(self._name(bucket))
+        return {bytes(k).decode(): None for k in keys}
 
     async def delete(self, bucket: str, keys: Sequence[str]) -> None:
         if keys:
             self.requests["HDEL"] += 1
-            await self.client.hdel(self._name(bucket), *keys)  # type: ignore[misc]
+            await self.client.hdel(self._name(bucket), *keys)
 
     async def close(self) -> None:
         await self.client.aclose()
